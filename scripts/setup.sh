@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Idempotent setup: Debian packages, a Python venv with segproxy (+dev tools), npm packages.
+# Usage: scripts/setup.sh [--runtime-only]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runtime_only=0
+[ "${1:-}" = "--runtime-only" ] && runtime_only=1
+
+need_apt=()
+if [ "$runtime_only" = 0 ]; then
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
+  command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+  command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+  command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian packages: ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: missing ${need_apt[*]} (run as root to install them)" >&2
+  fi
+fi
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for c in python3.11 python3.12 python3.13 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      PY=$c; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup: Python 3.11+ is required" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.segproxy-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  if [ "$runtime_only" = 1 ]; then
+    .venv/bin/python -m pip install -q -e .
+  else
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch "$stamp"
+  fi
+fi
+
+if [ "$runtime_only" = 0 ] && [ -f package.json ]; then
+  if [ ! -d node_modules ] || [ package.json -nt node_modules ] || { [ -f package-lock.json ] && [ package-lock.json -nt node_modules ]; }; then
+    if [ -f package-lock.json ]; then npm ci --silent --no-audit --no-fund; else npm install --silent --no-audit --no-fund; fi
+    touch node_modules
+  fi
+fi

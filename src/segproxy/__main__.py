@@ -1,0 +1,3 @@
+from segproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The CDN cache: bytes in memory, keyed by the *upstream path* only.
+
+The key is the validated upstream path (routes.py) and nothing from the request's headers or
+query, so no visitor-controlled value (Host, X-Forwarded-*, Accept-Encoding, cookies) can make
+another visitor receive a different body. What varies per visitor is computed *from* an entry:
+the content-encoding chosen from Accept-Encoding, and for settings the proxy's public origin
+(memoised under the origin, in a bounded table separate from the entries).
+
+Only 200 responses become entries: an error page is never stored as a good copy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import brotli
+
+COMPRESSIBLE = (b"javascript", b"json", b"text/", b"xml", b"svg")
+MIN_COMPRESS = 256
+
+
+@dataclass(slots=True)
+class Representation:
+    """What can be served for one body: identity plus precomputed encodings."""
+
+    body: bytes
+    content_type: bytes
+    etag: str  # base tag, unquoted; per encoding we serve "<etag>", "<etag>-gz", "<etag>-br"
+    gzip: bytes | None = None
+    br: bytes | None = None
+    fixed_encoding: bytes | None = None  # upstream-encoded bytes passed through as they are
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + len(self.gzip or b"") + len(self.br or b"")
+
+    def tags(self) -> tuple[str, ...]:
+        return (self.etag, self.etag + "-gz", self.etag + "-br")
+
+
+@dataclass(slots=True)
+class Entry:
+    raw: bytes  # the upstream body, content-decoded unless rep.fixed_encoding is set
+    rep: Representation  # host-independent representation (settings: of the raw JSON)
+    fetched_at: float
+    ttl: float
+    generation: int  # changes on every refill; part of memo keys
+
+    @property
+    def size(self) -> int:
+        return len(self.raw) + self.rep.size
+
+
+def make_representation(
+    body: bytes,
+    content_type: bytes,
+    *,
+    fixed_encoding: bytes | None = None,
+    brotli_quality: int = 11,
+) -> Representation:
+    """Precompute gzip and brotli for compressible bodies (CPU-heavy: call off the loop)."""
+    etag = hashlib.blake2b(body, digest_size=12).hexdigest()
+    rep = Representation(body, content_type, etag, fixed_encoding=fixed_encoding)
+    ctype = content_type.lower()
+    if (
+        fixed_encoding is None
+        and len(body) >= MIN_COMPRESS
+        and any(t in ctype for t in COMPRESSIBLE)
+    ):
+        rep.gzip = gzip.compress(body, compresslevel=9, mtime=0)
+        rep.br = brotli.compress(body, quality=brotli_quality)
+    return rep
+
+
+def accepted_encodings(header: bytes | None) -> set[bytes]:
+    """Codings from Accept-Encoding with q > 0 (``*`` is taken as gzip and br)."""
+    if not header:
+        return set()
+    out: set[bytes] = set()
+    for item in header.lower().split(b","):
+        name, _, params = item.strip().partition(b";")
+        q = 1.0
+        for p in params.split(b";"):
+            k, _, v = p.strip().partition(b"=")
+            if k == b"q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            if name == b"*":
+                out.update((b"gzip", b"br"))
+            else:
+                out.add(name.strip())
+    return out
+
+
+def choose(rep: Representation, accept_encoding: bytes | None) -> tuple[bytes, bytes | None, str]:
+    """Return (body, content-encoding, etag) for a client."""
+    if rep.fixed_encoding is not None:
+        return rep.body, rep.fixed_encoding, rep.etag
+    if rep.gzip is None and rep.br is None:
+        return rep.body, None, rep.etag
+    accepted = accepted_encodings(accept_encoding)
+    if rep.br is not None and b"br" in accepted:
+        return rep.br, b"br", rep.etag + "-br"
+    if rep.gzip is not None and (b"gzip" in accepted or b"x-gzip" in accepted):
+        return rep.gzip, b"gzip", rep.etag + "-gz"
+    return rep.body, None, rep.etag
+
+
+def not_modified(if_none_match: bytes | None, rep: Representation) -> bool:
+    if not if_none_match:
+        return False
+    tags = set(rep.tags())
+    for raw in if_none_match.decode("latin-1").split(","):
+        tag = raw.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag.strip('"') in tags:
+            return True
+    return False
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LruBytes(Generic[K, V]):
+    """An LRU map bounded by total size (``sizeof(value)``) and by entry count."""
+
+    def __init__(self, max_bytes: int, max_items: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_items = max_items
+        self.items: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: K) -> V | None:
+        hit = self.items.get(key)
+        if hit is None:
+            return None
+        self.items.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: K, value: V, size: int) -> None:
+        self.pop(key)
+        if size > self.max_bytes:
+            return
+        self.items[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes or len(self.items) > self.max_items:
+            _, (_, old) = self.items.popitem(last=False)
+            self.bytes -= old
+
+    def pop(self, key: K) -> V | None:
+        hit = self.items.pop(key, None)
+        if hit is None:
+            return None
+        self.bytes -= hit[1]
+        return hit[0]
+
+    def __len__(self) -> int:
+        return len(self.items)

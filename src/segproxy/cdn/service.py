@@ -1,0 +1,282 @@
+"""Serving Segment's CDN: cache first, one upstream fetch per path at a time.
+
+Freshness of an entry of age A with time-to-live T:
+  A < T                      fresh: served as is
+  T <= A < T + swr           stale: served at once, refreshed in the background
+  otherwise                  fetched now; if the CDN fails (network, 5xx) and
+                             A < T + stale_if_error, the last good copy is served
+A 4xx from the CDN (an unknown write key, say) is passed on, not cached, and evicts the entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from urllib.parse import urlsplit
+from dataclasses import dataclass
+
+from segproxy.cdn.cache import (
+    Entry,
+    LruBytes,
+    Representation,
+    choose,
+    make_representation,
+    not_modified,
+)
+from segproxy.cdn.rewrite import RewriteError, rewrite_script, rewrite_settings
+from segproxy.config import REGION_PRESETS, Config
+from segproxy.edge.forwarded import PublicOrigin
+from segproxy.edge.http import Headers, Request, Response, error_response
+from segproxy.routes import Kind, Route
+from segproxy.upstream import UpstreamError, UpstreamPool
+
+log = logging.getLogger("segproxy.cdn")
+
+MAX_UPSTREAM_BODY = 16 * 1024 * 1024
+SEGMENT_API_HOSTS = frozenset(urlsplit(api).hostname or "" for _, api in REGION_PRESETS.values())
+CORS_CDN: Headers = [(b"access-control-allow-origin", b"*")]
+
+
+@dataclass(slots=True)
+class _Failure:
+    status: int
+    code: str
+    message: str
+    cacheable_failure: bool  # True: the CDN is down/erroring, stale copies may be served
+
+
+def _gunzip(data: bytes) -> bytes:
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    out = d.decompress(data, MAX_UPSTREAM_BODY)
+    if d.unconsumed_tail:
+        raise ValueError("upstream body decompresses to more than 16 MB")
+    return out
+
+
+class CdnService:
+    def __init__(self, config: Config, pool: UpstreamPool) -> None:
+        self.config = config
+        self.pool = pool
+        cache = config.cache
+        self.entries: LruBytes[str, Entry] = LruBytes(cache.max_bytes, 10_000)
+        self.renders: LruBytes[tuple[str, int, str], Representation] = LruBytes(
+            max(cache.max_bytes // 8, 1024 * 1024), 512
+        )
+        self.inflight: dict[str, asyncio.Future[Entry | _Failure]] = {}
+        self.tasks: set[asyncio.Task[Entry | _Failure]] = set()
+        self.generation = 0
+        self.warned_hosts: set[str] = set()
+        self.loop = asyncio.get_running_loop()
+
+    def ttl(self, kind: Kind) -> float:
+        c = self.config.cache
+        return {
+            Kind.SCRIPT: c.script_ttl,
+            Kind.SETTINGS: c.settings_ttl,
+            Kind.BUNDLE: c.bundle_ttl,
+            Kind.INTEGRATION: c.integration_ttl,
+        }[kind]
+
+    def cache_control(self, kind: Kind) -> bytes:
+        ttl = int(self.ttl(kind))
+        if kind is Kind.BUNDLE:
+            return f"public, max-age={ttl}, immutable".encode()
+        return f"public, max-age={ttl}".encode()
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    async def _fetch(self, route: Route) -> Entry | _Failure:
+        kind = route.kind
+        headers: Headers = [(b"accept", b"*/*")]
+        if kind is not Kind.INTEGRATION:
+            headers.append((b"accept-encoding", b"gzip"))
+        try:
+            resp = await self.pool.request("GET", route.upstream_path, headers)
+        except UpstreamError as exc:
+            log.warning("CDN fetch %s failed: %s", route.upstream_path, exc)
+            status = 504 if exc.kind == "timeout" else 502
+            return _Failure(
+                status, "cdn_unavailable", f"the Segment CDN did not answer ({exc})", True
+            )
+        if resp.status >= 500:
+            log.warning("CDN fetch %s answered %d", route.upstream_path, resp.status)
+            return _Failure(502, "cdn_error", f"the Segment CDN answered {resp.status}", True)
+        if resp.status != 200:
+            return _Failure(
+                resp.status if 400 <= resp.status < 500 else 502,
+                "cdn_status",
+                f"the Segment CDN answered {resp.status} for this path",
+                False,
+            )
+        ctype = resp.header(b"content-type") or (
+            b"application/json" if kind is Kind.SETTINGS else b"application/javascript"
+        )
+        encoding = (resp.header(b"content-encoding") or b"").strip().lower() or None
+        body = resp.body
+        fixed: bytes | None = None
+        if encoding is not None:
+            if kind is Kind.INTEGRATION:
+                fixed = encoding  # byte-exact pass-through, e.g. *.js.gz
+            elif encoding in (b"gzip", b"x-gzip"):
+                try:
+                    body = _gunzip(body)
+                except (ValueError, zlib.error, EOFError) as exc:
+                    return _Failure(502, "cdn_error", f"bad gzip from the Segment CDN: {exc}", True)
+            else:
+                return _Failure(
+                    502, "cdn_error", f"unexpected encoding {encoding!r} from CDN", True
+                )
+        served = rewrite_script(body) if kind is Kind.SCRIPT else body
+        # Precompression of a ~300 KB script takes a while: keep it off the event loop.
+        rep = await self.loop.run_in_executor(
+            None, lambda: make_representation(served, ctype, fixed_encoding=fixed)
+        )
+        self.generation += 1
+        return Entry(body, rep, self.loop.time(), self.ttl(kind), self.generation)
+
+    async def _fill(self, route: Route) -> Entry | _Failure:
+        """One fetch per path at a time; concurrent callers share its result."""
+        key = route.upstream_path
+        fut = self.inflight.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = self.loop.create_future()
+        self.inflight[key] = fut
+        try:
+            result = await self._fetch(route)
+        except Exception as exc:  # never leave waiters hanging
+            log.exception("CDN fill of %s failed", key)
+            result = _Failure(502, "cdn_error", f"CDN fetch failed: {exc}", True)
+        except BaseException:
+            fut.cancel()
+            raise
+        finally:
+            self.inflight.pop(key, None)
+        if isinstance(result, Entry):
+            self.entries.put(key, result, result.size)
+        elif not result.cacheable_failure:
+            self.entries.pop(key)
+        fut.set_result(result)
+        return result
+
+    def _refresh_later(self, route: Route) -> None:
+        if route.upstream_path in self.inflight:
+            return
+        task = self.loop.create_task(self._fill(route))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def lookup(self, route: Route) -> tuple[Entry | _Failure, bytes]:
+        """The entry to serve and its cache status (HIT, STALE, MISS)."""
+        now = self.loop.time()
+        entry = self.entries.get(route.upstream_path)
+        cfg = self.config.cache
+        if entry is not None:
+            age = now - entry.fetched_at
+            if age < entry.ttl:
+                return entry, b"HIT"
+            if age < entry.ttl + cfg.stale_while_revalidate:
+                self._refresh_later(route)
+                return entry, b"STALE"
+        result = await self._fill(route)
+        if (
+            isinstance(result, _Failure)
+            and result.cacheable_failure
+            and entry is not None
+            and now - entry.fetched_at < entry.ttl + cfg.stale_if_error
+        ):
+            log.warning("serving stale %s: %s", route.upstream_path, result.message)
+            return entry, b"STALE"
+        return result, b"MISS"
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def _settings_rep(self, route: Route, entry: Entry, origin: PublicOrigin) -> Representation:
+        memo_key = (route.upstream_path, entry.generation, origin.origin)
+        rep = self.renders.get(memo_key)
+        if rep is not None:
+            return rep
+        api_host = f"{origin.host}{self.config.prefix}/v1"
+        try:
+            out = rewrite_settings(entry.raw, api_host, origin.scheme)
+        except RewriteError as exc:
+            log.warning("settings for %s not rewritten: %s", route.write_key, exc)
+            return entry.rep
+        self._check_region(route, out.upstream_api_host)
+        rep = make_representation(out.body, entry.rep.content_type, brotli_quality=5)
+        self.renders.put(memo_key, rep, rep.size)
+        return rep
+
+    def _check_region(self, route: Route, upstream_api_host: str | None) -> None:
+        if upstream_api_host is None:
+            return
+        named = upstream_api_host.split("/", 1)[0].lower()
+        configured = self.config.upstream.api.host
+        # Only a mismatch between two real Segment regions matters (since 2025-04 the US
+        # endpoint rejects EU workspaces); a custom or test upstream is the operator's choice.
+        if (
+            named in SEGMENT_API_HOSTS
+            and configured in SEGMENT_API_HOSTS
+            and named != configured
+            and named not in self.warned_hosts
+        ):
+            self.warned_hosts.add(named)
+            log.warning(
+                "settings of write key %s… name API host %s but [upstream] api is %s: "
+                "events may be rejected (set [upstream] region or api to match)",
+                (route.write_key or "")[:6],
+                named,
+                configured,
+            )
+
+    async def handle(self, req: Request, route: Route, origin: PublicOrigin | None) -> Response:
+        if req.method == "OPTIONS":
+            return Response(
+                204,
+                [
+                    *CORS_CDN,
+                    (b"access-control-allow-methods", b"GET, HEAD, OPTIONS"),
+                    (b"access-control-max-age", b"86400"),
+                ],
+            )
+        if route.kind is Kind.SETTINGS and origin is None:
+            return error_response(
+                400, "bad_host", "a valid Host header is needed to serve settings", CORS_CDN
+            )
+        keys = self.config.sources.write_keys
+        if route.write_key is not None and keys and route.write_key not in keys:
+            return error_response(
+                403, "write_key_not_allowed", "this write key is not served here", CORS_CDN
+            )
+        result, status = await self.lookup(route)
+        if isinstance(result, _Failure):
+            headers = [*CORS_CDN, (b"cache-control", b"no-store")]
+            if result.cacheable_failure:
+                headers.append((b"retry-after", b"5"))
+            return error_response(result.status, result.code, result.message, headers)
+        rep = result.rep
+        if route.kind is Kind.SETTINGS:
+            assert origin is not None
+            rep = self._settings_rep(route, result, origin)
+        headers = [
+            (b"content-type", rep.content_type),
+            (b"cache-control", self.cache_control(route.kind)),
+            *CORS_CDN,
+            (b"x-segproxy-cache", status),
+        ]
+        if rep.gzip is not None:
+            headers.append((b"vary", b"Accept-Encoding"))
+        body, encoding, etag = choose(rep, req.header(b"accept-encoding"))
+        headers.append((b"etag", f'"{etag}"'.encode()))
+        if not_modified(req.header(b"if-none-match"), rep):
+            return Response(304, headers)
+        if encoding is not None:
+            headers.append((b"content-encoding", encoding))
+        return Response(200, headers, body)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -1,0 +1,402 @@
+"""Typed, frozen configuration, validated once at start-up.
+
+Sources, later ones win: embedded defaults < TOML file (``--config``) < ``SEGPROXY_*`` environment
+variables. The environment name of a key is ``SEGPROXY_`` + its dotted path in upper case with
+dots as underscores: ``upstream.api`` -> ``SEGPROXY_UPSTREAM_API``; lists are comma-separated.
+
+Any invalid value stops start-up with a :class:`ConfigError` naming the key, the value and what
+was expected. docs/configuration.md is the reference for every key here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+Region = Literal["us", "eu"]
+QueueBackend = Literal["none", "sqlite", "memory"]
+
+REGION_PRESETS: dict[str, tuple[str, str]] = {
+    # region: (cdn, api)
+    "us": ("https://cdn.segment.com", "https://api.segment.io"),
+    "eu": ("https://cdn.segment.com", "https://events.eu1.segmentapis.com"),
+}
+
+_HOST_RE = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9-]{1,63})*$"
+)
+_WRITE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names key, value and expectation."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        self.key = key
+        self.value = value
+        self.expected = expected
+        super().__init__(f"config key {key!r}: got {value!r}, expected {expected}")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An origin we forward to: scheme, host and port, nothing else."""
+
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    region: Region = "us"
+    cdn: Upstream = field(
+        default_factory=lambda: parse_upstream("upstream.cdn", REGION_PRESETS["us"][0])
+    )
+    api: Upstream = field(
+        default_factory=lambda: parse_upstream("upstream.api", REGION_PRESETS["us"][1])
+    )
+    connect_timeout: float = 5.0
+    timeout: float = 15.0
+    max_connections: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SourcesConfig:
+    write_keys: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    backend: QueueBackend = "none"
+    path: str = "./segproxy-data/queue.db"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_header_count: int = 100
+    max_header_bytes: int = 16 * 1024
+    max_body_bytes: int = 512 * 1024
+    max_decompressed_bytes: int = 2 * 1024 * 1024
+    max_event_bytes: int = 32 * 1024
+    max_request_bytes: int = 500 * 1024
+    max_batch_events: int = 2500
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 75.0
+    max_pipelined: int = 16
+    shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    script_ttl: float = 60.0
+    settings_ttl: float = 60.0
+    bundle_ttl: float = 365 * 86400.0
+    integration_ttl: float = 3600.0
+    stale_while_revalidate: float = 86400.0
+    stale_if_error: float = 7 * 86400.0
+    max_bytes: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    prefix: str = ""
+    public_hosts: frozenset[str] = frozenset()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    data_dir: str = "./segproxy-data"
+    log_level: str = "info"
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing helpers: each takes the dotted key for its error message.
+
+
+def parse_upstream(key: str, value: object) -> Upstream:
+    expected = "an http(s) URL with a host and no path, e.g. https://api.segment.io"
+    if not isinstance(value, str):
+        raise ConfigError(key, value, expected)
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, value, expected)
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(key, value, expected)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise ConfigError(key, value, expected) from exc
+    scheme = cast(Literal["http", "https"], parts.scheme)
+    return Upstream(scheme, parts.hostname.lower(), port)
+
+
+def parse_listen(key: str, value: object) -> tuple[str, int]:
+    expected = "HOST:PORT, e.g. 127.0.0.1:8080 or [::]:8080"
+    if not isinstance(value, str):
+        raise ConfigError(key, value, expected)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value.strip())
+    if not m:
+        raise ConfigError(key, value, expected)
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise ConfigError(key, value, expected)
+    return host, port
+
+
+def _str(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, value, "a string")
+    return value
+
+
+def _str_list(key: str, value: object) -> list[str]:
+    if isinstance(value, str):  # from the environment: comma-separated
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, value, "a list of strings")
+    return [v.strip() for v in value]
+
+
+def _number(key: str, value: object, *, minimum: float = 0.0, integer: bool = False) -> float:
+    if isinstance(value, str):  # from the environment
+        try:
+            value = int(value) if integer else float(value)
+        except ValueError as exc:
+            raise ConfigError(key, value, "a number") from exc
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, value, "an integer" if integer else "a number")
+    if integer and not isinstance(value, int):
+        raise ConfigError(key, value, "an integer")
+    if value < minimum:
+        raise ConfigError(key, value, f"a number >= {minimum:g}")
+    return float(value)
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(key, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def _prefix(key: str, value: object) -> str:
+    text = _str(key, value).rstrip("/")
+    if text and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", text):
+        raise ConfigError(key, value, "an empty string or a path like /seg (letters, digits, ._~-)")
+    return text
+
+
+def _hosts(key: str, value: object) -> frozenset[str]:
+    hosts = set()
+    for h in _str_list(key, value):
+        name = h.lower()
+        hostpart = name.rsplit(":", 1)[0] if re.search(r":\d+$", name) else name
+        if not _HOST_RE.match(hostpart):
+            raise ConfigError(key, h, "host names like analytics.example.com (optional :port)")
+        hosts.add(name)
+    return frozenset(hosts)
+
+
+def _networks(key: str, value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for item in _str_list(key, value):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as exc:
+            raise ConfigError(key, item, "IP addresses or CIDR networks") from exc
+    return tuple(nets)
+
+
+def _write_keys(key: str, value: object) -> frozenset[str]:
+    keys = _str_list(key, value)
+    for k in keys:
+        if not _WRITE_KEY_RE.match(k):
+            raise ConfigError(key, k, "write keys of letters, digits, '_' or '-'")
+    return frozenset(keys)
+
+
+# The schema: dotted key -> (setter-name, parser). One table, used by the file and the env.
+_SECTIONS = ("upstream", "sources", "queue", "limits", "cache")
+_TOP_KEYS = (
+    "listen",
+    "prefix",
+    "public_hosts",
+    "trusted_proxies",
+    "data_dir",
+    "log_level",
+)
+
+
+def _flatten(raw: Mapping[str, Any]) -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for k, v in raw.items():
+        if k in _SECTIONS:
+            if not isinstance(v, Mapping):
+                raise ConfigError(k, v, f"a [{k}] table")
+            for sk, sv in v.items():
+                flat[f"{k}.{sk}"] = sv
+        else:
+            flat[k] = v
+    return flat
+
+
+def _known_keys() -> list[str]:
+    keys = list(_TOP_KEYS)
+    for section, cls in (
+        ("upstream", UpstreamConfig),
+        ("sources", SourcesConfig),
+        ("queue", QueueConfig),
+        ("limits", LimitsConfig),
+        ("cache", CacheConfig),
+    ):
+        keys.extend(f"{section}.{name}" for name in cls.__dataclass_fields__)
+    return keys
+
+
+KNOWN_KEYS: tuple[str, ...] = tuple(_known_keys())
+
+
+def env_name(key: str) -> str:
+    return "SEGPROXY_" + key.upper().replace(".", "_")
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, object]:
+    by_name = {env_name(k): k for k in KNOWN_KEYS}
+    out: dict[str, object] = {}
+    for name, value in env.items():
+        if not name.startswith("SEGPROXY_"):
+            continue
+        if name not in by_name:
+            raise ConfigError(
+                name, value, "a known SEGPROXY_* variable (see docs/configuration.md)"
+            )
+        out[by_name[name]] = value
+    return out
+
+
+def build(flat: Mapping[str, object]) -> Config:
+    """Validate a flat ``{dotted.key: value}`` mapping into a :class:`Config`."""
+    unknown = sorted(set(flat) - set(KNOWN_KEYS))
+    if unknown:
+        raise ConfigError(unknown[0], flat[unknown[0]], "a known key (see docs/configuration.md)")
+
+    def get(key: str, default: object) -> object:
+        return flat.get(key, default)
+
+    top: dict[str, Any] = {}
+    if "listen" in flat:
+        top["listen_host"], top["listen_port"] = parse_listen("listen", flat["listen"])
+    if "prefix" in flat:
+        top["prefix"] = _prefix("prefix", flat["prefix"])
+    if "public_hosts" in flat:
+        top["public_hosts"] = _hosts("public_hosts", flat["public_hosts"])
+    if "trusted_proxies" in flat:
+        top["trusted_proxies"] = _networks("trusted_proxies", flat["trusted_proxies"])
+    if "data_dir" in flat:
+        top["data_dir"] = _str("data_dir", flat["data_dir"])
+    if "log_level" in flat:
+        top["log_level"] = _choice(
+            "log_level", flat["log_level"], ("debug", "info", "warning", "error")
+        )
+
+    region = cast(Region, _choice("upstream.region", get("upstream.region", "us"), ("us", "eu")))
+    cdn_default, api_default = REGION_PRESETS[region]
+    d_up = UpstreamConfig()
+    upstream = UpstreamConfig(
+        region=region,
+        cdn=parse_upstream("upstream.cdn", get("upstream.cdn", cdn_default)),
+        api=parse_upstream("upstream.api", get("upstream.api", api_default)),
+        connect_timeout=_number(
+            "upstream.connect_timeout", get("upstream.connect_timeout", d_up.connect_timeout)
+        ),
+        timeout=_number("upstream.timeout", get("upstream.timeout", d_up.timeout)),
+        max_connections=int(
+            _number(
+                "upstream.max_connections",
+                get("upstream.max_connections", d_up.max_connections),
+                minimum=1,
+                integer=True,
+            )
+        ),
+    )
+    sources = SourcesConfig(
+        write_keys=_write_keys("sources.write_keys", get("sources.write_keys", []))
+    )
+    backend = cast(
+        QueueBackend,
+        _choice("queue.backend", get("queue.backend", "none"), ("none", "sqlite", "memory")),
+    )
+    queue = QueueConfig(
+        backend=backend, path=_str("queue.path", get("queue.path", QueueConfig().path))
+    )
+    limits = LimitsConfig(**_numbers("limits", LimitsConfig(), flat))
+    cache = CacheConfig(**_numbers("cache", CacheConfig(), flat))
+    if limits.max_request_bytes > limits.max_decompressed_bytes:
+        raise ConfigError(
+            "limits.max_request_bytes",
+            limits.max_request_bytes,
+            f"at most limits.max_decompressed_bytes ({limits.max_decompressed_bytes})",
+        )
+    return Config(
+        upstream=upstream, sources=sources, queue=queue, limits=limits, cache=cache, **top
+    )
+
+
+def _numbers(section: str, defaults: object, flat: Mapping[str, object]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in defaults.__dataclass_fields__:  # type: ignore[attr-defined]
+        key = f"{section}.{name}"
+        if key not in flat:
+            continue
+        default = getattr(defaults, name)
+        integer = isinstance(default, int)
+        minimum = 1.0 if integer else 0.001
+        value = _number(key, flat[key], minimum=minimum, integer=integer)
+        out[name] = int(value) if integer else value
+    return out
+
+
+def load(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Embedded defaults, then the TOML file (if any), then ``SEGPROXY_*`` variables."""
+    flat: dict[str, object] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError as exc:
+            raise ConfigError("--config", str(p), "an existing TOML file") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", str(p), f"valid TOML ({exc})") from exc
+        flat.update(_flatten(raw))
+    flat.update(_from_env(os.environ if env is None else env))
+    return build(flat)

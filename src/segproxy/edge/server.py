@@ -1,0 +1,429 @@
+"""The HTTP/1.1 edge: an asyncio Protocol around httptools (llhttp), nothing more.
+
+It owns framing, keep-alive, pipelining, ``Expect: 100-continue``, limits and timeouts, and
+hands each complete request to one async handler. Responses on a connection are written in
+request order (pipelining), one request handled at a time per connection.
+
+Timers, one per connection, whichever applies:
+  idle    - from connection start or the last response until the first byte of a request
+  header  - from the first byte of a request until its headers are complete (slowloris)
+  body    - from the end of the headers until the body is complete (slow bodies)
+A connection past its timer is answered 408 (if mid-request) and closed.
+
+Errors: a request the parser rejects, or one over a limit, gets a JSON 4xx and the connection is
+closed after the responses already queued on it, since the framing can no longer be trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import cast, Any
+
+import httptools
+
+from segproxy.config import LimitsConfig
+from segproxy.edge.http import SECURITY_HEADERS, Request, Response, error_response, reason
+
+log = logging.getLogger("segproxy.edge")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} {reason(status)}\r\n".encode("latin-1")
+        _STATUS_LINES[status] = line
+    return line
+
+
+class _DateCache:
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._value = b""
+
+    def get(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self._value
+
+
+_DATE = _DateCache()
+_SECURITY = b"".join(k + b": " + v + b"\r\n" for k, v in SECURITY_HEADERS)
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing with a response."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class HttpProtocol(asyncio.Protocol):
+    def __init__(self, server: EdgeServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.limits = server.limits
+        self.handler = server.handler
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.scheme = "http"
+        # the request being read
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.header_bytes = 0
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.expect_body = False
+        self.in_message = False
+        # queued complete requests (or a final rejection) in arrival order
+        self.pipeline: deque[Request | Response] = deque()
+        self.busy = False
+        self.reading_paused = False
+        self.closing = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_phase = ""
+
+    # -- connection lifecycle -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else "unix"
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=256 * 1024)
+        self.server.connections.add(self)
+        self._arm("idle", self.limits.idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.closing = True
+        self._disarm()
+        self.writable.set()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed. Answer what we have, then close.
+        if not self.busy and not self.pipeline:
+            self._close()
+        return True
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def _arm(self, phase: str, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_phase = phase
+        self.timer = self.loop.call_later(seconds, self._timeout)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timer_phase = ""
+
+    def _timeout(self) -> None:
+        phase = self.timer_phase
+        self.timer = None
+        if self.transport is None:
+            return
+        if phase in ("header", "body"):
+            log.info("closing connection from %s: %s timeout", self.peer, phase)
+            resp = error_response(
+                408, "request_timeout", f"the request {phase} did not arrive in time"
+            )
+            self._queue_final(resp)
+        else:
+            self._close()
+
+    # -- parsing --------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except _Reject as rej:
+            self._queue_final(rej.response)
+        except httptools.HttpParserUpgrade:
+            self._on_upgrade()
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._queue_final(cause.response)
+            else:
+                self._queue_final(
+                    error_response(400, "bad_request", f"malformed HTTP request: {exc}")
+                )
+
+    def _on_upgrade(self) -> None:
+        method = self.parser.get_method().decode("latin-1", "replace")
+        if method == "CONNECT":
+            self._queue_final(
+                error_response(
+                    405, "method_not_allowed", "CONNECT is not supported: this is not a proxy"
+                )
+            )
+        else:
+            # An Upgrade request was read whole (on_message_complete queued it); we do not
+            # switch protocols, so answer it as plain HTTP and close afterwards.
+            self.closing_after_pipeline()
+
+    def closing_after_pipeline(self) -> None:
+        for item in self.pipeline:
+            if isinstance(item, Request):
+                item.keep_alive = False
+        if not self.pipeline and not self.busy:
+            self._queue_final(error_response(400, "bad_request", "protocol upgrades are refused"))
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self.url = b""
+        self.headers = {}
+        self.header_bytes = 0
+        self.body = []
+        self.body_size = 0
+        self._arm("header", self.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > 8192:
+            raise _Reject(error_response(414, "uri_too_long", "the request target is over 8 KB"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.limits.max_header_bytes:
+            raise _Reject(
+                error_response(
+                    431,
+                    "headers_too_large",
+                    f"request headers are over {self.limits.max_header_bytes} bytes",
+                )
+            )
+        if len(self.headers) >= self.limits.max_header_count:
+            raise _Reject(
+                error_response(
+                    431,
+                    "too_many_headers",
+                    f"more than {self.limits.max_header_count} request headers",
+                )
+            )
+        key = name.lower()
+        old = self.headers.get(key)
+        if old is None:
+            self.headers[key] = value
+        elif key == b"host":
+            raise _Reject(error_response(400, "bad_host", "more than one Host header"))
+        else:
+            self.headers[key] = old + b", " + value
+
+    def on_headers_complete(self) -> None:
+        limits = self.limits
+        clen = self.headers.get(b"content-length")
+        if clen is not None and clen.isdigit() and int(clen) > limits.max_body_bytes:
+            raise _Reject(
+                error_response(
+                    413,
+                    "body_too_large",
+                    f"request body is over {limits.max_body_bytes} bytes",
+                )
+            )
+        chunked = b"chunked" in self.headers.get(b"transfer-encoding", b"").lower()
+        self.expect_body = chunked or (clen is not None and clen != b"0")
+        if self.expect_body:
+            self._arm("body", limits.body_timeout)
+            expect = self.headers.get(b"expect")
+            # 100 Continue is only safe to interleave when nothing is being answered ahead.
+            if (
+                expect is not None
+                and expect.lower() == b"100-continue"
+                and not self.pipeline
+                and not self.busy
+                and self.transport is not None
+            ):
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        else:
+            self._disarm()
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.limits.max_body_bytes:
+            raise _Reject(
+                error_response(
+                    413,
+                    "body_too_large",
+                    f"request body is over {self.limits.max_body_bytes} bytes",
+                )
+            )
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self._disarm()
+        body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
+        self.body = []
+        req = Request(
+            method=self.parser.get_method().decode("latin-1"),
+            target=self.url.decode("latin-1"),
+            headers=self.headers,
+            body=body,
+            peer=self.peer,
+            scheme=self.scheme,
+            keep_alive=bool(self.parser.should_keep_alive()) and not self.server.shutting_down,
+        )
+        self.pipeline.append(req)
+        if len(self.pipeline) >= self.limits.max_pipelined and self.transport is not None:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        if not self.busy:
+            self.busy = True
+            self.loop.create_task(self._drain())
+
+    # -- answering ------------------------------------------------------------------------
+
+    def _queue_final(self, response: Response) -> None:
+        """Answer ``response`` after what is queued, then close; read nothing more."""
+        self.closing = True
+        self._disarm()
+        if self.transport is not None and not self.reading_paused:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        self.pipeline.append(response)
+        if not self.busy:
+            self.busy = True
+            self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self.pipeline:
+                item = self.pipeline.popleft()
+                if isinstance(item, Response):
+                    self._write(item, "GET", keep_alive=False)
+                    return
+                if self.reading_paused and not self.closing and self.transport is not None:
+                    self.transport.resume_reading()
+                    self.reading_paused = False
+                try:
+                    response = await self.handler(item)
+                except Exception:
+                    log.exception("handler failed for %s %s", item.method, item.target)
+                    response = error_response(500, "internal_error", "internal error")
+                if not self.writable.is_set():
+                    await self.writable.wait()
+                keep = item.keep_alive and not self.server.shutting_down
+                if self.transport is None:
+                    return
+                self._write(response, item.method, keep_alive=keep)
+                if not keep:
+                    return
+        finally:
+            self.busy = False
+        if self.transport is not None and not self.closing and not self.in_message:
+            self._arm("idle", self.limits.idle_timeout)
+
+    def _write(self, response: Response, method: str, keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        body = response.body
+        parts = [_status_line(response.status), _DATE.get(), _SECURITY]
+        for k, v in response.headers:
+            parts.append(k + b": " + v + b"\r\n")
+        if response.status >= 200 and response.status not in (204, 304):
+            parts.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if method != "HEAD" and response.status not in (204, 304):
+            parts.append(body)
+        transport.write(b"".join(parts))
+        if not keep_alive:
+            self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Server is stopping: close now if idle, else after the current response."""
+        if not self.busy and not self.pipeline:
+            self._close()
+
+
+class EdgeServer:
+    """Owns the listening socket and every live connection."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: LimitsConfig,
+        loop: asyncio.AbstractEventLoop,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.loop = loop
+        self.ssl_context = ssl_context
+        self.connections: set[HttpProtocol] = set()
+        self.shutting_down = False
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> Any:
+        kwargs: dict[str, Any] = {"backlog": 2048, "ssl": self.ssl_context}
+        if sock is not None:
+            self._server = await self.loop.create_server(
+                lambda: HttpProtocol(self), sock=sock, **kwargs
+            )
+        else:
+            self._server = await self.loop.create_server(
+                lambda: HttpProtocol(self), host=host, port=port, reuse_address=True, **kwargs
+            )
+        return self._server.sockets[0].getsockname()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``grace`` s), close the rest."""
+        self.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            for conn in list(self.connections):
+                conn.shutdown()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,198 @@
+"""Pure: request bytes -> a validated payload, or an :class:`IngestError` naming the problem.
+
+Nothing here touches the network; a rejected request never reaches the upstream. The checks
+mirror Segment's own (PROTOCOL.md): JSON object bodies, 32 KB per event, 500 KB per request,
+2,500 events per batch; sizes are measured on the decompressed body.
+
+Error tree::
+
+    IngestError(status, code, message)
+      400 bad_encoding / bad_gzip / invalid_json / invalid_utf8 / not_an_object /
+          bad_batch / bad_event / event_too_large / request_too_large / too_many_events
+      401 missing_write_key / bad_authorization
+      403 write_key_not_allowed
+      415 unsupported_media_type
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from segproxy.config import LimitsConfig
+from segproxy.routes import API_ENDPOINTS
+
+JSON_TYPES = (b"application/json", b"text/plain", b"application/x-json", b"text/json")
+
+
+class IngestError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class Payload:
+    endpoint: str  # "t", "batch", "m", ...
+    doc: dict[str, Any]  # the request's JSON object (mutated by enrich)
+    events: list[dict[str, Any]] = field(default_factory=list)  # references into doc
+    write_key: str | None = None
+
+
+def decode_body(
+    body: bytes,
+    content_type: bytes | None,
+    content_encoding: bytes | None,
+    limits: LimitsConfig,
+) -> bytes:
+    """Check the media type, undo gzip (bounded), return the JSON bytes."""
+    if content_type is not None:
+        media = content_type.split(b";", 1)[0].strip().lower()
+        if media and media not in JSON_TYPES:
+            raise IngestError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {media.decode('latin-1')!r} is not accepted: "
+                "send JSON as application/json or text/plain",
+            )
+    coding = (content_encoding or b"").strip().lower()
+    if coding in (b"", b"identity"):
+        data = body
+    elif coding in (b"gzip", b"x-gzip"):
+        data = _gunzip(body, limits.max_decompressed_bytes)
+    else:
+        raise IngestError(
+            400,
+            "bad_encoding",
+            f"Content-Encoding {coding.decode('latin-1')!r} is not supported (use gzip)",
+        )
+    if len(data) > limits.max_request_bytes:
+        raise IngestError(
+            400,
+            "request_too_large",
+            f"request body is {len(data)} bytes; the limit is {limits.max_request_bytes}",
+        )
+    return data
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise IngestError(400, "bad_gzip", f"the gzip body is invalid: {exc}") from exc
+    if len(out) > limit:
+        raise IngestError(
+            400,
+            "request_too_large",
+            f"the gzip body decompresses to more than {limit} bytes",
+        )
+    if not d.eof:
+        raise IngestError(400, "bad_gzip", "the gzip body is truncated")
+    return out
+
+
+def write_key_from_auth(authorization: bytes | None) -> str | None:
+    """HTTP Basic ``base64(writeKey + ":")``; other schemes carry the key in the body."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise IngestError(
+            401, "bad_authorization", "the Basic Authorization header is not valid base64"
+        ) from exc
+    key = decoded.split(":", 1)[0]
+    return key or None
+
+
+def parse(
+    endpoint: str,
+    data: bytes,
+    authorization: bytes | None,
+    limits: LimitsConfig,
+    allowed_keys: frozenset[str],
+) -> Payload:
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if "utf-8" in str(exc).lower() or "surrogate" in str(exc).lower():
+            raise IngestError(400, "invalid_utf8", f"the body is not valid UTF-8: {exc}") from exc
+        raise IngestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise IngestError(400, "not_an_object", "the body must be a JSON object")
+    payload = Payload(endpoint, doc)
+    if endpoint == "m":
+        return payload  # browser metrics: no write key, forwarded as they are
+
+    key = write_key_from_auth(authorization)
+    if key is None:
+        body_key = doc.get("writeKey")
+        key = body_key if isinstance(body_key, str) and body_key else None
+    if key is None:
+        raise IngestError(
+            401,
+            "missing_write_key",
+            "no write key: send HTTP Basic auth (writeKey as user) or writeKey in the body",
+        )
+    if allowed_keys and key not in allowed_keys:
+        raise IngestError(403, "write_key_not_allowed", "this write key is not accepted here")
+    payload.write_key = key
+
+    if API_ENDPOINTS.get(endpoint) is None:  # b, batch, import
+        batch = doc.get("batch")
+        if not isinstance(batch, list):
+            raise IngestError(400, "bad_batch", "a batch request needs a 'batch' array of events")
+        if len(batch) > limits.max_batch_events:
+            raise IngestError(
+                400,
+                "too_many_events",
+                f"a batch holds at most {limits.max_batch_events} events, got {len(batch)}",
+            )
+        for i, event in enumerate(batch):
+            if not isinstance(event, dict):
+                raise IngestError(400, "bad_event", f"batch[{i}] is not a JSON object")
+            if not isinstance(event.get("type"), str):
+                raise IngestError(400, "bad_event", f"batch[{i}] has no 'type'")
+            _check_event(event, f"batch[{i}]", limits, None)
+        payload.events = batch
+    else:
+        _check_event(doc, "the event", limits, len(data))
+        payload.events = [doc]
+    return payload
+
+
+def _check_event(event: dict[str, Any], where: str, limits: LimitsConfig, raw: int | None) -> None:
+    ctx = event.get("context")
+    if ctx is not None and not isinstance(ctx, dict):
+        raise IngestError(400, "bad_event", f"{where}: 'context' must be an object")
+    # A single event's raw size bounds its serialised size; only re-measure when it may be over.
+    if raw is not None and raw <= limits.max_event_bytes:
+        return
+    size = len(orjson.dumps(event))
+    if size > limits.max_event_bytes:
+        raise IngestError(
+            400,
+            "event_too_large",
+            f"{where} is {size} bytes; the limit is {limits.max_event_bytes} bytes per event",
+        )
+
+
+def enrich(payload: Payload, ip: str) -> None:
+    """Set ``context.ip`` from the real client on every event that has none."""
+    for event in payload.events:
+        ctx = event.get("context")
+        if ctx is None:
+            event["context"] = {"ip": ip}
+        elif not ctx.get("ip"):
+            ctx["ip"] = ip

@@ -1,0 +1,116 @@
+"""The Tracking API: CORS, parse/validate/enrich, then deliver.
+
+Delivery with ``[queue] backend = "none"``: each request is forwarded synchronously to the one
+configured API upstream and Segment's answer (status, body, ``Retry-After``) is passed back, so
+clients keep their own retry behaviour. If the upstream cannot be reached, the client gets a
+502/503 with ``Retry-After`` and keeps the events.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+
+import orjson
+
+from segproxy.config import Config
+from segproxy.edge.http import Headers, Request, Response, error_response
+from segproxy.ingest.parse import IngestError, Payload, decode_body, enrich, parse
+from segproxy.routes import Route
+from segproxy.upstream import UpstreamError, UpstreamPool
+
+log = logging.getLogger("segproxy.ingest")
+
+ALLOW_HEADERS = b"authorization, content-type, x-retry-count"
+EXPOSE_HEADERS = b"Retry-After, X-RateLimit-Reset"
+_ORIGIN_RE = re.compile(rb"^(?:null|https?://[A-Za-z0-9.:\[\]-]{1,260})$")
+PASS_HEADERS = (b"retry-after", b"x-ratelimit-reset", b"content-type")
+RETRY_AFTER_SECONDS = b"5"
+
+
+def cors_headers(origin: bytes | None) -> Headers:
+    """Reflect a well-formed Origin (never with credentials), else ``*``."""
+    allow = origin if origin is not None and _ORIGIN_RE.match(origin) else b"*"
+    return [
+        (b"access-control-allow-origin", allow),
+        (b"access-control-expose-headers", EXPOSE_HEADERS),
+        (b"vary", b"Origin"),
+    ]
+
+
+def preflight(origin: bytes | None) -> Response:
+    return Response(
+        204,
+        [
+            *cors_headers(origin),
+            (b"access-control-allow-methods", b"POST, OPTIONS"),
+            (b"access-control-allow-headers", ALLOW_HEADERS),
+            (b"access-control-max-age", b"86400"),
+        ],
+    )
+
+
+class IngestService:
+    def __init__(self, config: Config, pool: UpstreamPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.limits = config.limits
+        self.allowed = config.sources.write_keys
+
+    def accept(self, req: Request, route: Route, ip: str) -> Payload:
+        """Everything up to delivery; raises IngestError for a request to refuse."""
+        data = decode_body(
+            req.body,
+            req.header(b"content-type"),
+            req.header(b"content-encoding"),
+            self.limits,
+        )
+        payload = parse(
+            route.endpoint, data, req.header(b"authorization"), self.limits, self.allowed
+        )
+        enrich(payload, ip)
+        return payload
+
+    async def handle(self, req: Request, route: Route, ip: str) -> Response:
+        origin = req.header(b"origin")
+        if req.method == "OPTIONS":
+            return preflight(origin)
+        cors = cors_headers(origin)
+        try:
+            payload = self.accept(req, route, ip)
+        except IngestError as exc:
+            return error_response(exc.status, exc.code, exc.message, cors)
+        return await self.forward(payload, route, cors)
+
+    async def forward(self, payload: Payload, route: Route, cors: Headers) -> Response:
+        headers: Headers = [(b"content-type", b"application/json")]
+        if payload.write_key is not None:
+            token = base64.b64encode(payload.write_key.encode() + b":")
+            headers.append((b"authorization", b"Basic " + token))
+        try:
+            resp = await self.pool.request(
+                "POST", route.upstream_path, headers, orjson.dumps(payload.doc)
+            )
+        except UpstreamError as exc:
+            log.warning("API upstream failed for %s: %s", route.upstream_path, exc)
+            status = 503 if exc.kind == "timeout" else 502
+            return error_response(
+                status,
+                "upstream_unavailable",
+                "Segment's API could not be reached; retry later",
+                [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
+            )
+        if 300 <= resp.status < 400:
+            return error_response(
+                502,
+                "upstream_redirect",
+                f"Segment's API answered a redirect ({resp.status})",
+                [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
+            )
+        out = list(cors)
+        for name in PASS_HEADERS:
+            value = resp.header(name)
+            if value is not None:
+                out.append((name, value))
+        return Response(resp.status, out, resp.body)

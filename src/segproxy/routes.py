@@ -1,0 +1,150 @@
+"""Pure routing: (method, request target) -> what to do, or why not.
+
+Only the CDN and Tracking API paths that real Segment clients use (../shared/PROTOCOL.md) are
+routed; everything else is a 404. The target is never decoded: a path with ``%``, ``\\``,
+``//`` or a ``.``/``..`` segment is refused outright, so no spelling of a path can reach a file
+or host other than the one its route names. Upstream paths are rebuilt from validated parts,
+not copied from the request. The query string is dropped (never forwarded, never a cache key).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+
+class Kind(enum.Enum):
+    HEALTHZ = "healthz"
+    READYZ = "readyz"
+    SCRIPT = "script"
+    SETTINGS = "settings"
+    BUNDLE = "bundle"
+    INTEGRATION = "integration"
+    TRACK = "track"
+    METRICS = "metrics"
+
+
+CDN_KINDS = frozenset({Kind.SCRIPT, Kind.SETTINGS, Kind.BUNDLE, Kind.INTEGRATION})
+API_KINDS = frozenset({Kind.TRACK, Kind.METRICS})
+
+# Single-event endpoints and the event type each implies; "b", "batch" and "import" carry a batch.
+API_ENDPOINTS: dict[str, str | None] = {
+    "t": "track",
+    "p": "page",
+    "i": "identify",
+    "g": "group",
+    "a": "alias",
+    "s": "screen",
+    "track": "track",
+    "page": "page",
+    "identify": "identify",
+    "group": "group",
+    "alias": "alias",
+    "screen": "screen",
+    "b": None,
+    "batch": None,
+    "import": None,
+}
+
+_KEY = r"[A-Za-z0-9_-]{1,128}"
+_SEG = r"[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}"
+_SCRIPT_RE = re.compile(rf"/analytics\.js/v1/({_KEY})/(analytics\.min\.js|analytics\.classic\.js)")
+_SETTINGS_RE = re.compile(rf"(?:/v1)?/projects/({_KEY})/settings")
+_BUNDLE_RE = re.compile(
+    r"/analytics-next/bundles/([A-Za-z0-9_-][A-Za-z0-9._-]{0,200}\.js(?:\.map)?)"
+)
+_INTEGRATION_RE = re.compile(rf"/next-integrations(?:/{_SEG}){{1,6}}\.js(?:\.gz)?")
+_API_RE = re.compile(r"/v1/([a-z]{1,8})")
+_BAD_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: Kind
+    upstream_path: str = ""
+    write_key: str | None = None
+    endpoint: str = ""  # API: the endpoint name ("t", "batch", ...)
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    status: int
+    code: str
+    message: str
+    allow: str = ""
+
+
+def _reject_target(target: str) -> Reject | None:
+    if not target.startswith("/"):
+        if target == "*":
+            return Reject(400, "bad_target", "asterisk-form request targets are not served")
+        return Reject(
+            400, "bad_target", "only origin-form request targets (/path) are served, not URLs"
+        )
+    if "%" in target:
+        return Reject(400, "bad_path", "percent-encoded paths are not accepted")
+    if "\\" in target or "//" in target or _BAD_SEGMENT.search(target):
+        return Reject(400, "bad_path", "paths with '.', '..', '//' or '\\' segments are refused")
+    if not target.isascii() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in target):
+        return Reject(400, "bad_path", "the path has characters that are not allowed")
+    return None
+
+
+def split_target(raw: str) -> tuple[str, Reject | None]:
+    """Return (path, reject) for a raw request target; the query and fragment are dropped."""
+    path = raw.split("?", 1)[0].split("#", 1)[0]
+    return path, _reject_target(path if raw.startswith("/") else raw)
+
+
+def match(method: str, raw_target: str, prefix: str = "") -> Route | Reject:
+    """Route one request. ``prefix`` is where the proxy is mounted ("" or like "/seg")."""
+    if method == "CONNECT":
+        return Reject(405, "method_not_allowed", "CONNECT is not supported: this is not a proxy")
+    path, bad = split_target(raw_target)
+    if bad is not None:
+        return bad
+    if path in ("/healthz", prefix + "/healthz"):
+        return _methods(method, Route(Kind.HEALTHZ), ("GET", "HEAD"))
+    if path in ("/readyz", prefix + "/readyz"):
+        return _methods(method, Route(Kind.READYZ), ("GET", "HEAD"))
+    if prefix:
+        if not path.startswith(prefix + "/"):
+            return _not_found(path)
+        path = path[len(prefix) :]
+
+    if m := _API_RE.fullmatch(path):
+        endpoint = m.group(1)
+        if endpoint == "m":
+            return _methods(method, Route(Kind.METRICS, "/v1/m", None, "m"), ("POST", "OPTIONS"))
+        if endpoint in API_ENDPOINTS:
+            route = Route(Kind.TRACK, f"/v1/{endpoint}", None, endpoint)
+            return _methods(method, route, ("POST", "OPTIONS"))
+        return _not_found(path)
+    if m := _SCRIPT_RE.fullmatch(path):
+        route = Route(Kind.SCRIPT, f"/analytics.js/v1/{m.group(1)}/{m.group(2)}", m.group(1))
+        return _methods(method, route, ("GET", "HEAD", "OPTIONS"))
+    if m := _SETTINGS_RE.fullmatch(path):
+        route = Route(Kind.SETTINGS, f"/v1/projects/{m.group(1)}/settings", m.group(1))
+        return _methods(method, route, ("GET", "HEAD", "OPTIONS"))
+    if m := _BUNDLE_RE.fullmatch(path):
+        route = Route(Kind.BUNDLE, f"/analytics-next/bundles/{m.group(1)}")
+        return _methods(method, route, ("GET", "HEAD", "OPTIONS"))
+    if _INTEGRATION_RE.fullmatch(path):
+        return _methods(method, Route(Kind.INTEGRATION, path), ("GET", "HEAD", "OPTIONS"))
+    return _not_found(path)
+
+
+def _methods(method: str, route: Route, allowed: tuple[str, ...]) -> Route | Reject:
+    if method in allowed:
+        return route
+    return Reject(
+        405,
+        "method_not_allowed",
+        f"{method} is not allowed here; use {', '.join(allowed)}",
+        allow=", ".join(allowed),
+    )
+
+
+def _not_found(path: str) -> Reject:
+    return Reject(404, "not_found", "no such route: segproxy serves only Segment CDN and API paths")

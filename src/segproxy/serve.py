@@ -1,0 +1,65 @@
+"""Run the proxy: event loop, listener, signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from segproxy.app import App
+from segproxy.config import Config
+from segproxy.edge.server import EdgeServer
+
+log = logging.getLogger("segproxy")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def serve(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    if not config.sources.write_keys:
+        log.warning(
+            "[sources] write_keys is empty: any write key is accepted and proxied; "
+            "list your keys to refuse others"
+        )
+    app = App(config)
+    edge = EdgeServer(app, config.limits, loop)
+    host, port = (await edge.start(config.listen_host, config.listen_port))[:2]
+    shown = f"[{host}]" if ":" in host else host
+    app.ready = True
+    log.info(
+        "segproxy listening on http://%s:%d (cdn %s, api %s, queue %s)",
+        shown,
+        port,
+        config.upstream.cdn.origin,
+        config.upstream.api.origin,
+        config.queue.backend,
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: no new connections, finishing in-flight requests")
+    app.ready = False
+    await edge.shutdown(config.limits.shutdown_grace)
+    await app.close()
+    log.info("stopped")
+
+
+def run(config: Config) -> None:
+    setup_logging(config.log_level)
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep a plain fallback
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

@@ -1,0 +1,275 @@
+"""Shared pieces of the end-to-end tests: the fake upstreams, the proxy under test, a page server
+on its own origin, and drivers for the node scripts in ``js/`` (real browser, real SDKs).
+
+Every process started here is stopped by its own pid; nothing waits by sleeping: each wait
+is a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import pytest
+
+from tests.support.fakes import REPO_ROOT, FakeSegment
+from tests.support.proxy import RunningProxy, running_proxy
+
+# The proxy's queue backend for the e2e runs: "none" forwards each request synchronously.
+# Override with SEGPROXY_E2E_QUEUE=sqlite (etc.) to run the same tests over a durable queue.
+QUEUE_BACKEND: str = os.environ.get("SEGPROXY_E2E_QUEUE", "none")
+
+WRITE_KEY = "wk_e2e_5f3c9a1b7d2e4f60"
+JS_DIR = Path(__file__).resolve().parent / "js"
+NODE_MODULES = REPO_ROOT / "node_modules"
+CHROMIUM = os.environ.get("SEGPROXY_CHROMIUM", "/usr/bin/chromium")
+
+
+def node_binary() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed: run scripts/setup.sh")
+    if not (NODE_MODULES / "@segment" / "analytics-next").is_dir():
+        pytest.fail("node_modules is missing: run scripts/setup.sh (npm ci)")
+    return node
+
+
+def proxy_config(fake: FakeSegment, **sections: Mapping[str, Any]) -> dict[str, Any]:
+    """A proxy config pointing at ``fake``; keyword arguments add or override sections."""
+    config: dict[str, Any] = {
+        "upstream": {"cdn": fake.cdn_url, "api": fake.api_url},
+        "sources": {"write_keys": list(fake.settings)},
+        "queue": {"backend": QUEUE_BACKEND},
+    }
+    for name, table in sections.items():
+        config[name] = {**config.get(name, {}), **table}
+    return config
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSegment]:
+    with FakeSegment([WRITE_KEY]) as f:
+        yield f
+
+
+@pytest.fixture
+def proxy(fake: FakeSegment, tmp_path: Path) -> Iterator[RunningProxy]:
+    """The proxy under test, in front of ``fake``. Its log is printed when the test ends."""
+    with running_proxy(proxy_config(fake), tmp_path / "proxy") as p:
+        try:
+            yield p
+        finally:
+            print(f"--- segproxy log (pid {p.pid}) ---\n{p.logs()}")
+
+
+# --------------------------------------------------------------------------------------------
+# node scripts
+
+
+def run_node(script: str, options: Mapping[str, Any], timeout: float = 90.0) -> Any:
+    """Run ``js/<script>`` with ``options`` as its JSON argument; return its JSON output."""
+    proc = subprocess.run(
+        [node_binary(), str(JS_DIR / script), json.dumps(options)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{script} exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        raise AssertionError(
+            f"{script} printed no JSON\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        ) from exc
+
+
+def render_snippet(write_key: str, host: str, scheme: str = "http") -> str:
+    """The official snippet (npm @segment/snippet) loading the script from ``host``."""
+    proc = subprocess.run(
+        [
+            node_binary(),
+            str(JS_DIR / "snippet.mjs"),
+            json.dumps({"writeKey": write_key, "host": host, "scheme": scheme}),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return proc.stdout
+
+
+class BrowserRun:
+    """``js/browser.mjs`` as a subprocess: ``ready()`` once the page is done, ``finish()`` after.
+
+    Between the two the browser stays open, so the test can wait for the events upstream
+    (batched delivery flushes on a timer) before the page goes away.
+    """
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        if not Path(CHROMIUM).exists():
+            pytest.fail(f"{CHROMIUM} is missing: run scripts/setup.sh")
+        options = {"url": url, "timeoutMs": int(timeout * 1000), "executablePath": CHROMIUM}
+        self.proc = subprocess.Popen(
+            [node_binary(), str(JS_DIR / "browser.mjs"), json.dumps(options)],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stderr: list[str] = []
+        threading.Thread(target=self._pump_stdout, daemon=True).start()
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
+
+    def _pump_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    def _expect(self, tag: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"browser.mjs: no {tag} within {timeout}s; {self._debug(seen)}")
+            try:
+                line = self._lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"browser.mjs ended before {tag}; {self._debug(seen)}")
+            if line.startswith(tag + " "):
+                result: dict[str, Any] = json.loads(line[len(tag) + 1 :])
+                return result
+            seen.append(line)
+
+    def _debug(self, seen: list[str]) -> str:
+        return f"stdout: {''.join(seen)!r}\nstderr:\n{''.join(self._stderr)}"
+
+    def ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        return self._expect("READY", timeout)
+
+    def finish(self, timeout: float = 30.0) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        result = self._expect("RESULT", timeout)
+        self.proc.wait(timeout=timeout)
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the page's own origin
+
+
+class PageServer:
+    """Serves test pages on 127.0.0.1:0, an origin of its own (not the proxy's)."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, str] = {}
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                path = self.path.partition("?")[0]
+                outer.requests.append(self.path)
+                html = outer.pages.get(path)
+                body = (html or "not found").encode()
+                self.send_response(200 if html is not None else 404)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # browsers drop keep-alive connections freely
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@pytest.fixture
+def page_server() -> Iterator[PageServer]:
+    with PageServer() as server:
+        yield server

@@ -1,0 +1,140 @@
+// Drive Debian's chromium with playwright-core: open one page, wait until it reports done,
+// tell the caller, wait for the caller's go-ahead, then report what the browser saw.
+//
+// Usage: node browser.mjs '{"url": "...", "timeoutMs": 30000}'
+// Protocol on stdout (one JSON document per line):
+//   READY {"page": <window.__segproxyTest>, "analytics": {...}}   once the page set done=true
+//   RESULT {"console": [...], "pageErrors": [...], "requests": [...], "failed": [...], ...}
+// Between the two the script waits for a line (or EOF) on stdin, so the caller can first make
+// sure the events arrived upstream while the page is still open (batching flushes on a timer).
+// Nothing leaves the machine: every host name but 127.0.0.1 resolves to NOTFOUND.
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createInterface } from 'node:readline'
+import { chromium } from 'playwright-core'
+
+const opts = JSON.parse(process.argv[2] ?? '{}')
+const timeoutMs = opts.timeoutMs ?? 30000
+const executablePath = opts.executablePath ?? '/usr/bin/chromium'
+
+function emit(tag, obj) {
+  process.stdout.write(`${tag} ${JSON.stringify(obj)}\n`)
+}
+
+function waitForStdin(ms) {
+  return new Promise((resolve) => {
+    const rl = createInterface({ input: process.stdin })
+    const timer = setTimeout(() => done('timeout'), ms)
+    function done(why) {
+      clearTimeout(timer)
+      rl.close()
+      resolve(why)
+    }
+    rl.once('line', () => done('line'))
+    rl.once('close', () => done('eof'))
+  })
+}
+
+const userDataDir = mkdtempSync(join(tmpdir(), 'segproxy-chromium-'))
+const consoleMessages = []
+const pageErrors = []
+const requests = []
+const failed = []
+const responses = []
+let context
+let exitCode = 0
+try {
+  context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath,
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1',
+    ],
+    timeout: timeoutMs,
+  })
+  // The first (blank) page of a persistent context is reused.
+  const page = context.pages()[0] ?? (await context.newPage())
+  page.on('console', (msg) =>
+    consoleMessages.push({ type: msg.type(), text: msg.text(), location: msg.location() }),
+  )
+  page.on('pageerror', (err) => pageErrors.push(String(err && err.stack ? err.stack : err)))
+  context.on('request', (req) =>
+    requests.push({
+      url: req.url(),
+      method: req.method(),
+      resourceType: req.resourceType(),
+      headers: req.headers(),
+    }),
+  )
+  context.on('requestfailed', (req) =>
+    failed.push({ url: req.url(), method: req.method(), error: req.failure()?.errorText ?? '' }),
+  )
+  context.on('response', (res) =>
+    responses.push({ url: res.url(), status: res.status(), method: res.request().method() }),
+  )
+
+  await page.goto(opts.url, { waitUntil: 'load', timeout: timeoutMs })
+  let ready
+  try {
+    await page.waitForFunction(() => window.__segproxyTest && window.__segproxyTest.done, null, {
+      timeout: timeoutMs,
+      polling: 50,
+    })
+    ready = { ok: true }
+  } catch (err) {
+    ready = { ok: false, error: String(err) }
+  }
+  const state = await page.evaluate(() => {
+    const a = window.analytics
+    const safe = (f) => {
+      try {
+        return f()
+      } catch (e) {
+        return { error: String(e) }
+      }
+    }
+    return {
+      page: window.__segproxyTest ?? null,
+      analytics: {
+        initialized: safe(() => Boolean(a && a.initialized)),
+        cdn: safe(() => a && a._cdn),
+        version: safe(() => a && a.VERSION),
+        cdnSettings: safe(() => (a && a.settings ? a.settings.cdnSettings : null)),
+        cdnURL: safe(() => (a && a.settings ? a.settings.cdnURL ?? null : null)),
+        anonymousId: safe(() => a && a.user().anonymousId()),
+      },
+    }
+  })
+  emit('READY', { ...ready, ...state })
+  const why = await waitForStdin(timeoutMs)
+  emit('RESULT', {
+    release: why,
+    console: consoleMessages,
+    pageErrors,
+    requests,
+    failed,
+    responses,
+  })
+} catch (err) {
+  exitCode = 1
+  emit('RESULT', {
+    fatal: String(err && err.stack ? err.stack : err),
+    console: consoleMessages,
+    pageErrors,
+    requests,
+    failed,
+    responses,
+  })
+} finally {
+  if (context) await context.close().catch(() => {})
+  rmSync(userDataDir, { recursive: true, force: true })
+}
+process.exit(exitCode)
