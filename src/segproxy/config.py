@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 Region = Literal["us", "eu"]
-QueueBackend = Literal["none", "sqlite", "memory"]
+QueueBackend = Literal["none"]  # "sqlite" (durable, the future default) comes with issue 3
 
 REGION_PRESETS: dict[str, tuple[str, str]] = {
     # region: (cdn, api)
@@ -351,7 +351,7 @@ def build(flat: Mapping[str, object]) -> Config:
     )
     backend = cast(
         QueueBackend,
-        _choice("queue.backend", get("queue.backend", "none"), ("none", "sqlite", "memory")),
+        _choice("queue.backend", get("queue.backend", "none"), ("none",)),
     )
     queue = QueueConfig(
         backend=backend, path=_str("queue.path", get("queue.path", QueueConfig().path))

@@ -24,7 +24,7 @@ import logging
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
-from typing import cast, Literal
+from typing import Literal, cast
 
 import httptools
 

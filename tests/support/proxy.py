@@ -54,6 +54,7 @@ class RunningProxy:
         self.port = port
         self._log: list[str] = []
         self._log_lock = threading.Lock()
+        self.pump: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -85,12 +86,19 @@ class RunningProxy:
             self.proc.kill()
             self.proc.wait()
             raise
+        finally:
+            self._join_pump()
+
+    def _join_pump(self) -> None:
+        if self.pump is not None:
+            self.pump.join(timeout=5)
 
     def kill(self) -> None:
         """SIGKILL: a crash."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._join_pump()
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:
@@ -152,9 +160,11 @@ def start_proxy(
                     ready.set()
             else:
                 holder._append_log(line)
+        proc.stderr.close()
         ready.set()
 
-    threading.Thread(target=pump, daemon=True).start()
+    pump_thread = threading.Thread(target=pump, daemon=True)
+    pump_thread.start()
     deadline = time.monotonic() + startup_timeout
     while not ready.wait(0.05):
         if time.monotonic() > deadline:
@@ -163,8 +173,10 @@ def start_proxy(
             raise RuntimeError("segproxy did not start in time:\n" + "".join(early))
     if "proxy" not in found:
         proc.wait()
+        pump_thread.join(timeout=5)
         raise RuntimeError(f"segproxy exited with {proc.returncode}:\n" + "".join(early))
     proxy: RunningProxy = found["proxy"]
+    proxy.pump = pump_thread
     return proxy
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from urllib.parse import urlsplit
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from segproxy.cdn.cache import (
     Entry,

@@ -1,0 +1,107 @@
+"""The command line: embedded defaults, TOML, environment overrides, and clear config errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Client, StartProxy, base_config
+from tests.support.fakes import FakeSegment
+from tests.support.proxy import to_toml
+
+
+def segproxy(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SEGPROXY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "segproxy", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **(env or {})},
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_shows_the_embedded_defaults() -> None:
+    out = segproxy("check")
+    assert out.returncode == 0, out.stderr
+    assert "listen 127.0.0.1:8080" in out.stdout
+    assert "https://cdn.segment.com" in out.stdout
+    assert "https://api.segment.io" in out.stdout
+
+
+def test_region_eu_preset_and_environment_overrides(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(to_toml({"upstream": {"region": "eu"}}))
+    out = segproxy("check", "--config", str(cfg))
+    assert "https://events.eu1.segmentapis.com" in out.stdout
+    out = segproxy(
+        "check", "--config", str(cfg), env={"SEGPROXY_UPSTREAM_API": "http://127.0.0.1:9"}
+    )
+    assert "http://127.0.0.1:9" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "expected"),
+    [
+        ('listen = "nowhere"', {}, ["'listen'", "'nowhere'", "HOST:PORT"]),
+        ('[upstream]\napi = "ftp://x"', {}, ["'upstream.api'", "'ftp://x'", "http(s) URL"]),
+        ('[upstream]\nregion = "mars"', {}, ["'upstream.region'", "'mars'", "'us', 'eu'"]),
+        ('[queue]\nbackend = "kafka"', {}, ["'queue.backend'", "'kafka'", "one of"]),
+        ("[limits]\nheader_timeout = -1", {}, ["'limits.header_timeout'", "-1", ">="]),
+        ('[sources]\nwrite_keys = ["ok", "no spaces"]', {}, ["'sources.write_keys'", "no spaces"]),
+        ("typo_key = 1", {}, ["'typo_key'", "known key"]),
+        (
+            "",
+            {"SEGPROXY_LIMITS_IDLE_TIMEOUT": "soon"},
+            ["'limits.idle_timeout'", "'soon'", "number"],
+        ),
+        ("", {"SEGPROXY_NOPE": "1"}, ["'SEGPROXY_NOPE'", "known SEGPROXY_"]),
+        ("listen = [", {}, ["'--config'", "valid TOML"]),
+    ],
+)
+def test_bad_config_stops_start_up_naming_key_value_and_expectation(
+    tmp_path: Path, toml: str, env: dict[str, str], expected: list[str]
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    out = segproxy("serve", "--config", str(cfg), env=env)
+    assert out.returncode == 2
+    for fragment in expected:
+        assert fragment in out.stderr, (fragment, out.stderr)
+    assert "listening" not in out.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    out = segproxy("serve", "--config", str(tmp_path / "absent.toml"))
+    assert out.returncode == 2
+    assert "an existing TOML file" in out.stderr
+
+
+def test_environment_overrides_the_file(fake: FakeSegment, start: StartProxy) -> None:
+    config = base_config(fake)
+    config["upstream"]["api"] = "http://127.0.0.1:9"  # nothing listens there
+    proxy = start(config, env={"SEGPROXY_UPSTREAM_API": fake.api_url})
+    resp = Client(proxy).post("/v1/t", b'{"writeKey":"k","event":"e"}')
+    assert resp.status == 200
+    assert len(fake.api_requests) == 1
+
+
+def test_empty_write_key_list_is_logged_as_a_warning(fake: FakeSegment, start: StartProxy) -> None:
+    proxy = start(base_config(fake))
+    assert "write_keys is empty" in proxy.logs()
+
+
+def test_every_config_key_is_documented_with_its_environment_name() -> None:
+    from segproxy.config import KNOWN_KEYS
+
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    for key in KNOWN_KEYS:
+        assert f"`{key}`" in doc, f"{key} is missing from docs/configuration.md"
