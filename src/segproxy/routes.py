@@ -10,6 +10,7 @@ not copied from the request. The query string is dropped (never forwarded, never
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -97,8 +98,21 @@ def split_target(raw: str) -> tuple[str, Reject | None]:
     return path, _reject_target(path if raw.startswith("/") else raw)
 
 
+@functools.cache
+def _api_table(prefix: str) -> dict[str, Route]:
+    """Exact API targets -> routes: the hot path is one dict lookup."""
+    table = {}
+    for endpoint in (*API_ENDPOINTS, "m"):
+        kind = Kind.METRICS if endpoint == "m" else Kind.TRACK
+        table[f"{prefix}/v1/{endpoint}"] = Route(kind, f"/v1/{endpoint}", None, endpoint)
+    return table
+
+
 def match(method: str, raw_target: str, prefix: str = "") -> Route | Reject:
     """Route one request. ``prefix`` is where the proxy is mounted ("" or like "/seg")."""
+    fast = _api_table(prefix).get(raw_target)
+    if fast is not None and method == "POST":
+        return fast
     if method == "CONNECT":
         return Reject(405, "method_not_allowed", "CONNECT is not supported: this is not a proxy")
     path, bad = split_target(raw_target)

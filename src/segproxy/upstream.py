@@ -67,6 +67,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.last_used = 0.0
         self.reused = False
+        self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
@@ -157,8 +158,11 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.idle: deque[_Conn] = deque()
-        self.open = 0
-        self.slots = asyncio.Semaphore(max_connections)
+        self.max_connections = max_connections
+        self.active = 0  # requests holding a connection slot
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.busy: set[_Conn] = set()  # connections awaiting a response, checked by _sweep
+        self._sweeper: asyncio.TimerHandle | None = None
         self.ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if upstream.scheme == "https" else None
         )
@@ -187,6 +191,37 @@ class UpstreamPool:
         except OSError as exc:
             raise UpstreamError("connect", f"cannot connect to {up.origin}: {exc}") from exc
         return proto
+
+    async def _acquire(self) -> None:
+        if self.active < self.max_connections:
+            self.active += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut  # the slot is handed over by _release, still counted in self.active
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._release()  # we were handed a slot but will not use it
+            else:
+                self.waiters.remove(fut)
+            raise
+
+    def _release(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.active -= 1
+
+    def _sweep(self) -> None:
+        """Time out requests past their deadline; runs while any request is in flight."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [c for c in self.busy if c.deadline <= now]:
+            conn._fail(UpstreamError("timeout", f"no response from {self.upstream.origin} in time"))
+        self._sweeper = loop.call_later(0.25, self._sweep) if self.busy else None
 
     def _take_idle(self, now: float) -> _Conn | None:
         while self.idle:
@@ -225,18 +260,18 @@ class UpstreamPool:
             raise UpstreamError("connect", "the upstream pool is closed")
         payload = self.build(method, path, headers or [], body)
         loop = asyncio.get_running_loop()
-        async with self.slots:
+        await self._acquire()
+        try:
             for attempt in (0, 1):
                 conn = self._take_idle(loop.time())
                 if conn is None:
                     conn = await self._connect()
                 waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
+                conn.deadline = loop.time() + self.timeout
+                self.busy.add(conn)
+                if self._sweeper is None:
+                    self._sweeper = loop.call_later(0.25, self._sweep)
                 conn.start(payload, waiter)
-                handle = loop.call_later(
-                    self.timeout,
-                    conn._fail,
-                    UpstreamError("timeout", f"no response from {self.upstream.origin} in time"),
-                )
                 try:
                     resp = await waiter
                 except UpstreamError as exc:
@@ -253,7 +288,7 @@ class UpstreamPool:
                     conn.close()
                     raise
                 finally:
-                    handle.cancel()
+                    self.busy.discard(conn)
                 if conn.keep_alive and not conn.closed and not self.closed:
                     conn.last_used = loop.time()
                     conn.waiter = None
@@ -261,9 +296,14 @@ class UpstreamPool:
                 else:
                     conn.close()
                 return resp
-        raise AssertionError("unreachable")
+            raise AssertionError("unreachable")
+        finally:
+            self._release()
 
     async def close(self) -> None:
         self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         while self.idle:
             self.idle.pop().close()

@@ -98,7 +98,9 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False
         self.writable = asyncio.Event()
         self.writable.set()
-        self.timer: asyncio.TimerHandle | None = None
+        # One deadline per connection, checked by the server's sweeper (cheaper than a
+        # TimerHandle per phase per request on the hot path).
+        self.deadline = 0.0
         self.timer_phase = ""
 
     # -- connection lifecycle -------------------------------------------------------------
@@ -139,20 +141,16 @@ class HttpProtocol(asyncio.Protocol):
     # -- timers ---------------------------------------------------------------------------
 
     def _arm(self, phase: str, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         self.timer_phase = phase
-        self.timer = self.loop.call_later(seconds, self._timeout)
+        self.deadline = self.loop.time() + seconds
 
     def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         self.timer_phase = ""
 
     def _timeout(self) -> None:
         phase = self.timer_phase
-        self.timer = None
+        self._disarm()
         if self.transport is None:
             return
         if phase in ("header", "body"):
@@ -397,6 +395,16 @@ class EdgeServer:
         self.connections: set[HttpProtocol] = set()
         self.shutting_down = False
         self._server: asyncio.base_events.Server | None = None
+        shortest = min(limits.header_timeout, limits.body_timeout, limits.idle_timeout)
+        self.sweep_interval = min(max(shortest / 4, 0.05), 0.5)
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def _sweep(self) -> None:
+        """Fire the timeout of every connection past its deadline; runs every sweep_interval."""
+        now = self.loop.time()
+        for conn in [c for c in self.connections if 0.0 < c.deadline <= now]:
+            conn._timeout()
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> Any:
         kwargs: dict[str, Any] = {"backlog": 2048, "ssl": self.ssl_context}
@@ -408,6 +416,7 @@ class EdgeServer:
             self._server = await self.loop.create_server(
                 lambda: HttpProtocol(self), host=host, port=port, reuse_address=True, **kwargs
             )
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
         return self._server.sockets[0].getsockname()
 
     async def shutdown(self, grace: float) -> None:
@@ -425,5 +434,7 @@ class EdgeServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             await self._server.wait_closed()

@@ -44,6 +44,7 @@ class Payload:
     doc: dict[str, Any]  # the request's JSON object (mutated by enrich)
     events: list[dict[str, Any]] = field(default_factory=list)  # references into doc
     write_key: str | None = None
+    authorization: bytes | None = None  # the client's Basic header, when the key came from it
 
 
 def decode_body(
@@ -99,10 +100,25 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     return out
 
 
+_AUTH_CACHE: dict[bytes, str | None] = {}
+
+
 def write_key_from_auth(authorization: bytes | None) -> str | None:
     """HTTP Basic ``base64(writeKey + ":")``; other schemes carry the key in the body."""
     if not authorization:
         return None
+    cached = _AUTH_CACHE.get(authorization)
+    if cached is not None:
+        return cached
+    key = _decode_basic(authorization)
+    if key is not None:
+        if len(_AUTH_CACHE) >= 1024:  # bounded: a flood of distinct headers cannot grow it
+            _AUTH_CACHE.clear()
+        _AUTH_CACHE[authorization] = key
+    return key
+
+
+def _decode_basic(authorization: bytes) -> str | None:
     scheme, _, value = authorization.strip().partition(b" ")
     if scheme.lower() != b"basic":
         return None
@@ -136,7 +152,9 @@ def parse(
         return payload  # browser metrics: no write key, forwarded as they are
 
     key = write_key_from_auth(authorization)
-    if key is None:
+    if key is not None:
+        payload.authorization = authorization
+    else:
         body_key = doc.get("writeKey")
         key = body_key if isinstance(body_key, str) and body_key else None
     if key is None:

@@ -85,7 +85,9 @@ class IngestService:
 
     async def forward(self, payload: Payload, route: Route, cors: Headers) -> Response:
         headers: Headers = [(b"content-type", b"application/json")]
-        if payload.write_key is not None:
+        if payload.authorization is not None:
+            headers.append((b"authorization", payload.authorization))
+        elif payload.write_key is not None:
             token = base64.b64encode(payload.write_key.encode() + b":")
             headers.append((b"authorization", b"Basic " + token))
         try:
