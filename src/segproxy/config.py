@@ -11,6 +11,7 @@ was expected. docs/configuration.md is the reference for every key here.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -56,7 +57,8 @@ class Upstream:
     @property
     def authority(self) -> str:
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
 
     @property
     def origin(self) -> str:
@@ -147,21 +149,31 @@ def parse_upstream(key: str, value: object) -> Upstream:
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(key, value, expected)
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError(key, value, expected)
+    host = parts.hostname.lower()
+    if not _HOST_RE.match(host):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise ConfigError(key, value, expected) from exc
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port
     except ValueError as exc:
         raise ConfigError(key, value, expected) from exc
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    elif port == 0:
+        raise ConfigError(key, value, "a URL with a real port (1-65535), not 0")
     scheme = cast(Literal["http", "https"], parts.scheme)
-    return Upstream(scheme, parts.hostname.lower(), port)
+    return Upstream(scheme, host, port)
 
 
 def parse_listen(key: str, value: object) -> tuple[str, int]:
     expected = "HOST:PORT, e.g. 127.0.0.1:8080 or [::]:8080"
     if not isinstance(value, str):
         raise ConfigError(key, value, expected)
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value.strip())
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", value.strip())
     if not m:
         raise ConfigError(key, value, expected)
     host = m.group(1) or m.group(3)
@@ -186,17 +198,18 @@ def _str_list(key: str, value: object) -> list[str]:
 
 
 def _number(key: str, value: object, *, minimum: float = 0.0, integer: bool = False) -> float:
+    what = "an integer" if integer else "a number"
     if isinstance(value, str):  # from the environment
         try:
             value = int(value) if integer else float(value)
         except ValueError as exc:
-            raise ConfigError(key, value, "a number") from exc
+            raise ConfigError(key, value, what) from exc
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(key, value, "an integer" if integer else "a number")
     if integer and not isinstance(value, int):
         raise ConfigError(key, value, "an integer")
-    if value < minimum:
-        raise ConfigError(key, value, f"a number >= {minimum:g}")
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(key, value, f"{what} >= {minimum:g}")
     return float(value)
 
 
@@ -208,7 +221,10 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
 
 def _prefix(key: str, value: object) -> str:
     text = _str(key, value).rstrip("/")
-    if text and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", text):
+    if text and (
+        not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", text)
+        or any(seg in (".", "..") for seg in text.split("/"))
+    ):
         raise ConfigError(key, value, "an empty string or a path like /seg (letters, digits, ._~-)")
     return text
 
@@ -216,7 +232,7 @@ def _prefix(key: str, value: object) -> str:
 def _hosts(key: str, value: object) -> frozenset[str]:
     hosts = set()
     for h in _str_list(key, value):
-        name = h.lower()
+        name = h.lower().removesuffix(":443").removesuffix(":80")  # default ports never show
         hostpart = name.rsplit(":", 1)[0] if re.search(r":\d+$", name) else name
         if not _HOST_RE.match(hostpart):
             raise ConfigError(key, h, "host names like analytics.example.com (optional :port)")

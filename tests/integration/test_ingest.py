@@ -108,6 +108,7 @@ def test_gzip_request_bodies_are_decoded(client: Client, fake: FakeSegment) -> N
         (b'{"writeKey": "k"}', {"Content-Encoding": "gzip"}, 400, "bad_gzip"),
         (b'{"writeKey": "k"}', {"Content-Encoding": "compress"}, 400, "bad_encoding"),
         (b'{"writeKey": "k", "context": "x"}', {}, 400, "bad_event"),
+        (b'{"writeKey": "k", "p": ' + b"[" * 300 + b"]" * 300 + b"}", {}, 400, "bad_event"),
     ],
 )
 def test_invalid_bodies_get_a_named_error_and_never_reach_segment(

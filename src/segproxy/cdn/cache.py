@@ -81,6 +81,8 @@ def accepted_encodings(header: bytes | None) -> set[bytes]:
     if not header:
         return set()
     out: set[bytes] = set()
+    refused: set[bytes] = set()
+    wildcard = False
     for item in header.lower().split(b","):
         name, _, params = item.strip().partition(b";")
         q = 1.0
@@ -91,11 +93,15 @@ def accepted_encodings(header: bytes | None) -> set[bytes]:
                     q = float(v)
                 except ValueError:
                     q = 0.0
-        if q > 0:
-            if name == b"*":
-                out.update((b"gzip", b"br"))
-            else:
-                out.add(name.strip())
+        name = name.strip()
+        if name == b"*":
+            wildcard = q > 0
+        elif q > 0:
+            out.add(name)
+        else:
+            refused.add(name)
+    if wildcard:  # "*" matches only the codings not named explicitly (RFC 9110 12.5.3)
+        out.update({b"gzip", b"br"} - refused)
     return out
 
 

@@ -48,7 +48,7 @@ def client_ip(peer: str, forwarded_for: bytes | None, trusted: Sequence[Network]
 
 
 def valid_host(value: str) -> bool:
-    m = _HOST_RE.match(value)
+    m = _HOST_RE.fullmatch(value)
     if not m:
         return False
     port = m.group("port")

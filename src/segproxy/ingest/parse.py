@@ -84,20 +84,29 @@ def decode_body(
 
 
 def _gunzip(body: bytes, limit: int) -> bytes:
-    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise IngestError(400, "bad_gzip", f"the gzip body is invalid: {exc}") from exc
-    if len(out) > limit:
-        raise IngestError(
-            400,
-            "request_too_large",
-            f"the gzip body decompresses to more than {limit} bytes",
-        )
-    if not d.eof:
-        raise IngestError(400, "bad_gzip", "the gzip body is truncated")
-    return out
+    """Decode every gzip member (RFC 1952 allows several), never past ``limit`` bytes."""
+    out: list[bytes] = []
+    total = 0
+    data = body
+    while True:
+        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            chunk = d.decompress(data, limit + 1 - total)
+        except zlib.error as exc:
+            raise IngestError(400, "bad_gzip", f"the gzip body is invalid: {exc}") from exc
+        total += len(chunk)
+        out.append(chunk)
+        if total > limit or d.unconsumed_tail:
+            raise IngestError(
+                400,
+                "request_too_large",
+                f"the gzip body decompresses to more than {limit} bytes",
+            )
+        if not d.eof:
+            raise IngestError(400, "bad_gzip", "the gzip body is truncated")
+        data = d.unused_data
+        if not data:
+            return b"".join(out)
 
 
 _AUTH_CACHE: dict[bytes, str | None] = {}
@@ -197,7 +206,10 @@ def _check_event(event: dict[str, Any], where: str, limits: LimitsConfig, raw: i
     # A single event's raw size bounds its serialised size; only re-measure when it may be over.
     if raw is not None and raw <= limits.max_event_bytes:
         return
-    size = len(orjson.dumps(event))
+    try:
+        size = len(orjson.dumps(event))
+    except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson writes (255)
+        raise IngestError(400, "bad_event", f"{where} cannot be re-encoded: {exc}") from exc
     if size > limits.max_event_bytes:
         raise IngestError(
             400,

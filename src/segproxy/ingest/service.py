@@ -29,6 +29,14 @@ PASS_HEADERS = (b"retry-after", b"x-ratelimit-reset", b"content-type")
 RETRY_AFTER_SECONDS = b"5"
 
 
+def encode(obj: object) -> bytes:
+    """Serialise what we forward; a body orjson cannot write (nested > 255 deep) is a 400."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError as exc:
+        raise IngestError(400, "bad_event", f"the event cannot be re-encoded: {exc}") from exc
+
+
 def cors_headers(origin: bytes | None) -> Headers:
     """Reflect a well-formed Origin (never with credentials), else ``*``."""
     allow = origin if origin is not None and _ORIGIN_RE.match(origin) else b"*"
@@ -79,11 +87,12 @@ class IngestService:
         cors = cors_headers(origin)
         try:
             payload = self.accept(req, route, ip)
+            body = encode(payload.doc)
         except IngestError as exc:
             return error_response(exc.status, exc.code, exc.message, cors)
-        return await self.forward(payload, route, cors)
+        return await self.forward(payload, body, route, cors)
 
-    async def forward(self, payload: Payload, route: Route, cors: Headers) -> Response:
+    async def forward(self, payload: Payload, body: bytes, route: Route, cors: Headers) -> Response:
         headers: Headers = [(b"content-type", b"application/json")]
         if payload.authorization is not None:
             headers.append((b"authorization", payload.authorization))
@@ -91,9 +100,7 @@ class IngestService:
             token = base64.b64encode(payload.write_key.encode() + b":")
             headers.append((b"authorization", b"Basic " + token))
         try:
-            resp = await self.pool.request(
-                "POST", route.upstream_path, headers, orjson.dumps(payload.doc)
-            )
+            resp = await self.pool.request("POST", route.upstream_path, headers, body)
         except UpstreamError as exc:
             log.warning("API upstream failed for %s: %s", route.upstream_path, exc)
             status = 503 if exc.kind == "timeout" else 502

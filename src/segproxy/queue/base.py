@@ -1,0 +1,104 @@
+"""The queue between ingest and the forwarder: one small interface, several backends.
+
+Invariants every backend keeps (the SQLite one on disk, see sqlite.py):
+
+1. ``put`` returns only once its rows are durable. The API answers 200 only after ``put``
+   returned, so an acknowledged event is never only in memory.
+2. A row is deleted only by ``ack`` (Segment accepted it, 2xx) or moved by ``dead_letter``
+   (Segment refused it with a non-retryable 4xx, kept with the status and body).
+3. ``lease`` hands a row to at most one sender at a time. A lease lives only as long as the
+   process that took it: when a process dies, its leases die with it, and the next process on
+   the same data re-sends those rows (at-least-once; Segment de-duplicates on ``messageId``).
+4. ``retry_later`` returns leased rows to the queue, not to be leased before ``not_before``.
+5. ``put`` raises :class:`QueueFull` instead of growing past its caps or the disk's free space;
+   nothing is dropped: the client is told to retry (503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+RowKind = Literal["event", "metrics"]
+
+
+class QueueError(Exception):
+    """The queue could not do what was asked."""
+
+
+class QueueFull(QueueError):
+    """Over a configured cap or out of disk: the caller must answer 503 + Retry-After."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewRow:
+    write_key: str  # "" for metrics
+    kind: RowKind
+    received_at: float  # wall clock (unix seconds) when the proxy accepted it
+    body: bytes  # one event (or one metrics request) as JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: int
+    write_key: str
+    kind: RowKind
+    received_at: float
+    attempts: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRow:
+    id: int
+    write_key: str
+    received_at: float
+    died_at: float
+    status: int
+    reason: str
+    body: bytes
+
+
+@dataclass(slots=True)
+class KeyStats:
+    rows: int = 0
+    bytes: int = 0
+    oldest: float | None = None
+
+
+@dataclass(slots=True)
+class QueueStats:
+    rows: int = 0
+    bytes: int = 0
+    oldest: float | None = None  # received_at of the oldest queued row
+    dead: int = 0
+    per_key: dict[str, KeyStats] = field(default_factory=dict)
+
+
+class Queue(Protocol):
+    async def put(self, rows: list[NewRow]) -> None:
+        """Durably store ``rows`` (all or none); raise QueueFull when over a cap."""
+
+    async def lease(
+        self, now: float, max_rows: int, exclude_keys: frozenset[str] = frozenset()
+    ) -> list[Row]:
+        """Up to ``max_rows`` ready rows (oldest first) not leased by anyone."""
+
+    async def ack(self, ids: list[int]) -> None:
+        """Delete delivered rows."""
+
+    async def retry_later(self, ids: list[int], not_before: float) -> None:
+        """Release leased rows, not to be leased again before ``not_before``."""
+
+    async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
+        """Move rows Segment refused for good to the dead-letter store."""
+
+    async def next_ready(self) -> float | None:
+        """The earliest ``not_before`` of an unleased row, or None when empty."""
+
+    async def stats(self) -> QueueStats: ...
+
+    def has_room(self) -> bool:
+        """Cheap check for readiness and fast rejection; ``put`` still enforces caps."""
+
+    async def close(self) -> None: ...
