@@ -1,11 +1,14 @@
 """Wiring: one handler that routes each request to the CDN or the Tracking API service.
 
-The app owns the two upstream pools (one per configured origin: nothing else can be reached)
-and every background task; :meth:`App.close` releases them.
+The app owns the two upstream pools (one per configured origin: nothing else can be reached),
+the queue, the forwarder and every background task: :meth:`App.start` opens them,
+:meth:`App.close` stops them in order (forwarder, then queue, then pools).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from segproxy import __version__
@@ -13,7 +16,10 @@ from segproxy.cdn.service import CdnService
 from segproxy.config import Config
 from segproxy.edge.forwarded import client_ip, host_allowed, public_origin
 from segproxy.edge.http import Request, Response, error_response, json_response
+from segproxy.forward.forwarder import Forwarder, ForwardSettings
 from segproxy.ingest.service import IngestService
+from segproxy.queue import open_queue
+from segproxy.queue.base import Queue
 from segproxy.routes import CDN_KINDS, Kind, Reject, match
 from segproxy.upstream import UpstreamPool
 
@@ -41,7 +47,39 @@ class App:
         )
         self.cdn = CdnService(config, self.cdn_pool)
         self.ingest = IngestService(config, self.api_pool)
+        self.queue: Queue | None = None
+        self.forwarder: Forwarder | None = None
+        self._recount: asyncio.Task[None] | None = None
         self.ready = False
+
+    async def start(self) -> None:
+        self.queue = await open_queue(self.config)
+        if self.queue is not None:
+            f = self.config.forward
+            self.forwarder = Forwarder(
+                self.queue,
+                self.api_pool,
+                ForwardSettings(
+                    max_delay=f.max_delay,
+                    concurrency=f.concurrency,
+                    per_key_concurrency=f.per_key_concurrency,
+                    backoff_base=f.backoff_base,
+                    backoff_cap=f.backoff_cap,
+                    max_retry_after=f.max_retry_after,
+                ),
+            )
+            self.ingest.queue = self.queue
+            self.ingest.on_queued = self.forwarder.notify
+            self.forwarder.start()
+            self._recount = asyncio.get_running_loop().create_task(self._recount_loop())
+        self.ready = True
+
+    async def _recount_loop(self) -> None:
+        # The CLI may replay or purge rows in the file meanwhile; keep the caps' counters true.
+        assert self.queue is not None
+        while True:
+            await asyncio.sleep(10)
+            await self.queue.recount()
 
     async def __call__(self, req: Request) -> Response:
         cfg = self.config
@@ -53,9 +91,11 @@ class App:
         if kind is Kind.HEALTHZ:
             return json_response(200, {"status": "ok"})
         if kind is Kind.READYZ:
-            if self.ready:
-                return json_response(200, {"status": "ready"})
-            return json_response(503, {"status": "not ready"})
+            if not self.ready:
+                return json_response(503, {"status": "not ready"})
+            if self.queue is not None and not self.queue.has_room():
+                return json_response(503, {"status": "queue full"})
+            return json_response(200, {"status": "ready"})
         origin = None
         if kind is Kind.SETTINGS or cfg.public_hosts:
             origin = public_origin(
@@ -75,8 +115,17 @@ class App:
         ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
         return await self.ingest.handle(req, route, ip)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Call after the edge stopped answering: nothing new reaches the queue."""
         self.ready = False
+        if self._recount is not None:
+            self._recount.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recount
+        if self.forwarder is not None:
+            await self.forwarder.stop(grace)
+        if self.queue is not None:
+            await self.queue.close()
         await self.cdn.close()
         await self.cdn_pool.close()
         await self.api_pool.close()

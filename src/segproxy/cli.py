@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from segproxy import __version__
 from segproxy.config import ConfigError, load
@@ -31,6 +33,97 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _queue_path(args: argparse.Namespace) -> str:
+    config = load(args.config)
+    if config.queue.backend != "sqlite":
+        raise ConfigError("queue.backend", config.queue.backend, '"sqlite" for queue commands')
+    return config.queue.path
+
+
+def _queue_stats(args: argparse.Namespace) -> int:
+    from segproxy.queue import admin
+
+    s = admin.stats(_queue_path(args))
+    data = admin.stats_json(s, admin.now())
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(
+        f"queued events: {s.rows} ({s.bytes} bytes), oldest {admin.age(data['oldest_age_seconds'])}"
+    )
+    print(f"dead letters:  {s.dead}")
+    for key, v in data["per_key"].items():
+        oldest = admin.age(v["oldest_age_seconds"])
+        print(f"  {key:12} {v['rows']:>9} events {v['bytes']:>12} bytes  oldest {oldest}")
+    return 0
+
+
+def _queue_dead(args: argparse.Namespace) -> int:
+    from segproxy.queue import admin
+
+    rows = admin.dead(_queue_path(args), args.limit)
+    if args.json:
+        out = [
+            {
+                "id": r.id,
+                "write_key": admin.mask(r.write_key),
+                "status": r.status,
+                "reason": r.reason,
+                "died_at": r.died_at,
+                "event": json.loads(r.body),
+            }
+            for r in rows
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    if not rows:
+        print("no dead letters")
+    for r in rows:
+        event = json.loads(r.body)
+        when = datetime.fromtimestamp(r.died_at, UTC).isoformat(timespec="seconds")
+        print(
+            f"#{r.id} {when} key {admin.mask(r.write_key)} status {r.status} "
+            f"{event.get('type', '?')} {event.get('messageId', '')}: {r.reason[:200]}"
+        )
+    return 0
+
+
+def _queue_replay(args: argparse.Namespace) -> int:
+    from segproxy.queue import admin
+
+    def progress(done: int, total: int) -> None:
+        print("\r" + admin.progress_bar(done, total), end="", file=sys.stderr, flush=True)
+
+    moved = admin.replay(_queue_path(args), args.id or None, progress)
+    if moved:
+        print(file=sys.stderr)
+    print(f"replayed {moved} dead letters into the queue")
+    return 0
+
+
+def _queue_purge(args: argparse.Namespace) -> int:
+    from segproxy.queue import admin
+
+    path = _queue_path(args)
+    s = admin.stats(path)
+    what = (
+        f"{s.dead} dead letters"
+        if args.dead
+        else f"{s.rows} queued events and {s.dead} dead letters"
+    )
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(f"refusing to delete {what} without --yes", file=sys.stderr)
+            return 1
+        answer = input(f"Delete {what} for good? Type 'purge' to confirm: ")
+        if answer.strip() != "purge":
+            print("nothing deleted")
+            return 1
+    events, dead_rows = admin.purge(path, dead_only=args.dead)
+    print(f"purged {events} queued events and {dead_rows} dead letters")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segproxy",
@@ -44,6 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and print it")
     check.add_argument("--config", metavar="FILE", help="TOML configuration file")
     check.set_defaults(func=_check)
+
+    queue = sub.add_parser("queue", help="inspect and operate the durable queue")
+    qsub = queue.add_subparsers(dest="queue_command", required=True)
+    q_stats = qsub.add_parser("stats", help="depth, oldest age, per write key, dead letters")
+    q_stats.add_argument("--json", action="store_true", help="machine-readable output")
+    q_stats.set_defaults(func=_queue_stats)
+    q_dead = qsub.add_parser("dead", help="list dead letters with Segment's reasons")
+    q_dead.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    q_dead.add_argument("--json", action="store_true", help="machine-readable output")
+    q_dead.set_defaults(func=_queue_dead)
+    q_replay = qsub.add_parser("replay", help="send dead letters again")
+    q_replay.add_argument("--id", type=int, action="append", help="only this dead letter id")
+    q_replay.set_defaults(func=_queue_replay)
+    q_purge = qsub.add_parser("purge", help="delete queued events and dead letters")
+    q_purge.add_argument("--dead", action="store_true", help="only the dead letters")
+    q_purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    q_purge.set_defaults(func=_queue_purge)
+    for p in (q_stats, q_dead, q_replay, q_purge):
+        p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     return parser
 
 
@@ -54,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"segproxy: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError as exc:
+        print(f"segproxy: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

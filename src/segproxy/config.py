@@ -22,7 +22,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 Region = Literal["us", "eu"]
-QueueBackend = Literal["none"]  # "sqlite" (durable, the future default) comes with issue 3
+QueueBackend = Literal["sqlite", "none", "memory"]
 
 REGION_PRESETS: dict[str, tuple[str, str]] = {
     # region: (cdn, api)
@@ -86,8 +86,23 @@ class SourcesConfig:
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    backend: QueueBackend = "none"
+    backend: QueueBackend = "sqlite"
     path: str = "./segproxy-data/queue.db"
+    max_rows: int = 5_000_000
+    max_bytes: int = 2 * 1024**3
+    min_free_disk_bytes: int = 64 * 1024**2
+    synchronous: Literal["full", "normal"] = "full"
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardConfig:
+    max_delay: float = 0.2
+    concurrency: int = 8
+    per_key_concurrency: int = 2
+    backoff_base: float = 0.5
+    backoff_cap: float = 60.0
+    max_retry_after: float = 3600.0
+    retry_after: int = 5  # seconds we ask clients to wait when the queue is full
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +144,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -259,7 +275,7 @@ def _write_keys(key: str, value: object) -> frozenset[str]:
 
 
 # The schema: dotted key -> (setter-name, parser). One table, used by the file and the env.
-_SECTIONS = ("upstream", "sources", "queue", "limits", "cache")
+_SECTIONS = ("upstream", "sources", "queue", "forward", "limits", "cache")
 _TOP_KEYS = (
     "listen",
     "prefix",
@@ -289,6 +305,7 @@ def _known_keys() -> list[str]:
         ("upstream", UpstreamConfig),
         ("sources", SourcesConfig),
         ("queue", QueueConfig),
+        ("forward", ForwardConfig),
         ("limits", LimitsConfig),
         ("cache", CacheConfig),
     ):
@@ -367,11 +384,24 @@ def build(flat: Mapping[str, object]) -> Config:
     )
     backend = cast(
         QueueBackend,
-        _choice("queue.backend", get("queue.backend", "none"), ("none",)),
+        _choice("queue.backend", get("queue.backend", "sqlite"), ("sqlite", "none", "memory")),
     )
+    sync = _choice("queue.synchronous", get("queue.synchronous", "full"), ("full", "normal"))
     queue = QueueConfig(
-        backend=backend, path=_str("queue.path", get("queue.path", QueueConfig().path))
+        backend=backend,
+        path=_str("queue.path", get("queue.path", QueueConfig().path)),
+        synchronous=cast(Literal["full", "normal"], sync),
+        **_numbers(
+            "queue",
+            QueueConfig(),
+            {
+                k: v
+                for k, v in flat.items()
+                if k not in ("queue.backend", "queue.path", "queue.synchronous")
+            },
+        ),
     )
+    forward = ForwardConfig(**_numbers("forward", ForwardConfig(), flat))
     limits = LimitsConfig(**_numbers("limits", LimitsConfig(), flat))
     cache = CacheConfig(**_numbers("cache", CacheConfig(), flat))
     if limits.max_request_bytes > limits.max_decompressed_bytes:
@@ -381,7 +411,13 @@ def build(flat: Mapping[str, object]) -> Config:
             f"at most limits.max_decompressed_bytes ({limits.max_decompressed_bytes})",
         )
     return Config(
-        upstream=upstream, sources=sources, queue=queue, limits=limits, cache=cache, **top
+        upstream=upstream,
+        sources=sources,
+        queue=queue,
+        forward=forward,
+        limits=limits,
+        cache=cache,
+        **top,
     )
 
 
@@ -389,9 +425,9 @@ def _numbers(section: str, defaults: object, flat: Mapping[str, object]) -> dict
     out: dict[str, Any] = {}
     for name in defaults.__dataclass_fields__:  # type: ignore[attr-defined]
         key = f"{section}.{name}"
-        if key not in flat:
-            continue
         default = getattr(defaults, name)
+        if key not in flat or isinstance(default, str):
+            continue
         integer = isinstance(default, int)
         minimum = 1.0 if integer else 0.001
         value = _number(key, flat[key], minimum=minimum, integer=integer)

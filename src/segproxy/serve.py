@@ -31,10 +31,10 @@ async def serve(config: Config) -> None:
             "list your keys to refuse others"
         )
     app = App(config)
+    await app.start()
     edge = EdgeServer(app, config.limits, loop)
     host, port = (await edge.start(config.listen_host, config.listen_port))[:2]
     shown = f"[{host}]" if ":" in host else host
-    app.ready = True
     log.info(
         "segproxy listening on http://%s:%d (cdn %s, api %s, queue %s)",
         shown,
@@ -50,7 +50,7 @@ async def serve(config: Config) -> None:
     log.info("shutting down: no new connections, finishing in-flight requests")
     app.ready = False
     await edge.shutdown(config.limits.shutdown_grace)
-    await app.close()
+    await app.close(config.limits.shutdown_grace)
     log.info("stopped")
 
 

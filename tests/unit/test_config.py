@@ -55,13 +55,15 @@ def test_defaults_forward_to_segments_us_cdn_and_api() -> None:
     assert config.upstream.api.port == 443
 
 
-def test_defaults_mount_at_root_accept_every_write_key_and_queue_nothing() -> None:
+def test_defaults_mount_at_root_accept_every_write_key_and_queue_durably() -> None:
     config = load(env={})
     assert config.prefix == ""
     assert config.sources.write_keys == frozenset()
     assert config.public_hosts == frozenset()
     assert config.trusted_proxies == ()
-    assert config.queue.backend == "none"
+    assert config.queue.backend == "sqlite"
+    assert config.queue.path == "./segproxy-data/queue.db"
+    assert config.queue.synchronous == "full"
 
 
 def test_default_limits_match_segments_own_limits() -> None:
@@ -386,7 +388,7 @@ BAD_VALUES: list[tuple[str, object, object, str]] = [
     ("sources.write_keys", ["wk live"], "wk live", "write keys of letters, digits"),
     ("sources.write_keys", "wk_ok,wk/bad", "wk/bad", "write keys of letters, digits"),
     ("sources.write_keys", ["wk", ""], "", "write keys of letters, digits"),
-    ("queue.backend", "redis", "redis", "one of 'none'"),
+    ("queue.backend", "redis", "redis", "one of 'sqlite', 'none', 'memory'"),
     ("queue.path", ["q.db"], ["q.db"], "a string"),
     ("limits.max_body_bytes", 0, 0, "an integer >= 1"),
     ("limits.max_event_bytes", "32k", "32k", "an integer"),

@@ -1,5 +1,10 @@
 """The Tracking API: CORS, parse/validate/enrich, then deliver.
 
+Delivery with a queue (``sqlite``, the default): the request's events are committed to the
+queue and only then answered ``200 {"success": true}``; the forwarder sends them on. A full
+queue or disk answers ``503`` with ``Retry-After`` (exposed to browsers) so clients keep the
+events and retry: nothing is dropped.
+
 Delivery with ``[queue] backend = "none"``: each request is forwarded synchronously to the one
 configured API upstream and Segment's answer (status, body, ``Retry-After``) is passed back, so
 clients keep their own retry behaviour. If the upstream cannot be reached, the client gets a
@@ -11,13 +16,17 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import time
+from collections.abc import Callable
 
 import orjson
 
 from segproxy.config import Config
 from segproxy.edge.http import Headers, Request, Response, error_response
+from segproxy.forward.batcher import prepare_events
 from segproxy.ingest.parse import IngestError, Payload, decode_body, enrich, parse
-from segproxy.routes import Route
+from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
+from segproxy.routes import API_ENDPOINTS, Route
 from segproxy.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("segproxy.ingest")
@@ -59,12 +68,24 @@ def preflight(origin: bytes | None) -> Response:
     )
 
 
+SUCCESS = b'{"success":true}'
+
+
 class IngestService:
-    def __init__(self, config: Config, pool: UpstreamPool) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pool: UpstreamPool,
+        queue: Queue | None = None,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.pool = pool
+        self.queue = queue
+        self.on_queued = on_queued
         self.limits = config.limits
         self.allowed = config.sources.write_keys
+        self.retry_after = str(config.forward.retry_after).encode()
 
     def accept(self, req: Request, route: Route, ip: str) -> Payload:
         """Everything up to delivery; raises IngestError for a request to refuse."""
@@ -87,10 +108,47 @@ class IngestService:
         cors = cors_headers(origin)
         try:
             payload = self.accept(req, route, ip)
-            body = encode(payload.doc)
+            if self.queue is not None:
+                rows = self.rows(payload)
+            else:
+                body = encode(payload.doc)
         except IngestError as exc:
             return error_response(exc.status, exc.code, exc.message, cors)
+        if self.queue is not None:
+            return await self.enqueue(rows, cors)
         return await self.forward(payload, body, route, cors)
+
+    def rows(self, payload: Payload) -> list[NewRow]:
+        """One queue row per event (or one for a metrics request), as it will be sent."""
+        now = time.time()
+        if payload.endpoint == "m":
+            return [NewRow("", "metrics", now, encode(payload.doc))]
+        key = payload.write_key or ""
+        events = prepare_events(payload.doc, payload.events, API_ENDPOINTS.get(payload.endpoint))
+        return [NewRow(key, "event", now, encode(event)) for event in events]
+
+    async def enqueue(self, rows: list[NewRow], cors: Headers) -> Response:
+        assert self.queue is not None
+        try:
+            await self.queue.put(rows)
+        except QueueFull as exc:
+            return error_response(
+                503,
+                "queue_full",
+                f"{exc}; retry later",
+                [*cors, (b"retry-after", self.retry_after)],
+            )
+        except QueueError as exc:
+            log.error("could not queue %d events: %s", len(rows), exc)
+            return error_response(
+                503,
+                "queue_error",
+                "the events could not be stored; retry later",
+                [*cors, (b"retry-after", self.retry_after)],
+            )
+        if self.on_queued is not None:
+            self.on_queued()
+        return Response(200, [(b"content-type", b"application/json"), *cors], SUCCESS)
 
     async def forward(self, payload: Payload, body: bytes, route: Route, cors: Headers) -> Response:
         headers: Headers = [(b"content-type", b"application/json")]

@@ -101,4 +101,7 @@ class Queue(Protocol):
     def has_room(self) -> bool:
         """Cheap check for readiness and fast rejection; ``put`` still enforces caps."""
 
+    async def recount(self) -> None:
+        """Re-read counters from storage (another process may have changed it)."""
+
     async def close(self) -> None: ...

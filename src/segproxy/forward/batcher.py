@@ -1,0 +1,116 @@
+"""Pure: queued rows -> ``/v1/batch`` bodies, and event preparation at accept time.
+
+Clock correction (PROTOCOL.md): Segment sets ``timestamp = receivedAt - (sentAt -
+originalTimestamp)``. An event the proxy holds for D seconds reaches Segment D seconds later
+than its ``sentAt`` says, which would move its timestamp D seconds into the future. So when a
+row is sent, its ``sentAt`` is moved forward by the time it waited (send time - accept time),
+measured on the proxy's clock. A batch-level ``sentAt`` is folded into each event at accept
+time, and no batch-level ``sentAt`` is sent (it would carry the proxy's clock, not the client's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from segproxy.queue.base import Row
+
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_EVENTS = 2500
+_ENVELOPE = len(b'{"batch":[]}')
+_SHARED_KEYS = ("context", "integrations")
+
+
+def prepare_events(
+    doc: dict[str, Any], events: list[dict[str, Any]], implied_type: str | None
+) -> list[dict[str, Any]]:
+    """Give each event what its request carried for all of them, before it is queued."""
+    sent_at = doc.get("sentAt")
+    for event in events:
+        if event is not doc:
+            if isinstance(sent_at, str) and "sentAt" not in event:
+                event["sentAt"] = sent_at
+            for key in _SHARED_KEYS:
+                shared = doc.get(key)
+                mine = event.get(key)
+                if isinstance(shared, dict) and isinstance(mine, dict):
+                    event[key] = {**shared, **mine}
+                elif isinstance(shared, dict) and mine is None:
+                    event[key] = dict(shared)
+        if implied_type is not None and "type" not in event:
+            event["type"] = implied_type
+    return events
+
+
+def parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def format_time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def shift_sent_at(event: dict[str, Any], waited: float) -> None:
+    """Move ``sentAt`` forward by ``waited`` seconds (only if it parses)."""
+    if waited <= 0:
+        return
+    sent = parse_time(event.get("sentAt"))
+    if sent is not None:
+        event["sentAt"] = format_time(sent + timedelta(seconds=waited))
+
+
+@dataclass(slots=True)
+class Batch:
+    write_key: str
+    rows: list[Row] = field(default_factory=list)
+    parts: list[bytes] = field(default_factory=list)
+    size: int = _ENVELOPE
+
+    def body(self) -> bytes:
+        return b'{"batch":[' + b",".join(self.parts) + b"]}"
+
+    @property
+    def ids(self) -> list[int]:
+        return [r.id for r in self.rows]
+
+
+def build_batches(
+    rows: Iterable[Row],
+    now: float,
+    max_bytes: int = MAX_BATCH_BYTES,
+    max_events: int = MAX_BATCH_EVENTS,
+) -> list[Batch]:
+    """Group event rows per write key into batches within Segment's limits, oldest first."""
+    open_batches: dict[str, Batch] = {}
+    done: list[Batch] = []
+    for row in rows:
+        part = row.body
+        waited = now - row.received_at
+        if waited > 0.001 and b'"sentAt"' in part:
+            event = orjson.loads(part)
+            shift_sent_at(event, waited)
+            part = orjson.dumps(event)
+        batch = open_batches.get(row.write_key)
+        if batch is not None and (
+            batch.size + len(part) + 1 > max_bytes or len(batch.rows) >= max_events
+        ):
+            done.append(batch)
+            batch = None
+        if batch is None:
+            batch = Batch(row.write_key)
+            open_batches[row.write_key] = batch
+        batch.rows.append(row)
+        batch.parts.append(part)
+        batch.size += len(part) + 1
+    done.extend(open_batches.values())
+    return done

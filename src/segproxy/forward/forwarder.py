@@ -1,0 +1,225 @@
+"""The forwarder: leases queued rows, sends them to Segment in batches, acks or retries.
+
+One loop task owns the work; each batch send is its own task, tracked and cancelled on stop.
+
+- **Batching**: when the queue goes from empty to non-empty, the forwarder waits up to
+  ``max_delay`` to collect more, then leases everything ready and sends one ``/v1/batch`` per
+  write key (<= 500 KB, <= 2,500 events). Under load every round is full, so a thousand single
+  events cost a handful of upstream requests.
+- **Independence**: a write key is excluded from leasing while it has ``per_key_concurrency``
+  batches in flight or while Segment told it to wait (429/Retry-After), so one slow or
+  rate-limited key never holds back the others.
+- **Retries** follow forward/retry.py; a key's rows wait at least as long as Segment's
+  ``Retry-After`` asked.
+- **Stop**: no new leases; in-flight sends get ``grace`` seconds; anything unfinished stays in
+  the queue (its lease dies with the process) and is sent after the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from segproxy.forward.batcher import Batch, build_batches
+from segproxy.forward.retry import Action, backoff, classify, parse_retry_after
+from segproxy.queue.base import Queue, Row
+from segproxy.upstream import UpstreamError, UpstreamPool
+
+log = logging.getLogger("segproxy.forward")
+
+LEASE_ROWS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardSettings:
+    max_delay: float = 0.2
+    concurrency: int = 8
+    per_key_concurrency: int = 2
+    backoff_base: float = 0.5
+    backoff_cap: float = 60.0
+    max_retry_after: float = 3600.0
+
+
+@dataclass(slots=True)
+class ForwardCounters:
+    requests: int = 0
+    events_sent: int = 0
+    events_retried: int = 0
+    events_dead: int = 0
+    failures: int = 0
+
+
+class Forwarder:
+    def __init__(self, queue: Queue, pool: UpstreamPool, settings: ForwardSettings) -> None:
+        self.queue = queue
+        self.pool = pool
+        self.settings = settings
+        self.counters = ForwardCounters()
+        self.inflight: Counter[str] = Counter()
+        self.blocked_until: dict[str, float] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(settings.concurrency)
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self.rng = random.Random()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def notify(self) -> None:
+        """New rows were committed: wake the loop."""
+        self.wake.set()
+
+    def _excluded(self, now: float) -> frozenset[str]:
+        limit = self.settings.per_key_concurrency
+        keys = {k for k, n in self.inflight.items() if n >= limit}
+        for key, until in list(self.blocked_until.items()):
+            if until > now:
+                keys.add(key)
+            else:
+                del self.blocked_until[key]
+        return frozenset(keys)
+
+    async def _wait(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self.wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _run(self) -> None:
+        while not self.stopping:
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("forwarder round failed; retrying in 1 s")
+                await self._wait(1.0)
+
+    async def _round(self) -> None:
+        now = time.time()
+        self.wake.clear()
+        rows = await self.queue.lease(now, LEASE_ROWS, self._excluded(now))
+        if not rows:
+            ready = await self.queue.next_ready()
+            if ready is None:
+                await self._wait(5.0)
+            else:
+                # Wake when the earliest row is due, or a send finishes, or new rows arrive.
+                await self._wait(min(max(ready - now, 0.05), 1.0))
+            if not self.stopping and self.wake.is_set():
+                await asyncio.sleep(self.settings.max_delay)  # collect a batch's worth
+            return
+        events = [r for r in rows if r.kind == "event"]
+        metrics = [r for r in rows if r.kind == "metrics"]
+        for batch in build_batches(events, time.time()):
+            await self._spawn(batch.write_key, self._send_batch(batch))
+        for row in metrics:
+            await self._spawn("", self._send_metrics(row))
+        if len(rows) < LEASE_ROWS and not self.stopping:
+            # A partial round: let the next batch's worth collect (not woken by each commit).
+            await asyncio.sleep(self.settings.max_delay)
+
+    async def _spawn(self, key: str, coro: object) -> None:
+        await self.slots.acquire()
+        if self.stopping:
+            self.slots.release()
+            coro.close()  # type: ignore[attr-defined]
+            return
+        self.inflight[key] += 1
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            self.slots.release()
+            self.inflight[key] -= 1
+            if self.inflight[key] <= 0:
+                del self.inflight[key]
+            self.wake.set()
+
+        task.add_done_callback(done)
+
+    def _auth(self, write_key: str) -> list[tuple[bytes, bytes]]:
+        token = base64.b64encode(write_key.encode() + b":")
+        return [(b"content-type", b"application/json"), (b"authorization", b"Basic " + token)]
+
+    async def _send_batch(self, batch: Batch) -> None:
+        await self._deliver(batch.write_key, "/v1/batch", batch.body(), batch.rows)
+
+    async def _send_metrics(self, row: Row) -> None:
+        await self._deliver("", "/v1/m", row.body, [row])
+
+    async def _deliver(self, key: str, path: str, body: bytes, rows: list[Row]) -> None:
+        ids = [r.id for r in rows]
+        headers = self._auth(key) if key else [(b"content-type", b"application/json")]
+        status: int | None = None
+        detail = ""
+        retry_after: float | None = None
+        self.counters.requests += 1
+        try:
+            resp = await self.pool.request("POST", path, headers, body)
+            status = resp.status
+            detail = resp.body[:1000].decode("utf-8", "replace")
+            retry_after = parse_retry_after(resp.header(b"retry-after"), time.time())
+        except UpstreamError as exc:
+            detail = str(exc)
+        action = classify(status)
+        now = time.time()
+        if action is Action.ACK:
+            await self.queue.ack(ids)
+            self.counters.events_sent += len(ids)
+            return
+        self.counters.failures += 1
+        if action is Action.DEAD:
+            log.warning(
+                "Segment refused %d events of key %s… with %s: %s; kept as dead letters",
+                len(ids),
+                key[:6],
+                status,
+                detail[:200],
+            )
+            await self.queue.dead_letter(ids, status or 0, detail, now)
+            self.counters.events_dead += len(ids)
+            return
+        s = self.settings
+        attempt = max(r.attempts for r in rows) + 1
+        delay = backoff(
+            attempt,
+            base=s.backoff_base,
+            cap=s.backoff_cap,
+            retry_after=retry_after,
+            max_retry_after=s.max_retry_after,
+            rng=self.rng,
+        )
+        if retry_after is not None or status == 429:
+            self.blocked_until[key] = max(self.blocked_until.get(key, 0.0), now + delay)
+        log.info(
+            "delivery of %d events failed (%s); retry %d in %.2f s",
+            len(ids),
+            status if status is not None else detail,
+            attempt,
+            delay,
+        )
+        await self.queue.retry_later(ids, now + delay)
+        self.counters.events_retried += len(ids)
+
+    async def stop(self, grace: float) -> None:
+        self.stopping = True
+        self.wake.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self.tasks:
+            _, pending = await asyncio.wait(list(self.tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,141 @@
+"""Operating a queue file from the CLI, also while a proxy is running on it.
+
+SQLite's WAL lets these read while the proxy writes; writes (replay, purge) take the database
+lock for one short transaction per chunk, so the proxy is never blocked for long. The proxy
+re-reads its counters every few seconds, so caps stay true after a purge or replay.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from segproxy.queue.base import DeadRow, QueueStats
+from segproxy.queue.sqlite import CHUNK, connect, dead_of, stats_of
+
+
+class NoQueue(FileNotFoundError):
+    pass
+
+
+def open_existing(path: str) -> sqlite3.Connection:
+    if not Path(path).exists():
+        raise NoQueue(f"no queue at {path} (is [queue] path right, and has the proxy run?)")
+    return connect(path)
+
+
+def mask(write_key: str) -> str:
+    """Write keys are secrets: show enough to tell them apart, never the whole key."""
+    if not write_key:
+        return "(metrics)"
+    return write_key[:6] + "…" if len(write_key) > 6 else write_key[:2] + "…"
+
+
+def stats(path: str) -> QueueStats:
+    db = open_existing(path)
+    try:
+        return stats_of(db)
+    finally:
+        db.close()
+
+
+def stats_json(s: QueueStats, now: float) -> dict[str, Any]:
+    return {
+        "rows": s.rows,
+        "bytes": s.bytes,
+        "oldest_age_seconds": None if s.oldest is None else round(now - s.oldest, 3),
+        "dead": s.dead,
+        "per_key": {
+            mask(k): {
+                "rows": v.rows,
+                "bytes": v.bytes,
+                "oldest_age_seconds": None if v.oldest is None else round(now - v.oldest, 3),
+            }
+            for k, v in sorted(s.per_key.items())
+        },
+    }
+
+
+def dead(path: str, limit: int) -> list[DeadRow]:
+    db = open_existing(path)
+    try:
+        return dead_of(db, limit)
+    finally:
+        db.close()
+
+
+def replay(
+    path: str, ids: list[int] | None = None, progress: Callable[[int, int], None] | None = None
+) -> int:
+    """Move dead letters (all, or ``ids``) back into the queue; returns how many moved."""
+    db = open_existing(path)
+    try:
+        if ids is None:
+            todo = [int(r[0]) for r in db.execute("SELECT id FROM dead ORDER BY id")]
+        else:
+            marks = ",".join("?" * len(ids))
+            todo = [
+                int(r[0])
+                for r in db.execute(
+                    f"SELECT id FROM dead WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
+                    ids,
+                )
+            ]
+        done = 0
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start : start + CHUNK]
+            marks = ",".join("?" * len(chunk))
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT INTO events (write_key, kind, received_at, size, body)"  # noqa: S608
+                    " SELECT write_key, kind, received_at, length(body), body FROM dead"
+                    f" WHERE id IN ({marks}) ORDER BY id",
+                    chunk,
+                )
+                db.execute(f"DELETE FROM dead WHERE id IN ({marks})", chunk)  # noqa: S608
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                db.execute("ROLLBACK")
+                raise
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(todo))
+        return done
+    finally:
+        db.close()
+
+
+def purge(path: str, dead_only: bool = False) -> tuple[int, int]:
+    """Delete queued events (unless ``dead_only``) and dead letters; returns both counts."""
+    db = open_existing(path)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        events = 0 if dead_only else db.execute("DELETE FROM events").rowcount
+        dead_rows = db.execute("DELETE FROM dead").rowcount
+        db.execute("COMMIT")
+        return events, dead_rows
+    finally:
+        db.close()
+
+
+def progress_bar(done: int, total: int, width: int = 30) -> str:
+    filled = width if total == 0 else int(width * done / total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,96 @@
+"""An in-memory queue with the same contract as the SQLite one, minus durability.
+
+For unit tests of the forwarder and for ``[queue] backend = "memory"`` (a test/dev mode: an
+acknowledged event is lost if the process dies; never use it where that matters).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from segproxy.queue.base import DeadRow, KeyStats, NewRow, QueueFull, QueueStats, Row
+
+
+@dataclass(slots=True)
+class _Slot:
+    row: NewRow
+    not_before: float = 0.0
+    leased: bool = False
+    attempts: int = 0
+
+
+class MemoryQueue:
+    def __init__(self, max_rows: int = 1_000_000, max_bytes: int = 1 << 30) -> None:
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.slots: dict[int, _Slot] = {}
+        self.dead: list[DeadRow] = []
+        self.bytes = 0
+        self._ids = itertools.count(1)
+
+    async def put(self, rows: list[NewRow]) -> None:
+        size = sum(len(r.body) for r in rows)
+        if len(self.slots) + len(rows) > self.max_rows or self.bytes + size > self.max_bytes:
+            raise QueueFull("the queue is full")
+        for r in rows:
+            self.slots[next(self._ids)] = _Slot(r)
+        self.bytes += size
+
+    async def lease(
+        self, now: float, max_rows: int, exclude_keys: frozenset[str] = frozenset()
+    ) -> list[Row]:
+        out: list[Row] = []
+        for i, s in self.slots.items():
+            if len(out) >= max_rows:
+                break
+            if s.leased or s.not_before > now or s.row.write_key in exclude_keys:
+                continue
+            s.leased = True
+            r = s.row
+            out.append(Row(i, r.write_key, r.kind, r.received_at, s.attempts, r.body))
+        return out
+
+    def _remove(self, ids: list[int]) -> list[_Slot]:
+        gone = [self.slots.pop(i) for i in ids if i in self.slots]
+        self.bytes -= sum(len(s.row.body) for s in gone)
+        return gone
+
+    async def ack(self, ids: list[int]) -> None:
+        self._remove(ids)
+
+    async def retry_later(self, ids: list[int], not_before: float) -> None:
+        for i in ids:
+            s = self.slots.get(i)
+            if s is not None:
+                s.leased = False
+                s.not_before = not_before
+                s.attempts += 1
+
+    async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
+        for i, s in zip(ids, self._remove(ids), strict=False):
+            r = s.row
+            self.dead.append(DeadRow(i, r.write_key, r.received_at, now, status, reason, r.body))
+
+    async def next_ready(self) -> float | None:
+        ready = [s.not_before for s in self.slots.values() if not s.leased]
+        return min(ready) if ready else None
+
+    async def stats(self) -> QueueStats:
+        out = QueueStats(rows=len(self.slots), bytes=self.bytes, dead=len(self.dead))
+        for s in self.slots.values():
+            k = out.per_key.setdefault(s.row.write_key, KeyStats())
+            k.rows += 1
+            k.bytes += len(s.row.body)
+            k.oldest = s.row.received_at if k.oldest is None else min(k.oldest, s.row.received_at)
+            out.oldest = k.oldest if out.oldest is None else min(out.oldest, k.oldest)
+        return out
+
+    def has_room(self) -> bool:
+        return len(self.slots) < self.max_rows and self.bytes < self.max_bytes
+
+    async def recount(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
