@@ -60,13 +60,25 @@ def format_time(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def shifted(sent_at: str, waited: float) -> str:
+    """``sent_at`` moved forward by ``waited`` seconds; unchanged if it does not parse."""
+    sent = parse_time(sent_at)
+    if sent is None or waited <= 0:
+        return sent_at
+    return format_time(sent + timedelta(seconds=waited))
+
+
 def shift_sent_at(event: dict[str, Any], waited: float) -> None:
-    """Move ``sentAt`` forward by ``waited`` seconds (only if it parses)."""
-    if waited <= 0:
-        return
-    sent = parse_time(event.get("sentAt"))
-    if sent is not None:
-        event["sentAt"] = format_time(sent + timedelta(seconds=waited))
+    """Move an event's ``sentAt`` forward by ``waited`` seconds (only if it parses)."""
+    value = event.get("sentAt")
+    if isinstance(value, str):
+        event["sentAt"] = shifted(value, waited)
+
+
+def with_sent_at(body: bytes, sent_at: str) -> bytes:
+    """Put ``sentAt`` back into an event serialised without it (a JSON object)."""
+    field = b'"sentAt":' + orjson.dumps(sent_at) + b"}"
+    return body[:-1] + (field if body == b"{}" else b"," + field)
 
 
 @dataclass(slots=True)
@@ -96,7 +108,9 @@ def build_batches(
     for row in rows:
         part = row.body
         waited = now - row.received_at
-        if waited > 0.001 and b'"sentAt"' in part:
+        if row.sent_at is not None:
+            part = with_sent_at(part, shifted(row.sent_at, waited))
+        elif waited > 0.001 and b'"sentAt"' in part:  # rows stored with sentAt inside
             event = orjson.loads(part)
             shift_sent_at(event, waited)
             part = orjson.dumps(event)

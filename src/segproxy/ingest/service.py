@@ -125,7 +125,15 @@ class IngestService:
             return [NewRow("", "metrics", now, encode(payload.doc))]
         key = payload.write_key or ""
         events = prepare_events(payload.doc, payload.events, API_ENDPOINTS.get(payload.endpoint))
-        return [NewRow(key, "event", now, encode(event)) for event in events]
+        rows = []
+        for event in events:
+            sent_at = event.get("sentAt")
+            if isinstance(sent_at, str):
+                del event["sentAt"]
+                rows.append(NewRow(key, "event", now, encode(event), sent_at))
+            else:
+                rows.append(NewRow(key, "event", now, encode(event)))
+        return rows
 
     async def enqueue(self, rows: list[NewRow], cors: Headers) -> Response:
         assert self.queue is not None

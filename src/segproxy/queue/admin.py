@@ -80,7 +80,7 @@ def replay(
             todo = [
                 int(r[0])
                 for r in db.execute(
-                    f"SELECT id FROM dead WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
+                    f"SELECT id FROM dead WHERE id IN ({marks}) ORDER BY id",
                     ids,
                 )
             ]
@@ -91,12 +91,12 @@ def replay(
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(
-                    "INSERT INTO events (write_key, kind, received_at, size, body)"  # noqa: S608
-                    " SELECT write_key, kind, received_at, length(body), body FROM dead"
+                    "INSERT INTO events (write_key, kind, received_at, size, body, sent_at)"
+                    " SELECT write_key, kind, received_at, length(body), body, sent_at FROM dead"
                     f" WHERE id IN ({marks}) ORDER BY id",
                     chunk,
                 )
-                db.execute(f"DELETE FROM dead WHERE id IN ({marks})", chunk)  # noqa: S608
+                db.execute(f"DELETE FROM dead WHERE id IN ({marks})", chunk)
                 db.execute("COMMIT")
             except sqlite3.Error:
                 db.execute("ROLLBACK")

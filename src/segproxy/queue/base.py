@@ -36,6 +36,9 @@ class NewRow:
     kind: RowKind
     received_at: float  # wall clock (unix seconds) when the proxy accepted it
     body: bytes  # one event (or one metrics request) as JSON
+    # The event's sentAt, kept out of ``body`` so the forwarder can move it forward by the
+    # time the event waited without re-parsing the event (see forward/batcher.py).
+    sent_at: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class Row:
     received_at: float
     attempts: int
     body: bytes
+    sent_at: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

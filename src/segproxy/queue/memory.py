@@ -48,7 +48,7 @@ class MemoryQueue:
                 continue
             s.leased = True
             r = s.row
-            out.append(Row(i, r.write_key, r.kind, r.received_at, s.attempts, r.body))
+            out.append(Row(i, r.write_key, r.kind, r.received_at, s.attempts, r.body, r.sent_at))
         return out
 
     def _remove(self, ids: list[int]) -> list[_Slot]:

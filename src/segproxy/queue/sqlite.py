@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS events (
     lease_until REAL NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     size INTEGER NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    sent_at TEXT
 );
 CREATE INDEX IF NOT EXISTS events_not_before ON events(not_before);
 CREATE TABLE IF NOT EXISTS dead (
@@ -72,7 +73,8 @@ CREATE TABLE IF NOT EXISTS dead (
     attempts INTEGER NOT NULL,
     status INTEGER NOT NULL,
     reason TEXT NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    sent_at TEXT
 );
 """
 
@@ -231,9 +233,12 @@ class SqliteQueue:
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
-                "INSERT INTO events (write_key, kind, received_at, size, body)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(r.write_key, r.kind, r.received_at, len(r.body), r.body) for r in rows],
+                "INSERT INTO events (write_key, kind, received_at, size, body, sent_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (r.write_key, r.kind, r.received_at, len(r.body), r.body, r.sent_at)
+                    for r in rows
+                ],
             )
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -279,7 +284,7 @@ class SqliteQueue:
         db = self._db
         assert db is not None
         sql = (
-            "SELECT id, write_key, kind, received_at, attempts, body FROM events"
+            "SELECT id, write_key, kind, received_at, attempts, body, sent_at FROM events"
             " WHERE lease_until = 0 AND not_before <= ?"
         )
         params: list[Any] = [now]
@@ -302,7 +307,9 @@ class SqliteQueue:
             db.execute("ROLLBACK")
             raise
         return [
-            Row(int(r[0]), str(r[1]), cast(RowKind, r[2]), float(r[3]), int(r[4]), bytes(r[5]))
+            Row(
+                int(r[0]), str(r[1]), cast(RowKind, r[2]), float(r[3]), int(r[4]), bytes(r[5]), r[6]
+            )
             for r in found
         ]
 
@@ -351,8 +358,8 @@ class SqliteQueue:
                 marks = ",".join("?" * len(chunk))
                 db.execute(
                     "INSERT INTO dead (write_key, kind, received_at, died_at, attempts, status,"
-                    " reason, body) SELECT write_key, kind, received_at, ?, attempts + 1, ?, ?,"
-                    f" body FROM events WHERE id IN ({marks})",
+                    " reason, body, sent_at) SELECT write_key, kind, received_at, ?,"
+                    f" attempts + 1, ?, ?, body, sent_at FROM events WHERE id IN ({marks})",
                     [now, status, reason, *chunk],
                 )
                 db.execute(f"DELETE FROM events WHERE id IN ({marks})", chunk)
