@@ -7,6 +7,7 @@ is a poll with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -25,9 +26,18 @@ import pytest
 from tests.support.fakes import REPO_ROOT, FakeSegment
 from tests.support.proxy import RunningProxy, running_proxy
 
-# The proxy's queue backend for the e2e runs: "none" forwards each request synchronously.
-# Override with SEGPROXY_E2E_QUEUE=sqlite (etc.) to run the same tests over a durable queue.
-QUEUE_BACKEND: str = os.environ.get("SEGPROXY_E2E_QUEUE", "none")
+# Every e2e test runs on both delivery modes: the durable "sqlite" queue (the default) and
+# "none" (each request forwarded synchronously). SEGPROXY_E2E_QUEUE narrows it to one.
+QUEUE_BACKENDS: tuple[str, ...] = tuple(
+    os.environ.get("SEGPROXY_E2E_QUEUE", "sqlite,none").split(",")
+)
+
+
+@pytest.fixture(params=QUEUE_BACKENDS)
+def queue_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
 
 WRITE_KEY = "wk_e2e_5f3c9a1b7d2e4f60"
 JS_DIR = Path(__file__).resolve().parent / "js"
@@ -44,12 +54,14 @@ def node_binary() -> str:
     return node
 
 
-def proxy_config(fake: FakeSegment, **sections: Mapping[str, Any]) -> dict[str, Any]:
+def proxy_config(
+    fake: FakeSegment, queue_backend: str = "sqlite", **sections: Mapping[str, Any]
+) -> dict[str, Any]:
     """A proxy config pointing at ``fake``; keyword arguments add or override sections."""
     config: dict[str, Any] = {
         "upstream": {"cdn": fake.cdn_url, "api": fake.api_url},
         "sources": {"write_keys": list(fake.settings)},
-        "queue": {"backend": QUEUE_BACKEND},
+        "queue": {"backend": queue_backend},
     }
     for name, table in sections.items():
         config[name] = {**config.get(name, {}), **table}
@@ -63,13 +75,31 @@ def fake() -> Iterator[FakeSegment]:
 
 
 @pytest.fixture
-def proxy(fake: FakeSegment, tmp_path: Path) -> Iterator[RunningProxy]:
+def proxy(fake: FakeSegment, tmp_path: Path, queue_backend: str) -> Iterator[RunningProxy]:
     """The proxy under test, in front of ``fake``. Its log is printed when the test ends."""
-    with running_proxy(proxy_config(fake), tmp_path / "proxy") as p:
+    with running_proxy(proxy_config(fake, queue_backend), tmp_path / "proxy") as p:
         try:
             yield p
         finally:
             print(f"--- segproxy log (pid {p.pid}) ---\n{p.logs()}")
+    close_proxy_stderr(p)
+
+
+def close_proxy_stderr(p: RunningProxy) -> None:
+    """Close the stopped proxy's stderr pipe, which tests/support/proxy.py leaves open.
+
+    Left open, it is finalized at some later garbage collection with a ResourceWarning, which
+    ``filterwarnings = error`` turns into an error in whichever test happens to run then. The
+    pipe is read by a "pump" thread until EOF; close it only once that thread is done.
+    """
+    stderr = p.proc.stderr
+    if stderr is None or stderr.closed:
+        return
+    pumps = [t for t in threading.enumerate() if t.name.endswith("(pump)")]
+    for t in pumps:
+        t.join(timeout=5)
+    if not any(t.is_alive() for t in pumps):
+        stderr.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +118,8 @@ def run_node(script: str, options: Mapping[str, Any], timeout: float = 90.0) -> 
     )
     if proc.returncode != 0:
         raise AssertionError(
-            f"{script} exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            f"{script} exited with {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -136,8 +167,12 @@ class BrowserRun:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []
-        threading.Thread(target=self._pump_stdout, daemon=True).start()
-        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        self._pumps = [
+            threading.Thread(target=self._pump_stdout, daemon=True),
+            threading.Thread(target=self._pump_stderr, daemon=True),
+        ]
+        for t in self._pumps:
+            t.start()
 
     def _pump_stdout(self) -> None:
         assert self.proc.stdout is not None
@@ -156,7 +191,9 @@ class BrowserRun:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"browser.mjs: no {tag} within {timeout}s; {self._debug(seen)}")
+                raise AssertionError(
+                    f"browser.mjs: no {tag} within {timeout}s; {self._debug(seen)}"
+                )
             try:
                 line = self._lines.get(timeout=min(left, 0.5))
             except queue.Empty:
@@ -189,9 +226,13 @@ class BrowserRun:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        # The pumps reach EOF now that node is gone; close the pipes only after they did.
+        for t in self._pumps:
+            t.join(timeout=10)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
-                stream.close()
+                with contextlib.suppress(OSError):
+                    stream.close()
 
     def __enter__(self) -> Self:
         return self

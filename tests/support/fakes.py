@@ -640,8 +640,10 @@ class FakeSegment:
         retry_after: float | str | None = None,
         body: bytes | str | None = None,
         times: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.api.set_mode(_status_mode(code, retry_after, body, times))
+        """Answer ``code`` (e.g. 503, or 429 with ``retry_after`` and ``X-RateLimit-Reset``)."""
+        self.api.set_mode(_status_mode(code, retry_after, body, times, headers))
 
     def cdn_fail(
         self,
@@ -649,8 +651,9 @@ class FakeSegment:
         retry_after: float | str | None = None,
         body: bytes | str | None = None,
         times: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.cdn.set_mode(_status_mode(code, retry_after, body, times))
+        self.cdn.set_mode(_status_mode(code, retry_after, body, times, headers))
 
     def api_hang(self, times: int | None = None) -> None:
         self.api.set_mode(Mode(kind="hang", times=times))
@@ -852,7 +855,11 @@ class FakeSegment:
 
 
 def _status_mode(
-    code: int, retry_after: float | str | None, body: bytes | str | None, times: int | None
+    code: int,
+    retry_after: float | str | None,
+    body: bytes | str | None,
+    times: int | None,
+    headers: Mapping[str, str] | None = None,
 ) -> Mode:
     if body is None:
         raw = json.dumps({"success": False, "code": str(code)}).encode()
@@ -865,6 +872,7 @@ def _status_mode(
         code=code,
         retry_after=None if retry_after is None else str(retry_after),
         body=raw,
+        headers=tuple((headers or {}).items()),
         times=times,
     )
 

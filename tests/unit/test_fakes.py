@@ -229,13 +229,14 @@ def test_chunked_request_body(fake: FakeSegment) -> None:
 
 
 def test_status_mode_with_retry_after_and_times(fake: FakeSegment) -> None:
-    fake.api_status(429, retry_after=3, times=1)
+    fake.api_status(429, retry_after=3, times=1, headers={"X-RateLimit-Reset": "1700000000"})
     c = conn_to(fake.api_url)
     try:
         c.request("POST", "/v1/t", body=b'{"type":"track","messageId":"a"}')
         r = c.getresponse()
         r.read()
         assert (r.status, r.getheader("retry-after")) == (429, "3")
+        assert r.getheader("x-ratelimit-reset") == "1700000000"
         c.request("POST", "/v1/t", body=b'{"type":"track","messageId":"a"}')
         r = c.getresponse()
         r.read()
@@ -341,3 +342,42 @@ def test_sink_records_connection_attempts() -> None:
         conns = sink.wait_for_connections(1, timeout=5)
         assert len(conns) == 1
         assert conns[0].first_bytes.startswith(b"GET / HTTP/1.1")
+
+
+def test_hang_with_times_hangs_once_and_stays_hung_until_told(fake: FakeSegment) -> None:
+    fake.api_hang(times=1)
+    result: list[int] = []
+
+    def send() -> None:
+        result.append(post(fake.api_url, "/v1/t", b'{"messageId":"first"}')[0])
+
+    t = threading.Thread(target=send)
+    t.start()
+    fake.wait_for_request("api", lambda r: r.json == {"messageId": "first"}, timeout=5)
+    # the next request is answered normally; the hung one is still waiting
+    assert post(fake.api_url, "/v1/t", b'{"messageId":"second"}')[0] == 200
+    assert result == []
+    fake.api_ok()
+    t.join(timeout=5)
+    assert result == [200]
+
+
+def test_api_answers_cors_like_segment(fake: FakeSegment) -> None:
+    c = conn_to(fake.api_url)
+    try:
+        c.request(
+            "OPTIONS",
+            "/v1/t",
+            headers={
+                "Origin": "http://site.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        r = c.getresponse()
+        r.read()
+        assert r.status == 204
+        assert r.getheader("access-control-allow-origin") == "http://site.example"
+        assert r.getheader("access-control-allow-headers") == "authorization,content-type"
+    finally:
+        c.close()

@@ -36,6 +36,27 @@ function waitForStdin(ms) {
   })
 }
 
+// Playwright reports a request asynchronously (over CDP), so the caller can see an event arrive
+// upstream before we have heard of the request that carried it. Before reporting, poll (with a
+// deadline) until every resource the page itself has a timing entry for is among the requests
+// we saw, and every request we saw has finished or failed.
+async function settle(page, ms) {
+  const deadline = Date.now() + ms
+  let missing = []
+  let open = []
+  for (;;) {
+    const entries = await page
+      .evaluate(() => performance.getEntriesByType('resource').map((e) => e.name))
+      .catch(() => [])
+    const seen = new Set(requests.map((r) => r.url))
+    missing = entries.filter((u) => !seen.has(u) && !u.startsWith('data:'))
+    open = requests.filter((r) => !r.done).map((r) => r.url)
+    if ((missing.length === 0 && open.length === 0) || Date.now() > deadline) break
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  return { ok: missing.length === 0 && open.length === 0, missing, open }
+}
+
 const userDataDir = mkdtempSync(join(tmpdir(), 'segproxy-chromium-'))
 const consoleMessages = []
 const pageErrors = []
@@ -66,17 +87,28 @@ try {
     consoleMessages.push({ type: msg.type(), text: msg.text(), location: msg.location() }),
   )
   page.on('pageerror', (err) => pageErrors.push(String(err && err.stack ? err.stack : err)))
-  context.on('request', (req) =>
-    requests.push({
+  const byRequest = new Map()
+  context.on('request', (req) => {
+    const entry = {
       url: req.url(),
       method: req.method(),
       resourceType: req.resourceType(),
       headers: req.headers(),
-    }),
-  )
-  context.on('requestfailed', (req) =>
-    failed.push({ url: req.url(), method: req.method(), error: req.failure()?.errorText ?? '' }),
-  )
+      postData: req.method() === 'POST' ? req.postData() : null,
+      done: false,
+    }
+    byRequest.set(req, entry)
+    requests.push(entry)
+  })
+  const markDone = (req) => {
+    const entry = byRequest.get(req)
+    if (entry) entry.done = true
+  }
+  context.on('requestfinished', markDone)
+  context.on('requestfailed', (req) => {
+    markDone(req)
+    failed.push({ url: req.url(), method: req.method(), error: req.failure()?.errorText ?? '' })
+  })
   context.on('response', (res) =>
     responses.push({ url: res.url(), status: res.status(), method: res.request().method() }),
   )
@@ -115,8 +147,10 @@ try {
   })
   emit('READY', { ...ready, ...state })
   const why = await waitForStdin(timeoutMs)
+  const settled = await settle(page, 5000)
   emit('RESULT', {
     release: why,
+    settled,
     console: consoleMessages,
     pageErrors,
     requests,
