@@ -32,7 +32,7 @@ from segproxy.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("segproxy.forward")
 
-LEASE_ROWS = 10_000
+LEASE_ROWS = 5_000  # per round: two full batches' worth, without long pauses of the loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +119,11 @@ class Forwarder:
             return
         events = [r for r in rows if r.kind == "event"]
         metrics = [r for r in rows if r.kind == "metrics"]
-        for batch in build_batches(events, time.time()):
+        # Building batches is CPU work (sentAt shifting per event): off the event loop, so the
+        # loop keeps answering clients while it runs (it gets the GIL back every few ms).
+        loop = asyncio.get_running_loop()
+        batches = await loop.run_in_executor(None, build_batches, events, time.time())
+        for batch in batches:
             await self._spawn(batch.write_key, self._send_batch(batch))
         for row in metrics:
             await self._spawn("", self._send_metrics(row))

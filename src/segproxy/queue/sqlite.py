@@ -17,7 +17,16 @@ Invariants, in the order things happen (see base.py for the contract):
    would pass their caps, when the disk's free space is under its floor, or when SQLite itself
    reports the disk full; the failed transaction is rolled back, the file stays consistent.
 
-All SQLite calls run on one thread (the writer), serialised; the event loop never blocks on disk.
+5. **Only acknowledgements pay for fsync.** The forwarder's bookkeeping (lease, retry, ack,
+   dead-letter) commits with ``synchronous=OFF``: losing it in a power cut only means rows are
+   sent again, which invariant 3 already allows. The next client commit's fsync of the WAL
+   makes it durable anyway.
+6. **Checkpoints stay off the commit path.** The writer never checkpoints
+   (``wal_autocheckpoint=0``); a checkpointer thread with its own connection copies the WAL
+   into the database (PASSIVE, so it never blocks the writer) about once a second.
+
+All other SQLite calls run on one thread (the writer), serialised; the event loop never blocks
+on disk.
 """
 
 from __future__ import annotations
@@ -29,8 +38,9 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -125,6 +135,8 @@ class SqliteQueue:
         self._disk_checked = 0.0
         self._disk_ok = True
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -146,12 +158,28 @@ class SqliteQueue:
             ) from exc
         self._lock_fd = fd
         db = connect(self.path, self.synchronous)
+        db.execute("PRAGMA wal_autocheckpoint = 0")
         self._db = db
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="segproxy-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
         cleared = db.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0").rowcount
         if cleared:
             log.info("re-queued %d events leased by a previous process", cleared)
         self._recount_sync()
         self._check_disk(force=True)
+
+    def _checkpoint_loop(self) -> None:
+        db = connect(self.path, self.synchronous)
+        try:
+            while not self._stop_checkpoints.wait(1.0):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy or full: the next round tries again
+                    log.debug("checkpoint skipped: %s", exc)
+        finally:
+            db.close()
 
     def _recount_sync(self) -> None:
         assert self._db is not None
@@ -171,6 +199,10 @@ class SqliteQueue:
         self._exec.shutdown(wait=True)
 
     def _close_sync(self) -> None:
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=10)
+            self._checkpointer = None
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -296,16 +328,10 @@ class SqliteQueue:
         found = db.execute(sql, params).fetchall()
         if not found:
             return []
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(
-                "UPDATE events SET lease_until = ? WHERE id = ?",
-                [(now + self.lease_seconds, r[0]) for r in found],
-            )
-            db.execute("COMMIT")
-        except sqlite3.Error:
-            db.execute("ROLLBACK")
-            raise
+        self._bookkeeping(
+            "UPDATE events SET lease_until = ? WHERE id = ?",
+            [(now + self.lease_seconds, r[0]) for r in found],
+        )
         return [
             Row(
                 int(r[0]), str(r[1]), cast(RowKind, r[2]), float(r[3]), int(r[4]), bytes(r[5]), r[6]
@@ -321,12 +347,12 @@ class SqliteQueue:
                 self.bytes -= size
 
     async def ack(self, ids: list[int]) -> None:
-        await self._run(self._write_sync, "DELETE FROM events WHERE id = ?", [(i,) for i in ids])
+        await self._run(self._bookkeeping, "DELETE FROM events WHERE id = ?", [(i,) for i in ids])
         self._forget(ids)
 
     async def retry_later(self, ids: list[int], not_before: float) -> None:
         await self._run(
-            self._write_sync,
+            self._bookkeeping,
             "UPDATE events SET lease_until = 0, not_before = ?, attempts = attempts + 1"
             " WHERE id = ?",
             [(not_before, i) for i in ids],
@@ -338,20 +364,34 @@ class SqliteQueue:
         await self._run(self._dead_sync, ids, status, reason, now)
         self._forget(ids)
 
-    def _write_sync(self, sql: str, params: list[tuple[Any, ...]]) -> None:
+    @contextlib.contextmanager
+    def _no_fsync(self) -> Iterator[sqlite3.Connection]:
+        """A bookkeeping transaction: atomic, but not fsynced (invariant 5)."""
         db = self._db
         assert db is not None
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("PRAGMA synchronous = OFF")
         try:
-            db.executemany(sql, params)
-            db.execute("COMMIT")
-        except sqlite3.Error:
-            db.execute("ROLLBACK")
-            raise
+            yield db
+        finally:
+            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+
+    def _bookkeeping(self, sql: str, params: list[tuple[Any, ...]]) -> None:
+        with self._no_fsync() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(sql, params)
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                db.execute("ROLLBACK")
+                raise
 
     def _dead_sync(self, ids: list[int], status: int, reason: str, now: float) -> None:
-        db = self._db
-        assert db is not None
+        with self._no_fsync() as db:
+            self._dead_txn(db, ids, status, reason, now)
+
+    def _dead_txn(
+        self, db: sqlite3.Connection, ids: list[int], status: int, reason: str, now: float
+    ) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
             for chunk in _chunks(ids):
