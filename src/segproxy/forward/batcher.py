@@ -116,15 +116,16 @@ def build_batches(
             part = orjson.dumps(event)
         batch = open_batches.get(row.write_key)
         if batch is not None and (
-            batch.size + len(part) + 1 > max_bytes or len(batch.rows) >= max_events
+            batch.size + len(part) + (1 if batch.parts else 0) > max_bytes
+            or len(batch.rows) >= max_events
         ):
             done.append(batch)
             batch = None
         if batch is None:
             batch = Batch(row.write_key)
             open_batches[row.write_key] = batch
+        batch.size += len(part) + (1 if batch.parts else 0)  # a comma between parts
         batch.rows.append(row)
         batch.parts.append(part)
-        batch.size += len(part) + 1
     done.extend(open_batches.values())
     return done

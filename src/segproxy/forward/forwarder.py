@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from segproxy.forward.batcher import Batch, build_batches
 from segproxy.forward.retry import Action, backoff, classify, parse_retry_after
@@ -106,14 +109,14 @@ class Forwarder:
     async def _round(self) -> None:
         now = time.time()
         self.wake.clear()
-        rows = await self.queue.lease(now, LEASE_ROWS, self._excluded(now))
+        excluded = self._excluded(now)
+        rows = await self.queue.lease(now, LEASE_ROWS, excluded)
         if not rows:
-            ready = await self.queue.next_ready()
-            if ready is None:
-                await self._wait(5.0)
-            else:
-                # Wake when the earliest row is due, or a send finishes, or new rows arrive.
-                await self._wait(min(max(ready - now, 0.05), 1.0))
+            ready = await self.queue.next_ready(excluded)
+            # Wake when the earliest row is due, a paused key resumes, a send finishes, or new
+            # rows arrive (notify), whichever comes first.
+            due = [t for t in (ready, *self.blocked_until.values()) if t is not None]
+            await self._wait(min(max(min(due) - now, 0.05), 1.0) if due else 5.0)
             if not self.stopping and self.wake.is_set():
                 await asyncio.sleep(self.settings.max_delay)  # collect a batch's worth
             return
@@ -124,21 +127,21 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         batches = await loop.run_in_executor(None, build_batches, events, time.time())
         for batch in batches:
-            await self._spawn(batch.write_key, self._send_batch(batch))
+            await self._spawn(batch.write_key, functools.partial(self._send_batch, batch))
         for row in metrics:
-            await self._spawn("", self._send_metrics(row))
+            await self._spawn("", functools.partial(self._send_metrics, row))
         if len(rows) < LEASE_ROWS and not self.stopping:
             # A partial round: let the next batch's worth collect (not woken by each commit).
             await asyncio.sleep(self.settings.max_delay)
 
-    async def _spawn(self, key: str, coro: object) -> None:
+    async def _spawn(self, key: str, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``send()`` as a tracked task once a slot is free (created only then)."""
         await self.slots.acquire()
         if self.stopping:
             self.slots.release()
-            coro.close()  # type: ignore[attr-defined]
             return
         self.inflight[key] += 1
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        task = asyncio.get_running_loop().create_task(send())
         self.tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:

@@ -1,7 +1,7 @@
 """Pure retry policy: what to do with an upstream answer, and how long to wait.
 
 Follows Segment's own clients (PROTOCOL.md "Client retry rules"): success is < 400; retried
-are 5xx except 501 and 505, and 408, 410, 429, 460, and network errors or timeouts; every other
+are 5xx except 501, 505 and 511, and 408, 410, 429, 460, and network errors or timeouts; every other
 4xx is final (dead-lettered with Segment's status and body, never silently dropped).
 Backoff is "full jitter" (delay uniform in [0, min(cap, base * 2**attempt)]); a ``Retry-After``
 from Segment is a floor under that delay.
@@ -15,7 +15,7 @@ import random
 from email.utils import parsedate_to_datetime
 
 RETRYABLE_4XX = frozenset({408, 410, 429, 460})
-FINAL_5XX = frozenset({501, 505})
+FINAL_5XX = frozenset({501, 505, 511})
 
 
 class Action(enum.Enum):

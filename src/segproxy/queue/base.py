@@ -97,8 +97,8 @@ class Queue(Protocol):
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         """Move rows Segment refused for good to the dead-letter store."""
 
-    async def next_ready(self) -> float | None:
-        """The earliest ``not_before`` of an unleased row, or None when empty."""
+    async def next_ready(self, exclude_keys: frozenset[str] = frozenset()) -> float | None:
+        """The earliest ``not_before`` of an unleased row (not of ``exclude_keys``), or None."""
 
     async def stats(self) -> QueueStats: ...
 

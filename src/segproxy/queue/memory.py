@@ -68,12 +68,20 @@ class MemoryQueue:
                 s.attempts += 1
 
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
-        for i, s in zip(ids, self._remove(ids), strict=False):
+        for i in ids:
+            s = self.slots.get(i)
+            if s is None:
+                continue
+            self._remove([i])
             r = s.row
             self.dead.append(DeadRow(i, r.write_key, r.received_at, now, status, reason, r.body))
 
-    async def next_ready(self) -> float | None:
-        ready = [s.not_before for s in self.slots.values() if not s.leased]
+    async def next_ready(self, exclude_keys: frozenset[str] = frozenset()) -> float | None:
+        ready = [
+            s.not_before
+            for s in self.slots.values()
+            if not s.leased and s.row.write_key not in exclude_keys
+        ]
         return min(ready) if ready else None
 
     async def stats(self) -> QueueStats:

@@ -90,6 +90,12 @@ CREATE TABLE IF NOT EXISTS dead (
 
 CHUNK = 500  # ids per statement
 
+# Columns added after the first release of the schema: (table, column, declaration).
+MIGRATIONS = (
+    ("events", "sent_at", "TEXT"),
+    ("dead", "sent_at", "TEXT"),
+)
+
 
 def connect(path: str | os.PathLike[str], synchronous: str = "FULL") -> sqlite3.Connection:
     """Open (and create) a queue database; also used by the CLI on a live proxy's file."""
@@ -98,6 +104,10 @@ def connect(path: str | os.PathLike[str], synchronous: str = "FULL") -> sqlite3.
     db.execute("PRAGMA journal_mode = WAL")
     db.execute(f"PRAGMA synchronous = {synchronous}")
     db.executescript(SCHEMA)
+    for table, column, decl in MIGRATIONS:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
     return db
 
 
@@ -135,6 +145,7 @@ class SqliteQueue:
         self._disk_checked = 0.0
         self._disk_ok = True
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         self._stop_checkpoints = threading.Event()
         self._checkpointer: threading.Thread | None = None
 
@@ -193,6 +204,9 @@ class SqliteQueue:
         await self._run(self._recount_sync)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         # Let the last group commit finish: its callers are waiting for their answer.
         await self._idle.wait()
         await self._run(self._close_sync)
@@ -235,6 +249,8 @@ class SqliteQueue:
     # -- put: group commit ------------------------------------------------------------------
 
     async def put(self, rows: list[NewRow]) -> None:
+        if self._closed:
+            raise QueueError("the queue is closed")
         size = sum(len(r.body) for r in rows)
         if self.rows + len(rows) > self.max_rows or self.bytes + size > self.max_bytes:
             raise QueueFull(f"the queue is full ({self.rows} events, {self.bytes} bytes queued)")
@@ -408,14 +424,15 @@ class SqliteQueue:
             db.execute("ROLLBACK")
             raise
 
-    async def next_ready(self) -> float | None:
-        return await self._run(self._next_ready_sync)
+    async def next_ready(self, exclude_keys: frozenset[str] = frozenset()) -> float | None:
+        return await self._run(self._next_ready_sync, exclude_keys)
 
-    def _next_ready_sync(self) -> float | None:
+    def _next_ready_sync(self, exclude: frozenset[str]) -> float | None:
         assert self._db is not None
-        row = self._db.execute(
-            "SELECT not_before FROM events WHERE lease_until = 0 ORDER BY not_before LIMIT 1"
-        ).fetchone()
+        sql = "SELECT not_before FROM events WHERE lease_until = 0"
+        if exclude:
+            sql += " AND write_key NOT IN (" + ",".join("?" * len(exclude)) + ")"
+        row = self._db.execute(sql + " ORDER BY not_before LIMIT 1", sorted(exclude)).fetchone()
         return None if row is None else float(row[0])
 
     async def stats(self) -> QueueStats:

@@ -1,0 +1,411 @@
+"""Batching queued rows into /v1/batch bodies, and preparing events at accept time."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from segproxy.forward.batcher import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    Batch,
+    build_batches,
+    prepare_events,
+    shift_sent_at,
+    shifted,
+    with_sent_at,
+)
+from segproxy.queue.base import Row
+
+NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+ENVELOPE = len(b'{"batch":[]}')
+
+_ids = itertools.count(1)
+
+
+def row(
+    key: str,
+    event: dict[str, Any] | None = None,
+    *,
+    received_at: float = NOW,
+    pad: int = 0,
+) -> Row:
+    i = next(_ids)
+    doc = event if event is not None else {"type": "track", "messageId": f"m-{i}"}
+    if pad:
+        doc = {**doc, "properties": {"pad": "x" * pad}}
+    return Row(i, key, "event", received_at, 0, orjson.dumps(doc))
+
+
+def decoded(batch: Batch) -> list[dict[str, Any]]:
+    doc = json.loads(batch.body())
+    assert list(doc) == ["batch"]  # no batch-level sentAt or writeKey
+    events = doc["batch"]
+    assert isinstance(events, list)
+    return events
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare_events
+
+
+def test_batch_sent_at_is_folded_into_events_without_their_own() -> None:
+    doc: dict[str, Any] = {
+        "sentAt": "2026-01-01T00:00:05.000Z",
+        "batch": [
+            {"type": "track", "messageId": "a"},
+            {"type": "track", "messageId": "b", "sentAt": "2026-01-01T00:00:01.000Z"},
+        ],
+    }
+    events = prepare_events(doc, doc["batch"], None)
+    assert [e.get("sentAt") for e in events] == [
+        "2026-01-01T00:00:05.000Z",
+        "2026-01-01T00:00:01.000Z",
+    ]
+
+
+def test_non_string_batch_sent_at_is_not_folded() -> None:
+    doc: dict[str, Any] = {"sentAt": 12345, "batch": [{"type": "track"}]}
+    assert "sentAt" not in prepare_events(doc, doc["batch"], None)[0]
+
+
+def test_batch_context_and_integrations_merge_under_the_events_own() -> None:
+    doc: dict[str, Any] = {
+        "context": {"library": {"name": "analytics-python"}, "ip": "1.2.3.4"},
+        "integrations": {"All": False, "Mixpanel": True},
+        "batch": [
+            {"type": "track", "context": {"ip": "5.6.7.8", "locale": "fr"}},
+            {"type": "identify", "integrations": {"Mixpanel": False}},
+            {"type": "page"},
+        ],
+    }
+    a, b, c = prepare_events(doc, doc["batch"], None)
+    assert a["context"] == {
+        "library": {"name": "analytics-python"},
+        "ip": "5.6.7.8",
+        "locale": "fr",
+    }
+    assert a["integrations"] == {"All": False, "Mixpanel": True}
+    assert b["context"] == doc["context"]
+    assert b["integrations"] == {"All": False, "Mixpanel": False}
+    assert c["context"] == doc["context"]
+    # copies, not the shared dict itself: changing one event does not change the others
+    assert c["context"] is not doc["context"]
+    assert b["context"] is not c["context"]
+
+
+def test_event_context_that_is_not_an_object_is_left_alone() -> None:
+    doc: dict[str, Any] = {"context": {"ip": "1.2.3.4"}, "batch": [{"type": "t", "context": "x"}]}
+    assert prepare_events(doc, doc["batch"], None)[0]["context"] == "x"
+
+
+def test_non_object_batch_context_is_not_folded() -> None:
+    doc: dict[str, Any] = {"context": ["nope"], "batch": [{"type": "track"}]}
+    assert "context" not in prepare_events(doc, doc["batch"], None)[0]
+
+
+def test_single_event_gets_its_implied_type() -> None:
+    doc: dict[str, Any] = {"event": "Signed Up", "messageId": "m"}
+    events = prepare_events(doc, [doc], "track")
+    assert events == [{"event": "Signed Up", "messageId": "m", "type": "track"}]
+
+
+def test_explicit_type_is_not_overridden() -> None:
+    doc: dict[str, Any] = {"type": "page", "messageId": "m"}
+    assert prepare_events(doc, [doc], "track")[0]["type"] == "page"
+
+
+def test_single_event_document_is_not_merged_into_itself() -> None:
+    doc: dict[str, Any] = {"type": "track", "sentAt": "2026-01-01T00:00:00Z", "context": {"a": 1}}
+    before = json.dumps(doc, sort_keys=True)
+    prepare_events(doc, [doc], "track")
+    assert json.dumps(doc, sort_keys=True) == before
+
+
+def test_batch_endpoint_sets_no_type() -> None:
+    doc: dict[str, Any] = {"batch": [{"event": "x"}]}
+    assert "type" not in prepare_events(doc, doc["batch"], None)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# shift_sent_at: clock correction
+
+
+def test_sent_at_moves_forward_by_the_wait_in_ms_with_z() -> None:
+    event = {"sentAt": "2026-01-01T00:00:00.000Z", "timestamp": "2025-12-31T23:59:59.000Z"}
+    shift_sent_at(event, 12.3456)
+    assert event["sentAt"] == "2026-01-01T00:00:12.345Z"
+    assert event["timestamp"] == "2025-12-31T23:59:59.000Z"
+
+
+@pytest.mark.parametrize(
+    ("sent", "waited", "expected"),
+    [
+        ("2026-01-01T00:00:00Z", 1.0, "2026-01-01T00:00:01.000Z"),
+        ("2026-01-01T00:00:00+00:00", 0.5, "2026-01-01T00:00:00.500Z"),
+        ("2026-01-01T01:00:00+01:00", 2.0, "2026-01-01T00:00:02.000Z"),
+        ("2026-01-01T00:00:00.123456Z", 0.0005, "2026-01-01T00:00:00.123Z"),
+        ("2026-12-31T23:59:59.900Z", 0.2, "2027-01-01T00:00:00.100Z"),
+        ("2026-01-01T00:00:00", 60.0, "2026-01-01T00:01:00.000Z"),  # naive: taken as UTC
+    ],
+)
+def test_sent_at_shift_formats(sent: str, waited: float, expected: str) -> None:
+    event: dict[str, Any] = {"sentAt": sent}
+    shift_sent_at(event, waited)
+    assert event["sentAt"] == expected
+
+
+@pytest.mark.parametrize("sent", ["yesterday", "", "2026-13-01T00:00:00Z", 1767225600, None])
+def test_unparsable_sent_at_is_left_untouched(sent: object) -> None:
+    event: dict[str, Any] = {"sentAt": sent, "timestamp": "2026-01-01T00:00:00Z"}
+    shift_sent_at(event, 30.0)
+    assert event == {"sentAt": sent, "timestamp": "2026-01-01T00:00:00Z"}
+
+
+def test_missing_sent_at_is_not_invented() -> None:
+    event: dict[str, Any] = {"timestamp": "2026-01-01T00:00:00Z"}
+    shift_sent_at(event, 30.0)
+    assert event == {"timestamp": "2026-01-01T00:00:00Z"}
+
+
+@pytest.mark.parametrize("waited", [0.0, -5.0])
+def test_no_wait_no_shift(waited: float) -> None:
+    event: dict[str, Any] = {"sentAt": "2026-01-01T00:00:00Z"}
+    shift_sent_at(event, waited)
+    assert event["sentAt"] == "2026-01-01T00:00:00Z"
+
+
+def test_build_batches_shifts_sent_at_by_the_rows_wait() -> None:
+    sent = "2026-01-01T00:00:00.000Z"
+    waited = row("k", {"type": "track", "messageId": "w", "sentAt": sent}, received_at=NOW - 42.5)
+    fresh = row("k", {"type": "track", "messageId": "f", "sentAt": sent}, received_at=NOW)
+    ts = row("k", {"type": "track", "messageId": "t", "timestamp": sent}, received_at=NOW - 10)
+    (batch,) = build_batches([waited, fresh, ts], NOW)
+    events = decoded(batch)
+    assert events[0]["sentAt"] == "2026-01-01T00:00:42.500Z"
+    assert events[1]["sentAt"] == sent
+    assert events[2] == {"type": "track", "messageId": "t", "timestamp": sent}
+    # the queued row itself is not modified (a retry shifts from the original again)
+    assert orjson.loads(waited.body)["sentAt"] == sent
+
+
+def test_shift_is_relative_to_received_at_so_retries_do_not_accumulate() -> None:
+    r = row("k", {"messageId": "m", "sentAt": "2026-01-01T00:00:00.000Z"}, received_at=NOW)
+    first = decoded(build_batches([r], NOW + 5)[0])[0]["sentAt"]
+    second = decoded(build_batches([r], NOW + 65)[0])[0]["sentAt"]
+    expected = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=65)
+    assert first == "2026-01-01T00:00:05.000Z"
+    assert second == expected.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# Rows stored with sentAt beside the body (ingest keeps it out of the stored event)
+
+
+def split_row(
+    key: str, event: dict[str, Any], sent_at: str | None, *, received_at: float = NOW
+) -> Row:
+    return Row(next(_ids), key, "event", received_at, 0, orjson.dumps(event), sent_at)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"{}", b'{"sentAt":"2026-01-01T00:00:00Z"}'),
+        (b'{"a":1}', b'{"a":1,"sentAt":"2026-01-01T00:00:00Z"}'),
+        (b'{"a":{"b":[]}}', b'{"a":{"b":[]},"sentAt":"2026-01-01T00:00:00Z"}'),
+    ],
+)
+def test_with_sent_at_appends_the_field(body: bytes, expected: bytes) -> None:
+    assert with_sent_at(body, "2026-01-01T00:00:00Z") == expected
+    assert json.loads(with_sent_at(body, "2026-01-01T00:00:00Z")) == json.loads(expected)
+
+
+def test_with_sent_at_escapes_the_value() -> None:
+    out = with_sent_at(b'{"a":1}', 'x"},"evil":"')
+    assert json.loads(out) == {"a": 1, "sentAt": 'x"},"evil":"'}
+
+
+@pytest.mark.parametrize(
+    ("sent", "waited", "expected"),
+    [
+        ("2026-01-01T00:00:00.000Z", 2.5, "2026-01-01T00:00:02.500Z"),
+        ("2026-01-01T00:00:00Z", 0.0, "2026-01-01T00:00:00Z"),  # no wait: verbatim
+        ("2026-01-01T00:00:00Z", -1.0, "2026-01-01T00:00:00Z"),
+        ("garbage", 10.0, "garbage"),
+    ],
+)
+def test_shifted(sent: str, waited: float, expected: str) -> None:
+    assert shifted(sent, waited) == expected
+
+
+def test_row_sent_at_is_put_back_shifted_by_the_wait() -> None:
+    a = split_row(
+        "k", {"type": "track", "messageId": "a"}, "2026-01-01T00:00:00.000Z", received_at=NOW - 3.25
+    )
+    b = split_row("k", {"type": "track", "messageId": "b"}, "2026-01-01T00:00:00.000Z")
+    c = split_row("k", {"type": "track", "messageId": "c"}, "not a time", received_at=NOW - 9)
+    d = split_row(
+        "k",
+        {"type": "track", "messageId": "d", "timestamp": "2026-01-01T00:00:00Z"},
+        None,
+        received_at=NOW - 9,
+    )
+    (batch,) = build_batches([a, b, c, d], NOW)
+    events = decoded(batch)
+    assert events[0] == {"type": "track", "messageId": "a", "sentAt": "2026-01-01T00:00:03.250Z"}
+    assert events[1] == {"type": "track", "messageId": "b", "sentAt": "2026-01-01T00:00:00.000Z"}
+    assert events[2]["sentAt"] == "not a time"
+    assert events[3] == {"type": "track", "messageId": "d", "timestamp": "2026-01-01T00:00:00Z"}
+    assert a.body == b'{"type":"track","messageId":"a"}'  # the stored row is untouched
+
+
+def test_batch_size_counts_the_restored_sent_at() -> None:
+    sent = "2026-01-01T00:00:00.000Z"
+    rows = [split_row("k", {"messageId": f"m{i}"}, sent) for i in range(10)]
+    one = len(with_sent_at(rows[0].body, sent))
+    limit = ENVELOPE + 3 * one + 2 + 1  # room for exactly three restored events
+    batches = build_batches(rows, NOW, max_bytes=limit)
+    assert [len(b.rows) for b in batches] == [3, 3, 3, 1]
+    assert all(len(b.body()) <= limit for b in batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# build_batches
+
+
+def test_rows_are_grouped_per_write_key_in_order() -> None:
+    rows = [row("a"), row("b"), row("a"), row("c"), row("b"), row("a")]
+    batches = build_batches(rows, NOW)
+    assert [b.write_key for b in batches] == ["a", "b", "c"]
+    for b in batches:
+        assert all(r.write_key == b.write_key for r in b.rows)
+        assert b.ids == sorted(b.ids)
+        assert [e["messageId"] for e in decoded(b)] == [
+            orjson.loads(r.body)["messageId"] for r in b.rows
+        ]
+    assert sorted(i for b in batches for i in b.ids) == sorted(r.id for r in rows)
+
+
+def test_body_is_the_rows_bytes_verbatim() -> None:
+    bodies = [b'{"type":"track","messageId":"x","properties":{"n":1.5,"u":"\\u00e9"}}', b"{}"]
+    rows = [Row(i, "k", "event", NOW, 0, b) for i, b in enumerate(bodies)]
+    (batch,) = build_batches(rows, NOW)
+    assert batch.body() == b'{"batch":[' + b",".join(bodies) + b"]}"
+
+
+def test_empty_input_gives_no_batches() -> None:
+    assert build_batches([], NOW) == []
+
+
+def test_event_count_limit_is_exact() -> None:
+    rows = [row("k") for _ in range(MAX_BATCH_EVENTS * 2 + 1)]
+    batches = build_batches(rows, NOW)
+    assert [len(b.rows) for b in batches] == [MAX_BATCH_EVENTS, MAX_BATCH_EVENTS, 1]
+    assert [len(decoded(b)) for b in batches] == [MAX_BATCH_EVENTS, MAX_BATCH_EVENTS, 1]
+
+
+def test_byte_limit_is_respected_with_the_real_segment_limit() -> None:
+    # ~30 KB events (just under Segment's 32 KB per-event limit)
+    rows = [row("k", pad=30_000) for _ in range(40)]
+    batches = build_batches(rows, NOW)
+    assert len(batches) > 1
+    for b in batches:
+        assert len(b.body()) <= MAX_BATCH_BYTES == 500 * 1024
+        decoded(b)
+    # every batch but the last is full: the next row would not have fitted
+    for b, nxt in itertools.pairwise(batches):
+        assert len(b.body()) + 1 + len(nxt.rows[0].body) > MAX_BATCH_BYTES - 1
+
+
+def test_byte_limit_boundary() -> None:
+    # Three parts of 10 bytes: body = 12 + 10 + 1 + 10 = 33 bytes for two, 44 for three.
+    parts = [b'{"a":"12"}'] * 3
+    assert all(len(p) == 10 for p in parts)
+    rows = [Row(i, "k", "event", NOW, 0, p) for i, p in enumerate(parts)]
+    assert [len(b.rows) for b in build_batches(rows, NOW, max_bytes=45)] == [3]
+    # A body of exactly max_bytes may be split (the batcher counts one byte conservatively).
+    assert [len(b.rows) for b in build_batches(rows, NOW, max_bytes=44)] in ([3], [2, 1])
+    two_then_one = build_batches(rows, NOW, max_bytes=43)
+    assert [len(b.rows) for b in two_then_one] == [2, 1]
+    assert all(len(b.body()) <= 43 for b in two_then_one)
+
+
+def test_one_oversized_row_still_goes_alone() -> None:
+    rows = [row("k"), row("k", pad=200), row("k")]
+    batches = build_batches(rows, NOW, max_bytes=150)
+    assert [len(b.rows) for b in batches] == [1, 1, 1]
+
+
+def test_limits_are_per_key() -> None:
+    rows = [row(k) for _ in range(5) for k in ("a", "b")]
+    batches = build_batches(rows, NOW, max_events=3)
+    assert sorted((b.write_key, len(b.rows)) for b in batches) == [
+        ("a", 2),
+        ("a", 3),
+        ("b", 2),
+        ("b", 3),
+    ]
+
+
+def test_full_batch_is_emitted_before_later_open_ones() -> None:
+    rows = [row("a"), row("a"), row("b"), row("a")]
+    batches = build_batches(rows, NOW, max_events=2)
+    assert [(b.write_key, len(b.rows)) for b in batches] == [("a", 2), ("a", 1), ("b", 1)]
+
+
+keys = st.sampled_from(["wk_a", "wk_b", "wk_c", ""])
+events = st.fixed_dictionaries(
+    {"type": st.just("track"), "messageId": st.uuids().map(str)},
+    optional={
+        "sentAt": st.sampled_from(["2026-01-01T00:00:00.000Z", "not a date"]),
+        "properties": st.dictionaries(st.text(max_size=5), st.text(max_size=40), max_size=3),
+    },
+)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            keys,
+            events,
+            st.floats(min_value=NOW - 100, max_value=NOW),
+            st.none() | st.sampled_from(["2026-01-01T00:00:00.000Z", "2026-01-01T00:00:00Z", "?"]),
+        ),
+        max_size=60,
+    ),
+    st.integers(min_value=700, max_value=3000),
+    st.integers(min_value=1, max_value=7),
+)
+def test_every_row_lands_in_exactly_one_valid_batch(
+    specs: list[tuple[str, dict[str, Any], float, str | None]], max_bytes: int, max_events: int
+) -> None:
+    rows: list[Row] = []
+    for i, (key, ev, received, sent_at) in enumerate(specs):
+        if sent_at is not None:
+            ev = {k: v for k, v in ev.items() if k != "sentAt"}  # as ingest stores it
+        rows.append(Row(i, key, "event", received, 0, orjson.dumps(ev), sent_at))
+    batches = build_batches(rows, NOW, max_bytes=max_bytes, max_events=max_events)
+    seen = [r.id for b in batches for r in b.rows]
+    assert sorted(seen) == [r.id for r in rows]  # each row exactly once
+    for b in batches:
+        assert b.rows
+        assert {r.write_key for r in b.rows} == {b.write_key}
+        assert len(b.rows) <= max_events
+        body = b.body()
+        assert len(body) <= max_bytes  # rows are far below the limit: always splittable
+        sent = decoded(b)
+        assert [e["messageId"] for e in sent] == [orjson.loads(r.body)["messageId"] for r in b.rows]
+        for e, r in zip(sent, b.rows, strict=True):
+            if r.sent_at is not None:
+                assert e["sentAt"] == shifted(r.sent_at, NOW - r.received_at)
+    for key in {r.write_key for r in rows}:
+        in_order = [r.id for b in batches if b.write_key == key for r in b.rows]
+        assert in_order == [r.id for r in rows if r.write_key == key]

@@ -1,0 +1,442 @@
+"""The forwarder against a real fake Segment API, through a real UpstreamPool and real queues.
+
+Each test runs the forwarder inside ``asyncio.run`` under a deadline and polls (never sleeps)
+for what it waits for. The fake runs in background threads, so its records are read directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from segproxy.config import Upstream
+from segproxy.forward.forwarder import Forwarder, ForwardSettings
+from segproxy.queue.base import NewRow, Queue
+from segproxy.queue.memory import MemoryQueue
+from segproxy.queue.sqlite import SqliteQueue
+from segproxy.upstream import UpstreamPool
+from tests.support.fakes import ApiEvent, FakeSegment, RecordedRequest
+
+KEY_A = "wk_forward_a"
+KEY_B = "wk_forward_b"
+SENT_AT = "2026-01-01T00:00:00.000Z"
+
+FAST = ForwardSettings(max_delay=0.01, backoff_base=0.05, backoff_cap=0.2, max_retry_after=30.0)
+
+QueueFactory = Callable[[], Awaitable[Queue]]
+Scenario = Callable[[Queue, Forwarder], Awaitable[None]]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSegment]:
+    with FakeSegment([KEY_A, KEY_B]) as f:
+        yield f
+
+
+def memory() -> QueueFactory:
+    async def make() -> Queue:
+        return MemoryQueue()
+
+    return make
+
+
+def sqlite_at(path: Path) -> QueueFactory:
+    async def make() -> Queue:
+        return await SqliteQueue(
+            str(path), max_rows=1 << 30, max_bytes=1 << 40, min_free_disk_bytes=0
+        ).open()
+
+    return make
+
+
+def forward(
+    fake: FakeSegment,
+    scenario: Scenario,
+    *,
+    queue: QueueFactory | None = None,
+    settings: ForwardSettings = FAST,
+    deadline: float = 20.0,
+) -> None:
+    """Run ``scenario`` with a queue, a pool on the fake API and a (not yet started) forwarder."""
+
+    async def main() -> None:
+        q = await (queue or memory())()
+        pool = UpstreamPool(Upstream("http", "127.0.0.1", fake.api.port), timeout=5.0)
+        fwd = Forwarder(q, pool, settings)
+        try:
+            async with asyncio.timeout(deadline):
+                await scenario(q, fwd)
+        finally:
+            await fwd.stop(0.5)
+            await pool.close()
+            await q.close()
+            await asyncio.sleep(0.01)  # let closed transports run connection_lost
+
+    asyncio.run(main())
+
+
+async def until(
+    check: Callable[[], bool | Awaitable[bool]], what: str, within: float = 10.0
+) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def event(key: str, n: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "track", "event": "Order Completed", "messageId": f"{key}-{n}", **extra}
+
+
+def queued(
+    key: str, n: int, *, received_at: float | None = None, sent_at: str | None = SENT_AT
+) -> NewRow:
+    """A row as ingest stores it: sentAt kept beside the body."""
+    return NewRow(
+        key,
+        "event",
+        time.time() if received_at is None else received_at,
+        orjson.dumps(event(key, n)),
+        sent_at,
+    )
+
+
+def batch_requests(fake: FakeSegment, key: str | None = None) -> list[RecordedRequest]:
+    return [
+        r
+        for r in fake.api_requests
+        if r.path == "/v1/batch" and (key is None or r.basic_auth_user == key)
+    ]
+
+
+def accepted(fake: FakeSegment, key: str | None = None) -> list[ApiEvent]:
+    return [e for e in fake.api_events() if key is None or e.request.basic_auth_user == key]
+
+
+def ids_of(events: list[ApiEvent]) -> list[str]:
+    return [e.message_id or "" for e in events]
+
+
+def empty(q: Queue) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return (await q.stats()).rows == 0
+
+    return check
+
+
+# ---------------------------------------------------------------------------------------------
+# Delivery
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_events_go_as_one_batch_per_key_with_basic_auth(
+    fake: FakeSegment, tmp_path: Path, backend: str
+) -> None:
+    factory = memory() if backend == "memory" else sqlite_at(tmp_path / "q.db")
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0), queued(KEY_B, 0), queued(KEY_A, 1)])
+        await q.put([queued(KEY_B, 1), queued(KEY_A, 2)])
+        fwd.start()
+        await until(empty(q), "the queue to drain")
+        assert fwd.counters.events_sent == 5
+        assert fwd.counters.failures == 0
+
+    forward(fake, scenario, queue=factory)
+    reqs = fake.api_requests
+    assert [r.path for r in reqs] == ["/v1/batch", "/v1/batch"]  # one request per key
+    by_key = {r.basic_auth_user: r for r in reqs}
+    assert set(by_key) == {KEY_A, KEY_B}
+    for key, n in ((KEY_A, 3), (KEY_B, 2)):
+        req = by_key[key]
+        assert req.method == "POST"
+        assert req.status == 200
+        assert req.headers["content-type"] == "application/json"
+        assert req.headers["authorization"].startswith("Basic ")
+        assert req.headers["host"] == fake.api_authority
+        assert isinstance(req.json, dict)
+        assert list(req.json) == ["batch"]  # no batch-level sentAt or writeKey
+        sent = req.json["batch"]
+        assert [e["messageId"] for e in sent] == [f"{key}-{i}" for i in range(n)]
+        assert all(e["type"] == "track" and "sentAt" in e for e in sent)
+    assert sorted(ids_of(fake.api_events())) == sorted(
+        [f"{KEY_A}-{i}" for i in range(3)] + [f"{KEY_B}-{i}" for i in range(2)]
+    )
+
+
+def test_sent_at_is_moved_forward_by_the_time_spent_queued(fake: FakeSegment) -> None:
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        now = time.time()
+        legacy = NewRow(
+            KEY_A, "event", now - 60, orjson.dumps(event(KEY_A, 2, sentAt=SENT_AT)), None
+        )
+        await q.put(
+            [
+                queued(KEY_A, 0, received_at=now - 30),
+                queued(KEY_A, 1, received_at=now - 30, sent_at="not a time"),
+                legacy,
+                NewRow(KEY_A, "event", now - 30, orjson.dumps(event(KEY_A, 3)), None),
+            ]
+        )
+        fwd.start()
+        await until(empty(q), "the queue to drain")
+
+    forward(fake, scenario)
+    got = {e.message_id: e.data for e in fake.api_events()}
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def moved(value: str) -> float:
+        return (datetime.fromisoformat(value) - base).total_seconds()
+
+    assert 30.0 <= moved(got[f"{KEY_A}-0"]["sentAt"]) < 32.0
+    assert got[f"{KEY_A}-0"]["sentAt"].endswith("Z")
+    assert got[f"{KEY_A}-1"]["sentAt"] == "not a time"
+    assert 60.0 <= moved(got[f"{KEY_A}-2"]["sentAt"]) < 62.0
+    assert "sentAt" not in got[f"{KEY_A}-3"]
+
+
+def test_metrics_rows_go_to_v1_m_as_is(fake: FakeSegment) -> None:
+    body = b'{"series":[{"type":"Counter","metric":"analytics_js.invoke","value":1,"tags":{}}]}'
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([NewRow("", "metrics", time.time() - 100, body), queued(KEY_A, 0)])
+        await q.put([NewRow("", "metrics", time.time(), body + b" ")])
+        fwd.start()
+        await until(empty(q), "the queue to drain")
+
+    forward(fake, scenario)
+    metrics = [r for r in fake.api_requests if r.path == "/v1/m"]
+    assert sorted(r.body for r in metrics) == sorted([body, body + b" "])  # byte for byte
+    assert all(r.status == 200 for r in metrics)
+    assert all("authorization" not in r.headers for r in metrics)
+    assert all(r.headers["content-type"] == "application/json" for r in metrics)
+    assert len(batch_requests(fake, KEY_A)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures
+
+
+def test_503_is_retried_and_delivered_after_recovery(fake: FakeSegment) -> None:
+    fake.api_status(503, times=3)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, i) for i in range(3)])
+        fwd.start()
+        await until(empty(q), "delivery after the 503s")
+        assert fwd.counters.events_sent == 3
+        assert fwd.counters.events_retried == 9
+        assert (await q.stats()).dead == 0
+
+    forward(fake, scenario)
+    reqs = batch_requests(fake, KEY_A)
+    assert [r.status for r in reqs] == [503, 503, 503, 200]
+    # the same events every time (Segment de-duplicates on messageId)
+    for r in reqs:
+        assert isinstance(r.json, dict)
+        assert [e["messageId"] for e in r.json["batch"]] == [f"{KEY_A}-{i}" for i in range(3)]
+    assert ids_of(fake.api_events()) == [f"{KEY_A}-{i}" for i in range(3)]
+
+
+def test_network_errors_are_retried(fake: FakeSegment) -> None:
+    fake.api_down()
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0)])
+        fwd.start()
+        await until(lambda: fwd.counters.failures >= 2, "failed attempts while the API is down")
+        assert (await q.stats()).rows == 1
+        await asyncio.to_thread(fake.api_up)
+        await until(empty(q), "delivery once the API is back")
+
+    forward(fake, scenario)
+    assert ids_of(fake.api_events()) == [f"{KEY_A}-0"]
+
+
+def test_a_dropped_connection_is_retried(fake: FakeSegment) -> None:
+    fake.api_close(times=1)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0)])
+        fwd.start()
+        await until(empty(q), "delivery after a dropped connection")
+
+    forward(fake, scenario)
+    assert [r.status for r in batch_requests(fake)] == [None, 200]
+
+
+def test_400_is_dead_lettered_with_status_and_body(fake: FakeSegment, tmp_path: Path) -> None:
+    refusal = '{"success":false,"message":"Invalid event: properties too large"}'
+    fake.api_status(400, body=refusal)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0), queued(KEY_A, 1)])
+        fwd.start()
+        await until(lambda: fwd.counters.events_dead == 2, "the dead letters")
+        s = await q.stats()
+        assert (s.rows, s.dead) == (0, 2)
+        assert isinstance(q, SqliteQueue)
+        dead = await q.dead_rows()
+        assert [(d.write_key, d.status, d.reason) for d in dead] == [(KEY_A, 400, refusal)] * 2
+        assert [orjson.loads(d.body)["messageId"] for d in dead] == [f"{KEY_A}-0", f"{KEY_A}-1"]
+        await asyncio.sleep(0.2)  # long enough for any (wrong) retry at this backoff
+        assert len(batch_requests(fake)) == 1
+
+    forward(fake, scenario, queue=sqlite_at(tmp_path / "q.db"))
+    assert fake.api_events() == []
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 413, 422, 501])
+def test_final_statuses_are_dead_lettered_at_once(fake: FakeSegment, status: int) -> None:
+    fake.api_status(status)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0)])
+        fwd.start()
+        await until(lambda: fwd.counters.events_dead == 1, "the dead letter")
+        assert isinstance(q, MemoryQueue)
+        assert [d.status for d in q.dead] == [status]
+
+    forward(fake, scenario)
+    assert len(batch_requests(fake)) == 1
+
+
+def test_429_retry_after_blocks_only_that_key(fake: FakeSegment) -> None:
+    fake.api_status(429, retry_after="1", times=1)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0), queued(KEY_A, 1)])
+        fwd.start()
+        await until(lambda: any(r.status == 429 for r in fake.api_requests), "the 429")
+        await until(lambda: fwd.counters.events_retried == 2, "the 429 to be handled")
+        # new rows for both keys while KEY_A is told to wait
+        await q.put([queued(KEY_B, 0), queued(KEY_A, 2), queued(KEY_B, 1)])
+        fwd.notify()
+        await until(lambda: len(accepted(fake, KEY_B)) == 2, "the other key's events")
+        await until(lambda: len(accepted(fake, KEY_A)) == 3, "the blocked key's events", 5.0)
+        await until(empty(q), "the queue to drain")
+
+    forward(fake, scenario)
+    (limited,) = [r for r in fake.api_requests if r.status == 429]
+    assert limited.basic_auth_user == KEY_A
+    free_at = limited.received_at + 1.0
+    b_reqs = batch_requests(fake, KEY_B)
+    assert b_reqs
+    assert all(r.received_at < free_at for r in b_reqs)  # not held back by KEY_A
+    later_a = [r for r in batch_requests(fake, KEY_A) if r is not limited]
+    assert later_a
+    assert all(r.received_at >= free_at for r in later_a)  # nothing for KEY_A before Retry-After
+    assert sorted(ids_of(accepted(fake, KEY_A))) == [f"{KEY_A}-{i}" for i in range(3)]
+
+
+def test_retry_after_is_capped_by_max_retry_after(fake: FakeSegment) -> None:
+    fake.api_status(503, retry_after="3600", times=1)
+    settings = ForwardSettings(max_delay=0.01, backoff_base=0.05, max_retry_after=0.3)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0)])
+        fwd.start()
+        await until(empty(q), "delivery after the capped wait", 5.0)
+
+    forward(fake, scenario, settings=settings)
+    first, second = batch_requests(fake)
+    assert (first.status, second.status) == (503, 200)
+    assert 0.3 <= second.received_at - first.received_at < 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop
+
+
+def test_stop_when_idle_returns_promptly(fake: FakeSegment) -> None:
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        fwd.start()
+        await asyncio.sleep(0.05)  # the loop is now waiting (up to 5 s) for work
+        started = time.monotonic()
+        await fwd.stop(5.0)
+        assert time.monotonic() - started < 0.5
+
+    forward(fake, scenario)
+    assert fake.api_requests == []
+
+
+def test_stop_returns_promptly_and_undelivered_rows_are_sent_after_restart(
+    fake: FakeSegment, tmp_path: Path
+) -> None:
+    path = tmp_path / "q.db"
+    fake.api_hang()
+
+    async def first_run(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0), queued(KEY_A, 1)])
+        fwd.start()
+        await until(lambda: len(fake.api_requests) == 1, "the hanging request")
+        started = time.monotonic()
+        await fwd.stop(0.2)
+        assert time.monotonic() - started < 1.5
+        assert not fwd.tasks
+        s = await q.stats()
+        assert (s.rows, s.dead) == (2, 0)
+
+    forward(fake, first_run, queue=sqlite_at(path))
+    hung = fake.api_requests[0]
+    fake.api_ok()  # lets the abandoned request finish server-side
+
+    async def second_run(q: Queue, fwd: Forwarder) -> None:
+        fwd.start()
+        await until(empty(q), "the rows left by the first run")
+
+    forward(fake, second_run, queue=sqlite_at(path))
+    resent = [r for r in batch_requests(fake, KEY_A) if r is not hung and r.status == 200]
+    assert resent
+    assert [e["messageId"] for r in resent for e in r.json["batch"]] == [
+        f"{KEY_A}-0",
+        f"{KEY_A}-1",
+    ]
+
+
+def test_stop_leaves_undelivered_rows_in_a_memory_queue(fake: FakeSegment) -> None:
+    fake.api_hang()
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0)])
+        fwd.start()
+        await until(lambda: len(fake.api_requests) == 1, "the hanging request")
+        await fwd.stop(0.1)
+        assert (await q.stats()).rows == 1
+
+    forward(fake, scenario)
+
+
+def test_stop_while_waiting_for_a_send_slot_leaks_no_coroutine(fake: FakeSegment) -> None:
+    fake.api_hang()
+    settings = ForwardSettings(max_delay=0.01, concurrency=1)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0), queued(KEY_B, 0)])  # two batches, one slot
+        fwd.start()
+        await until(lambda: len(fake.api_requests) == 1, "the first (hanging) request")
+        await asyncio.sleep(0.05)  # the loop now waits in _spawn for the slot
+        await fwd.stop(0.1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        forward(fake, scenario, settings=settings)
+        gc.collect()
+    leaked = [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert leaked == []

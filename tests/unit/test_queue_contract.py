@@ -1,0 +1,668 @@
+"""The queue contract (queue/base.py), run against both backends, plus SQLite's own promises.
+
+No pytest-asyncio: each test drives its coroutine with ``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from segproxy.queue import admin
+from segproxy.queue.base import DeadRow, NewRow, Queue, QueueError, QueueFull
+from segproxy.queue.memory import MemoryQueue
+from segproxy.queue.sqlite import SqliteQueue
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+BIG = 1 << 40
+
+
+class Factory(Protocol):
+    def __call__(self, *, max_rows: int = ..., max_bytes: int = ...) -> Awaitable[Queue]: ...
+
+
+def new(key: str = "wk_a", n: int = 0, *, kind: str = "event", size: int = 0) -> NewRow:
+    body = f'{{"messageId":"{key}-{n}"'.encode()
+    body += (',"pad":"' + "x" * size + '"}').encode() if size else b"}"
+    return NewRow(key, "metrics" if kind == "metrics" else "event", T0 + n, body)
+
+
+def open_sqlite(path: Path, **kw: Any) -> Awaitable[SqliteQueue]:
+    return SqliteQueue(
+        str(path),
+        max_rows=kw.pop("max_rows", BIG),
+        max_bytes=kw.pop("max_bytes", BIG),
+        min_free_disk_bytes=kw.pop("min_free_disk_bytes", 0),
+        **kw,
+    ).open()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
+    def factory(*, max_rows: int = BIG, max_bytes: int = BIG) -> Awaitable[Queue]:
+        if request.param == "memory":
+
+            async def memory() -> Queue:
+                return MemoryQueue(max_rows=max_rows, max_bytes=max_bytes)
+
+            return memory()
+        return open_sqlite(tmp_path / "q" / "queue.db", max_rows=max_rows, max_bytes=max_bytes)
+
+    return factory
+
+
+def run(make: Factory, scenario: Callable[[Queue], Awaitable[None]], **caps: int) -> None:
+    async def main() -> None:
+        q = await make(**caps)
+        try:
+            await scenario(q)
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+async def dead_rows(q: Queue) -> list[DeadRow]:
+    if isinstance(q, SqliteQueue):
+        return await q.dead_rows()
+    assert isinstance(q, MemoryQueue)
+    return list(q.dead)
+
+
+def bodies(rows: Any) -> list[bytes]:
+    return [r.body for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract, both backends
+
+
+def test_put_then_lease_returns_rows_oldest_first(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        first = [new("wk_a", 0), new("wk_b", 1)]
+        second = [new("wk_a", 2), new("", 3, kind="metrics")]
+        await q.put(first)
+        await q.put(second)
+        rows = await q.lease(T0 + 10, 100)
+        assert bodies(rows) == bodies(first + second)
+        assert [r.id for r in rows] == sorted(r.id for r in rows)
+        assert len({r.id for r in rows}) == 4
+        r0 = rows[0]
+        assert (r0.write_key, r0.kind, r0.received_at, r0.attempts) == ("wk_a", "event", T0, 0)
+        assert (rows[3].write_key, rows[3].kind) == ("", "metrics")
+
+    run(make, scenario)
+
+
+def test_lease_honours_max_rows_and_exclude_keys(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        await q.put([new("wk_a", i) for i in range(3)] + [new("wk_b", i) for i in range(3)])
+        only_b = await q.lease(T0, 2, frozenset({"wk_a"}))
+        assert [r.write_key for r in only_b] == ["wk_b", "wk_b"]
+        rest = await q.lease(T0, 100, frozenset({"wk_a", "wk_c"}))
+        assert [r.write_key for r in rest] == ["wk_b"]
+        assert await q.lease(T0, 100, frozenset({"wk_a"})) == []
+        assert [r.write_key for r in await q.lease(T0, 100)] == ["wk_a"] * 3
+
+    run(make, scenario)
+
+
+def test_a_leased_row_is_not_leased_again_until_retry_later(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        await q.put([new("wk_a", i) for i in range(5)])
+        a = await q.lease(T0, 2)
+        b = await q.lease(T0, 10)
+        assert len(a) == 2
+        assert len(b) == 3
+        assert not {r.id for r in a} & {r.id for r in b}
+        assert await q.lease(T0 + 10_000, 10) == []
+        await q.retry_later([a[0].id], T0)
+        again = await q.lease(T0, 10)
+        assert [r.id for r in again] == [a[0].id]
+        assert again[0].attempts == 1
+
+    run(make, scenario)
+
+
+def test_retry_later_respects_not_before(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        await q.put([new("wk_a", 0), new("wk_a", 1)])
+        rows = await q.lease(T0, 10)
+        await q.retry_later([rows[0].id], T0 + 30)
+        await q.retry_later([rows[1].id], T0 + 60)
+        assert await q.next_ready() == T0 + 30
+        assert await q.lease(T0 + 29.999, 10) == []
+        ready = await q.lease(T0 + 30, 10)
+        assert [r.id for r in ready] == [rows[0].id]
+        assert await q.next_ready() == T0 + 60
+        assert await q.lease(T0 + 59, 10) == []
+        later = await q.lease(T0 + 61, 10)
+        assert [(r.id, r.attempts) for r in later] == [(rows[1].id, 1)]
+        await q.retry_later([later[0].id], T0 + 100)
+        assert [r.attempts for r in await q.lease(T0 + 100, 10)] == [2]
+
+    run(make, scenario)
+
+
+def test_ack_deletes(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        await q.put([new("wk_a", 0, size=10), new("wk_a", 1)])
+        rows = await q.lease(T0, 10)
+        await q.ack([rows[0].id])
+        s = await q.stats()
+        assert (s.rows, s.bytes, s.dead) == (1, len(rows[1].body), 0)
+        await q.ack([rows[1].id])
+        s = await q.stats()
+        assert (s.rows, s.bytes, s.oldest, s.per_key) == (0, 0, None, {})
+        assert await q.next_ready() is None
+        await q.retry_later([rows[0].id], T0)  # gone for good: nothing comes back
+        assert await q.lease(T0 + 1_000, 10) == []
+
+    run(make, scenario)
+
+
+def test_dead_letter_moves_rows_with_status_and_reason(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        await q.put([new("wk_a", 0), new("wk_b", 1), new("wk_a", 2)])
+        rows = await q.lease(T0, 10)
+        reason = '{"success":false,"message":"invalid event"}'
+        await q.dead_letter([rows[0].id, rows[2].id], 400, reason, T0 + 50)
+        s = await q.stats()
+        assert (s.rows, s.dead) == (1, 2)
+        assert set(s.per_key) == {"wk_b"}
+        dead = await dead_rows(q)
+        assert [(d.write_key, d.status, d.reason, d.died_at) for d in dead] == [
+            ("wk_a", 400, reason, T0 + 50),
+            ("wk_a", 400, reason, T0 + 50),
+        ]
+        assert [d.body for d in dead] == [rows[0].body, rows[2].body]
+        assert [d.received_at for d in dead] == [T0, T0 + 2]
+        await q.retry_later([rows[0].id], T0)  # a dead row never comes back by itself
+        assert await q.lease(T0 + 1_000, 10) == []
+
+    run(make, scenario)
+
+
+def test_next_ready(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        assert await q.next_ready() is None
+        await q.put([new("wk_a", 0), new("wk_a", 1)])
+        ready = await q.next_ready()
+        assert ready is not None
+        assert ready <= T0  # fresh rows are ready at once
+        rows = await q.lease(T0, 10)
+        assert await q.next_ready() is None  # all leased
+        await q.retry_later([rows[1].id], T0 + 5)
+        assert await q.next_ready() == T0 + 5
+        await q.retry_later([rows[0].id], T0 + 3)
+        assert await q.next_ready() == T0 + 3
+
+    run(make, scenario)
+
+
+def test_stats_per_key(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        rows = [new("wk_a", 5, size=3), new("wk_b", 1), new("wk_a", 2), new("", 9, kind="metrics")]
+        await q.put(rows)
+        s = await q.stats()
+        assert s.rows == 4
+        assert s.bytes == sum(len(r.body) for r in rows)
+        assert s.oldest == T0 + 1
+        assert s.dead == 0
+        assert set(s.per_key) == {"wk_a", "wk_b", ""}
+        a = s.per_key["wk_a"]
+        assert (a.rows, a.bytes, a.oldest) == (2, len(rows[0].body) + len(rows[2].body), T0 + 2)
+        b = s.per_key["wk_b"]
+        assert (b.rows, b.bytes, b.oldest) == (1, len(rows[1].body), T0 + 1)
+        # leased rows are still queued rows
+        await q.lease(T0, 10)
+        assert (await q.stats()).rows == 4
+
+    run(make, scenario)
+
+
+def test_row_cap_raises_queue_full_and_stores_nothing(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        await q.put([new("wk_a", 0), new("wk_a", 1)])
+        assert q.has_room()
+        with pytest.raises(QueueFull):
+            await q.put([new("wk_a", 2), new("wk_a", 3)])  # one would fit: all or none
+        assert (await q.stats()).rows == 2
+        await q.put([new("wk_a", 4)])
+        assert not q.has_room()
+        with pytest.raises(QueueFull):
+            await q.put([new("wk_a", 5)])
+        assert len(await q.lease(T0 + 100, 100)) == 3
+
+    run(make, scenario, max_rows=3)
+
+
+def test_byte_cap_raises_queue_full_and_stores_nothing(make: Factory) -> None:
+    size = len(new("wk_a", 0, size=40).body)
+
+    async def scenario(q: Queue) -> None:
+        await q.put([new("wk_a", 0, size=40)])
+        with pytest.raises(QueueFull):
+            await q.put([new("wk_a", 1, size=40), new("wk_a", 2, size=40)])
+        s = await q.stats()
+        assert (s.rows, s.bytes) == (1, size)
+        assert q.has_room()
+        await q.put([new("wk_a", 3, size=40)])
+        assert not q.has_room()
+        with pytest.raises(QueueFull):
+            await q.put([new("wk_a", 4)])
+
+    run(make, scenario, max_rows=100, max_bytes=2 * size)
+
+
+def test_has_room_follows_the_counters_through_lease_retry_ack_dead(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        await q.put([new("wk_a", 0), new("wk_a", 1)])
+        assert not q.has_room()
+        rows = await q.lease(T0, 10)
+        assert not q.has_room()  # leased rows still count
+        await q.retry_later([r.id for r in rows], T0)
+        assert not q.has_room()
+        rows = await q.lease(T0, 10)
+        await q.ack([rows[0].id])
+        assert q.has_room()
+        await q.put([new("wk_a", 2)])
+        assert not q.has_room()
+        await q.dead_letter([rows[1].id], 422, "nope", T0)
+        assert q.has_room()
+        await q.put([new("wk_a", 3)])
+        with pytest.raises(QueueFull):
+            await q.put([new("wk_a", 4)])
+
+    run(make, scenario, max_rows=2)
+
+
+def test_unknown_ids_are_ignored(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        await q.put([new("wk_a", 0)])
+        await q.ack([999])
+        await q.retry_later([998], T0 + 10)
+        await q.dead_letter([997], 400, "x", T0)
+        s = await q.stats()
+        assert (s.rows, s.dead) == (1, 0)
+        assert q.has_room()
+
+    run(make, scenario, max_rows=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite: durability, leases across processes, the lock, group commit, disk space, admin
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "data" / "queue.db"
+
+
+def test_rows_survive_close_and_reopen(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        await q.put([new("wk_a", i) for i in range(3)])
+        rows = await q.lease(T0, 1)
+        await q.ack([rows[0].id])
+        await q.close()
+
+        q = await open_sqlite(db_path)
+        try:
+            s = await q.stats()
+            assert (s.rows, s.bytes) == (2, len(new("wk_a", 1).body) * 2)
+            assert bodies(await q.lease(T0, 10)) == [new("wk_a", 1).body, new("wk_a", 2).body]
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_leases_of_a_dead_process_are_cleared_on_reopen(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        await q.put([new("wk_a", i) for i in range(4)])
+        first = await q.lease(T0, 2)
+        await q.retry_later([first[1].id], T0 + 3600)  # waiting, not leased
+        taken = await q.lease(T0, 10)
+        assert len(taken) == 2
+        await q.close()  # the "process" dies holding leases on 3 rows (no ack)
+
+        q = await open_sqlite(db_path)
+        try:
+            again = await q.lease(T0, 10)
+            assert [r.id for r in again] == [first[0].id, taken[0].id, taken[1].id]
+            assert [r.attempts for r in again] == [0, 0, 0]
+            assert await q.next_ready() == T0 + 3600  # the retry time survives too
+            late = await q.lease(T0 + 3600, 10)
+            assert [(r.id, r.attempts) for r in late] == [(first[1].id, 1)]
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_a_second_queue_on_the_same_file_is_refused(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        other = SqliteQueue(str(db_path), max_rows=BIG, max_bytes=BIG, min_free_disk_bytes=0)
+        try:
+            with pytest.raises(QueueError, match="another segproxy process"):
+                await other.open()
+        finally:
+            await other.close()
+            await q.close()
+        # once the owner closed, the file can be opened again
+        q = await open_sqlite(db_path)
+        await q.close()
+
+    asyncio.run(main())
+
+
+def test_the_lock_file_is_flocked_while_open(db_path: Path) -> None:
+    import fcntl
+
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            fd = os.open(str(db_path) + ".lock", os.O_RDWR)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_group_commit_shares_transactions(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        commits: list[int] = []
+        threads: set[str] = set()
+        real = q._commit_sync
+
+        def counting(rows: list[NewRow]) -> None:
+            commits.append(len(rows))
+            threads.add(threading.current_thread().name)
+            real(rows)
+
+        monkeypatch.setattr(q, "_commit_sync", counting)
+        try:
+            await asyncio.gather(*(q.put([new(f"wk_{i % 3}", i)]) for i in range(200)))
+            assert sum(commits) == 200
+            assert len(commits) <= 10, commits
+            assert (await q.stats()).rows == 200
+            assert all(name.startswith("segproxy-sqlite") for name in threads)
+        finally:
+            await q.close()
+        q = await open_sqlite(db_path)
+        try:
+            assert (await q.stats()).rows == 200
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_put_returns_only_after_commit(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        gate = threading.Event()
+        real = q._commit_sync
+
+        def slow(rows: list[NewRow]) -> None:
+            gate.wait(5)
+            real(rows)
+
+        monkeypatch.setattr(q, "_commit_sync", slow)
+        try:
+            put = asyncio.ensure_future(q.put([new("wk_a", 0)]))
+            await asyncio.sleep(0.05)
+            assert not put.done()
+            gate.set()
+            await asyncio.wait_for(put, 5)
+            assert admin.stats(str(db_path)).rows == 1  # visible to another connection
+        finally:
+            gate.set()
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_low_disk_space_means_queue_full(db_path: Path) -> None:
+    async def main() -> None:
+        db_path.parent.mkdir(parents=True)
+        free = shutil.disk_usage(db_path.parent).free
+        q = await open_sqlite(db_path, min_free_disk_bytes=free + (1 << 50))
+        try:
+            assert not q.has_room()
+            with pytest.raises(QueueFull, match="disk"):
+                await q.put([new("wk_a", 0)])
+            assert (await q.stats()).rows == 0
+            assert q.rows == 0
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_sqlite_disk_full_is_queue_full_and_rolled_back(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([new("wk_a", 0)])
+            db = q._db
+            assert db is not None
+            pages = (await q._run(lambda: db.execute("PRAGMA page_count").fetchone()))[0]
+            await q._run(lambda: db.execute(f"PRAGMA max_page_count = {pages + 1}"))
+            with pytest.raises(QueueFull, match="full"):
+                await q.put([new("wk_a", 1, size=200_000)])
+            s = await q.stats()
+            assert (s.rows, q.rows, q.bytes) == (1, 1, s.bytes)
+            assert not q.has_room()  # remembered for a moment: fast 503s meanwhile
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_put_on_a_closed_queue_fails_cleanly(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        await q.close()
+        try:
+            with pytest.raises(QueueError):
+                await q.put([new("wk_a", 0)])
+        finally:
+            assert (q.rows, q.bytes) == (0, 0)
+
+    asyncio.run(main())
+
+
+# The schema of bd8d190 (the first durable queue): no sent_at column.
+OLD_SCHEMA = """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, write_key TEXT NOT NULL, kind TEXT NOT NULL,
+    received_at REAL NOT NULL, not_before REAL NOT NULL DEFAULT 0,
+    lease_until REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL, body BLOB NOT NULL
+);
+CREATE INDEX events_not_before ON events(not_before);
+CREATE TABLE dead (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, write_key TEXT NOT NULL, kind TEXT NOT NULL,
+    received_at REAL NOT NULL, died_at REAL NOT NULL, attempts INTEGER NOT NULL,
+    status INTEGER NOT NULL, reason TEXT NOT NULL, body BLOB NOT NULL
+);
+INSERT INTO events (write_key, kind, received_at, size, body)
+    VALUES ('wk_a', 'event', 1767225600.0, 22, X'7B226D6573736167654964223A22776B5F612D30227D');
+"""
+
+
+def test_a_queue_file_from_the_previous_schema_still_works(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    old = sqlite3.connect(db_path)
+    old.executescript(OLD_SCHEMA)
+    old.close()
+
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            rows = await q.lease(T0, 10)
+            assert bodies(rows) == [b'{"messageId":"wk_a-0"}']
+            await q.put([new("wk_a", 1)])
+        finally:
+            await q.close()
+
+    try:
+        asyncio.run(main())
+    except sqlite3.OperationalError as exc:  # lease reads the missing column directly
+        raise QueueError(str(exc)) from exc
+
+
+def test_sent_at_is_kept_beside_the_body(make: Factory) -> None:
+    async def scenario(q: Queue) -> None:
+        await q.put(
+            [
+                NewRow("wk_a", "event", T0, b'{"messageId":"a"}', "2026-01-01T00:00:00.000Z"),
+                NewRow("wk_a", "event", T0, b'{"messageId":"b"}'),
+            ]
+        )
+        rows = await q.lease(T0, 10)
+        assert [r.sent_at for r in rows] == ["2026-01-01T00:00:00.000Z", None]
+        await q.retry_later([rows[0].id], T0)
+        assert [r.sent_at for r in await q.lease(T0, 10)] == ["2026-01-01T00:00:00.000Z"]
+
+    run(make, scenario)
+
+
+def test_replayed_dead_letters_keep_their_sent_at(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([NewRow("wk_a", "event", T0, b"{}", "2026-01-01T00:00:00.000Z")])
+            rows = await q.lease(T0, 10)
+            await q.dead_letter([rows[0].id], 400, "bad", T0)
+            assert admin.replay(str(db_path)) == 1
+            again = await q.lease(T0, 10)
+            assert [(r.body, r.sent_at) for r in again] == [(b"{}", "2026-01-01T00:00:00.000Z")]
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_counters_are_recounted_at_open(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        await q.put([new("wk_a", 0), new("wk_a", 1)])
+        await q.close()
+        q = await open_sqlite(db_path, max_rows=2)
+        try:
+            assert not q.has_room()
+            with pytest.raises(QueueFull):
+                await q.put([new("wk_a", 2)])
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_admin_stats_dead_replay_purge(db_path: Path) -> None:
+    path = str(db_path)
+
+    async def fill() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([new("wk_alpha_key", i) for i in range(4)] + [new("wk_b", 9)])
+            rows = await q.lease(T0, 100)
+            await q.dead_letter([rows[0].id, rows[1].id, rows[2].id], 400, "bad event", T0 + 1)
+        finally:
+            await q.close()
+
+    asyncio.run(fill())
+
+    s = admin.stats(path)
+    assert (s.rows, s.dead) == (2, 3)
+    assert set(s.per_key) == {"wk_alpha_key", "wk_b"}
+    shown = admin.stats_json(s, T0 + 100)
+    assert set(shown["per_key"]) == {"wk_alp…", "wk…"}  # write keys are never shown whole
+    assert shown["rows"] == 2
+    assert "wk_alpha_key" not in str(shown)
+
+    dead = admin.dead(path, 10)
+    assert [(d.status, d.reason, d.write_key) for d in dead] == [
+        (400, "bad event", "wk_alpha_key")
+    ] * 3
+    assert [d.body for d in dead] == [new("wk_alpha_key", i).body for i in range(3)]
+    assert len(admin.dead(path, 2)) == 2
+
+    progress: list[tuple[int, int]] = []
+    assert (
+        admin.replay(path, ids=[dead[1].id, 12345], progress=lambda d, t: progress.append((d, t)))
+        == 1
+    )
+    assert progress == [(1, 1)]
+    assert (admin.stats(path).rows, admin.stats(path).dead) == (3, 2)
+    assert admin.replay(path) == 2
+    assert (admin.stats(path).rows, admin.stats(path).dead) == (5, 0)
+
+    async def resend() -> list[bytes]:
+        q = await open_sqlite(db_path)
+        try:
+            rows = await q.lease(T0, 100)
+            assert all(r.attempts == 0 for r in rows)
+            await q.dead_letter([rows[0].id], 400, "again", T0)
+            return bodies(rows)
+        finally:
+            await q.close()
+
+    replayed = asyncio.run(resend())
+    assert sorted(replayed) == sorted(
+        [new("wk_alpha_key", i).body for i in range(4)] + [new("wk_b", 9).body]
+    )
+
+    assert admin.purge(path, dead_only=True) == (0, 1)
+    assert (admin.stats(path).rows, admin.stats(path).dead) == (4, 0)
+    assert admin.purge(path) == (4, 0)
+    assert admin.stats(path).rows == 0
+
+
+def test_admin_works_on_a_live_queue_and_recount_keeps_caps_true(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path, max_rows=2)
+        try:
+            await q.put([new("wk_a", 0), new("wk_a", 1)])
+            rows = await q.lease(T0, 10)
+            await q.dead_letter([rows[0].id], 400, "bad", T0)
+            await q.put([new("wk_a", 2)])
+            assert not q.has_room()
+            assert admin.stats(str(db_path)).rows == 2  # read while the queue is open
+            assert admin.purge(str(db_path), dead_only=False) == (2, 1)
+            assert not q.has_room()  # stale until recount
+            await q.recount()
+            assert q.has_room()
+            await q.put([new("wk_a", 3)])
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_admin_on_a_missing_file(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.db")
+    with pytest.raises(admin.NoQueue):
+        admin.stats(missing)
+    with pytest.raises(admin.NoQueue):
+        admin.replay(missing)
+    assert not Path(missing).exists()
