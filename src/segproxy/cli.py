@@ -13,10 +13,18 @@ from segproxy.config import ConfigError, load
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from segproxy.queue.base import QueueError
     from segproxy.serve import run
 
     config = load(args.config)
-    run(config)
+    try:
+        run(config)
+    except QueueError as exc:
+        print(f"segproxy: cannot open the queue: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"segproxy: cannot listen on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -105,3 +105,32 @@ def test_every_config_key_is_documented_with_its_environment_name() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     for key in KNOWN_KEYS:
         assert f"`{key}`" in doc, f"{key} is missing from docs/configuration.md"
+
+
+def write_config(tmp_path: Path, config: dict[str, object]) -> str:
+    path = tmp_path / "second.toml"
+    path.write_text(to_toml({"listen": "127.0.0.1:0", **config}))
+    return str(path)
+
+
+def test_listen_address_in_use_is_one_clear_line(
+    fake: FakeSegment, start: StartProxy, tmp_path: Path
+) -> None:
+    first = start(base_config(fake))
+    config = base_config(fake, listen=f"127.0.0.1:{first.port}")
+    out = segproxy("serve", "--config", write_config(tmp_path, config))
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{first.port}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_second_proxy_on_the_same_queue_file_refuses_to_start(
+    fake: FakeSegment, start: StartProxy, tmp_path: Path
+) -> None:
+    queue = {"backend": "sqlite", "path": str(tmp_path / "shared.db")}
+    first = start(base_config(fake, queue=queue))
+    out = segproxy("serve", "--config", write_config(tmp_path, base_config(fake, queue=queue)))
+    assert out.returncode == 1
+    assert "another segproxy process is using the queue" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert first.proc.poll() is None  # the first one is unharmed
