@@ -6,9 +6,10 @@ One loop task owns the work; each batch send is its own task, tracked and cancel
   ``max_delay`` to collect more, then leases everything ready and sends one ``/v1/batch`` per
   write key (<= 500 KB, <= 2,500 events). Under load every round is full, so a thousand single
   events cost a handful of upstream requests.
-- **Independence**: a write key is excluded from leasing while it has ``per_key_concurrency``
-  batches in flight or while Segment told it to wait (429/Retry-After), so one slow or
-  rate-limited key never holds back the others.
+- **Independence**: leased batches wait per key and are started round-robin, never more than
+  ``per_key_concurrency`` per key nor ``concurrency`` in all; a key with sends waiting, at its
+  limit, or told by Segment to wait (429/Retry-After) gets no new lease. So one slow or
+  rate-limited key, even with a large backlog, never holds back the others.
 - **Retries** follow forward/retry.py; a key's rows wait at least as long as Segment's
   ``Retry-After`` asked.
 - **Stop**: no new leases; in-flight sends get ``grace`` seconds; anything unfinished stays in
@@ -23,7 +24,7 @@ import functools
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from segproxy.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("segproxy.forward")
 
+IDLE_RECHECK = 2.0
 LEASE_ROWS = 5_000  # per round: two full batches' worth, without long pauses of the loop
 
 
@@ -66,7 +68,9 @@ class Forwarder:
         self.inflight: Counter[str] = Counter()
         self.blocked_until: dict[str, float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.slots = asyncio.Semaphore(settings.concurrency)
+        # Leased sends not started yet, per key; started round-robin by _dispatch within both
+        # the global and the per-key limit, so no key can take every slot.
+        self.waiting: dict[str, deque[Callable[[], Coroutine[Any, Any, None]]]] = {}
         self.wake = asyncio.Event()
         self.stopping = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -81,7 +85,8 @@ class Forwarder:
 
     def _excluded(self, now: float) -> frozenset[str]:
         limit = self.settings.per_key_concurrency
-        keys = {k for k, n in self.inflight.items() if n >= limit}
+        # A key at its limit, or with leased sends still waiting, gets no new lease.
+        keys = {k for k, n in self.inflight.items() if n >= limit} | set(self.waiting)
         for key, until in list(self.blocked_until.items()):
             if until > now:
                 keys.add(key)
@@ -116,7 +121,8 @@ class Forwarder:
             # Wake when the earliest row is due, a paused key resumes, a send finishes, or new
             # rows arrive (notify), whichever comes first.
             due = [t for t in (ready, *self.blocked_until.values()) if t is not None]
-            await self._wait(min(max(min(due) - now, 0.05), 1.0) if due else 5.0)
+            # Idle: look again every 2 s for rows another process (queue replay) put back.
+            await self._wait(min(max(min(due) - now, 0.05), 1.0) if due else IDLE_RECHECK)
             if not self.stopping and self.wake.is_set():
                 await asyncio.sleep(self.settings.max_delay)  # collect a batch's worth
             return
@@ -127,29 +133,46 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         batches = await loop.run_in_executor(None, build_batches, events, time.time())
         for batch in batches:
-            await self._spawn(batch.write_key, functools.partial(self._send_batch, batch))
+            self._enqueue(batch.write_key, functools.partial(self._send_batch, batch))
         for row in metrics:
-            await self._spawn("", functools.partial(self._send_metrics, row))
+            self._enqueue("", functools.partial(self._send_metrics, row))
+        self._dispatch()
         if len(rows) < LEASE_ROWS and not self.stopping:
             # A partial round: let the next batch's worth collect (not woken by each commit).
             await asyncio.sleep(self.settings.max_delay)
 
-    async def _spawn(self, key: str, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run ``send()`` as a tracked task once a slot is free (created only then)."""
-        await self.slots.acquire()
-        if self.stopping:
-            self.slots.release()
-            return
+    def _enqueue(self, key: str, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.waiting.setdefault(key, deque()).append(send)
+
+    def _dispatch(self) -> None:
+        """Start waiting sends, one key at a time in turn, within both concurrency limits."""
+        s = self.settings
+        started = True
+        while started and not self.stopping and len(self.tasks) < s.concurrency:
+            started = False
+            for key in list(self.waiting):
+                if len(self.tasks) >= s.concurrency:
+                    break
+                if self.inflight[key] >= s.per_key_concurrency:
+                    continue
+                sends = self.waiting.pop(key)
+                self._start(key, sends.popleft())
+                if sends:
+                    self.waiting[key] = sends  # re-inserted last: the next key goes first
+                started = True
+
+    def _start(self, key: str, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``send()`` as a tracked task (the coroutine is created only now)."""
         self.inflight[key] += 1
         task = asyncio.get_running_loop().create_task(send())
         self.tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
             self.tasks.discard(t)
-            self.slots.release()
             self.inflight[key] -= 1
             if self.inflight[key] <= 0:
                 del self.inflight[key]
+            self._dispatch()
             self.wake.set()
 
         task.add_done_callback(done)
@@ -221,6 +244,7 @@ class Forwarder:
     async def stop(self, grace: float) -> None:
         self.stopping = True
         self.wake.set()
+        self.waiting.clear()  # leased but not started: the leases die with this process
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)

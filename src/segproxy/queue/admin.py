@@ -7,6 +7,7 @@ re-reads its counters every few seconds, so caps stay true after a purge or repl
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -28,10 +29,15 @@ def open_existing(path: str) -> sqlite3.Connection:
 
 
 def mask(write_key: str) -> str:
-    """Write keys are secrets: show enough to tell them apart, never the whole key."""
+    """Write keys are secrets: show a prefix and a short digest, never the whole key.
+
+    The digest keeps keys that share a prefix apart (``wk_sho…3fa2c1`` vs ``wk_sho…9b0e77``).
+    """
     if not write_key:
         return "(metrics)"
-    return write_key[:6] + "…" if len(write_key) > 6 else write_key[:2] + "…"
+    digest = hashlib.sha256(write_key.encode()).hexdigest()[:6]
+    shown = write_key[:6] if len(write_key) > 8 else write_key[:2]
+    return f"{shown}…{digest}"
 
 
 def stats(path: str) -> QueueStats:
