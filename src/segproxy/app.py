@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 
 from segproxy import __version__
 from segproxy.cdn.service import CdnService
@@ -81,7 +82,7 @@ class App:
             await asyncio.sleep(10)
             await self.queue.recount()
 
-    async def __call__(self, req: Request) -> Response:
+    def __call__(self, req: Request) -> Response | Awaitable[Response]:
         cfg = self.config
         route = match(req.method, req.target, cfg.prefix)
         if isinstance(route, Reject):
@@ -111,9 +112,9 @@ class App:
                     421, "unknown_host", "this host name is not served here (see public_hosts)"
                 )
         if kind in CDN_KINDS:
-            return await self.cdn.handle(req, route, origin)
+            return self.cdn.handle(req, route, origin)
         ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
-        return await self.ingest.handle(req, route, ip)
+        return self.ingest.handle(req, route, ip)
 
     async def close(self, grace: float = 10.0) -> None:
         """Call after the edge stopped answering: nothing new reaches the queue."""

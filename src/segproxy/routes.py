@@ -57,6 +57,7 @@ _BUNDLE_RE = re.compile(
 )
 _INTEGRATION_RE = re.compile(rf"/next-integrations(?:/{_SEG}){{1,6}}\.js(?:\.gz)?")
 _API_RE = re.compile(r"/v1/([a-z]{1,8})")
+_PRINTABLE = re.compile(r"[\x21-\x7e]*")
 _BAD_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
 
 
@@ -87,7 +88,7 @@ def _reject_target(target: str) -> Reject | None:
         return Reject(400, "bad_path", "percent-encoded paths are not accepted")
     if "\\" in target or "//" in target or _BAD_SEGMENT.search(target):
         return Reject(400, "bad_path", "paths with '.', '..', '//' or '\\' segments are refused")
-    if not target.isascii() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in target):
+    if not _PRINTABLE.fullmatch(target):
         return Reject(400, "bad_path", "the path has characters that are not allowed")
     return None
 

@@ -61,6 +61,8 @@ class ScriptedSegment(FakeSegment):
         self.per_key: dict[str, Response] = {}
         self.hang_keys: set[str] = set()
         self.release = threading.Event()
+        self.in_flight = 0  # batch requests being answered right now (under latency)
+        self._in_flight_lock = threading.Lock()
 
     def _api_handler(self, req: RecordedRequest) -> Response:
         key = req.basic_auth_user
@@ -74,7 +76,13 @@ class ScriptedSegment(FakeSegment):
         if self.latency:
             # Simulated upstream latency (the elapsed time is the point): it keeps batches in
             # flight, so a SIGKILL lands between "sent" and "acked" often.
-            time.sleep(self.latency)
+            with self._in_flight_lock:
+                self.in_flight += 1
+            try:
+                time.sleep(self.latency)
+            finally:
+                with self._in_flight_lock:
+                    self.in_flight -= 1
         return super()._api_handler(req)
 
 
@@ -206,12 +214,21 @@ def test_crash_drill_sigkill_under_load_loses_nothing(
     kills = 4
     restart_seconds: list[float] = []
     try:
-        for _ in range(kills):
+        for n in range(kills):
             # A random moment: after a random number of further acknowledged events.
             target = load.acked_count() + rng.randint(150, 1200)
             assert load.wait_acked(target, timeout=8.0), (
                 f"the load stalled before kill {len(restart_seconds) + 1}: {load.summary()}"
             )
+            if n == 0:
+                # The first kill always lands while a batch is in flight (leased, not acked),
+                # so the lease-recovery path is exercised on every run, not by luck.
+                wait_for(
+                    lambda: scripted.in_flight > 0,
+                    timeout=8.0,
+                    interval=0.002,
+                    what="a batch in flight at the fake API",
+                )
             proxy.kill()
             t0 = time.monotonic()
             proxy = launcher.start(config)  # same port, same queue file

@@ -76,10 +76,24 @@ def make_representation(
     return rep
 
 
-def accepted_encodings(header: bytes | None) -> set[bytes]:
-    """Codings from Accept-Encoding with q > 0 (``*`` is taken as gzip and br)."""
+_ACCEPTED: dict[bytes, frozenset[bytes]] = {}
+
+
+def accepted_encodings(header: bytes | None) -> frozenset[bytes]:
+    """Codings from Accept-Encoding with q > 0; memoised, as browsers send a handful of values."""
     if not header:
-        return set()
+        return frozenset()
+    hit = _ACCEPTED.get(header)
+    if hit is None:
+        hit = frozenset(_parse_accept_encoding(header))
+        if len(_ACCEPTED) >= 256:  # bounded: arbitrary values cannot grow it
+            _ACCEPTED.clear()
+        _ACCEPTED[header] = hit
+    return hit
+
+
+def _parse_accept_encoding(header: bytes) -> set[bytes]:
+    """``*`` matches only codings not named explicitly (RFC 9110 12.5.3)."""
     out: set[bytes] = set()
     refused: set[bytes] = set()
     wildcard = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -28,7 +29,7 @@ from segproxy.cdn.rewrite import RewriteError, rewrite_script, rewrite_settings
 from segproxy.config import REGION_PRESETS, Config
 from segproxy.edge.forwarded import PublicOrigin
 from segproxy.edge.http import Headers, Request, Response, error_response
-from segproxy.routes import Kind, Route
+from segproxy.routes import CDN_KINDS, Kind, Route
 from segproxy.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("segproxy.cdn")
@@ -36,6 +37,11 @@ log = logging.getLogger("segproxy.cdn")
 MAX_UPSTREAM_BODY = 16 * 1024 * 1024
 SEGMENT_API_HOSTS = frozenset(urlsplit(api).hostname or "" for _, api in REGION_PRESETS.values())
 CORS_CDN: Headers = [(b"access-control-allow-origin", b"*")]
+PREFLIGHT_CDN: Headers = [
+    *CORS_CDN,
+    (b"access-control-allow-methods", b"GET, HEAD, OPTIONS"),
+    (b"access-control-max-age", b"86400"),
+]
 
 
 @dataclass(slots=True)
@@ -68,6 +74,7 @@ class CdnService:
         self.generation = 0
         self.warned_hosts: set[str] = set()
         self.loop = asyncio.get_running_loop()
+        self.cache_controls = {kind: self.cache_control(kind) for kind in CDN_KINDS}
 
     def ttl(self, kind: Kind) -> float:
         c = self.config.cache
@@ -230,16 +237,12 @@ class CdnService:
                 configured,
             )
 
-    async def handle(self, req: Request, route: Route, origin: PublicOrigin | None) -> Response:
+    def handle(
+        self, req: Request, route: Route, origin: PublicOrigin | None
+    ) -> Response | Awaitable[Response]:
+        """Fresh cache hits and refusals are answered at once; the rest after a fetch."""
         if req.method == "OPTIONS":
-            return Response(
-                204,
-                [
-                    *CORS_CDN,
-                    (b"access-control-allow-methods", b"GET, HEAD, OPTIONS"),
-                    (b"access-control-max-age", b"86400"),
-                ],
-            )
+            return Response(204, list(PREFLIGHT_CDN))
         if route.kind is Kind.SETTINGS and origin is None:
             return error_response(
                 400, "bad_host", "a valid Host header is needed to serve settings", CORS_CDN
@@ -249,19 +252,37 @@ class CdnService:
             return error_response(
                 403, "write_key_not_allowed", "this write key is not served here", CORS_CDN
             )
+        entry = self.entries.get(route.upstream_path)
+        if entry is not None and self.loop.time() - entry.fetched_at < entry.ttl:
+            return self._serve(req, route, origin, entry, b"HIT")
+        return self._fetch_and_serve(req, route, origin)
+
+    async def _fetch_and_serve(
+        self, req: Request, route: Route, origin: PublicOrigin | None
+    ) -> Response:
         result, status = await self.lookup(route)
         if isinstance(result, _Failure):
             headers = [*CORS_CDN, (b"cache-control", b"no-store")]
             if result.cacheable_failure:
                 headers.append((b"retry-after", b"5"))
             return error_response(result.status, result.code, result.message, headers)
-        rep = result.rep
+        return self._serve(req, route, origin, result, status)
+
+    def _serve(
+        self,
+        req: Request,
+        route: Route,
+        origin: PublicOrigin | None,
+        entry: Entry,
+        status: bytes,
+    ) -> Response:
+        rep = entry.rep
         if route.kind is Kind.SETTINGS:
             assert origin is not None
-            rep = self._settings_rep(route, result, origin)
+            rep = self._settings_rep(route, entry, origin)
         headers = [
             (b"content-type", rep.content_type),
-            (b"cache-control", self.cache_control(route.kind)),
+            (b"cache-control", self.cache_controls[route.kind]),
             *CORS_CDN,
             (b"x-segproxy-cache", status),
         ]

@@ -17,12 +17,13 @@ closed after the responses already queued on it, since the framing can no longer
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from email.utils import formatdate
 from typing import Any, cast
 
@@ -33,7 +34,8 @@ from segproxy.edge.http import SECURITY_HEADERS, Request, Response, error_respon
 
 log = logging.getLogger("segproxy.edge")
 
-Handler = Callable[[Request], Awaitable[Response]]
+# A handler answers at once (Response), later (a Future), or runs a coroutine (given a task).
+Handler = Callable[[Request], Response | Awaitable[Response]]
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -96,8 +98,7 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = False
         self.reading_paused = False
         self.closing = False
-        self.writable = asyncio.Event()
-        self.writable.set()
+        self.current: asyncio.Future[Response] | None = None
         # One deadline per connection, checked by the server's sweeper (cheaper than a
         # TimerHandle per phase per request on the hot path).
         self.deadline = 0.0
@@ -123,14 +124,16 @@ class HttpProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         self.closing = True
         self._disarm()
-        self.writable.set()
         self.transport = None
 
     def pause_writing(self) -> None:
-        self.writable.clear()
+        # The client is not reading its responses: stop reading its requests until it does.
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.writable.set()
+        if self.transport is not None and not self.reading_paused and not self.closing:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         # The client half-closed. Answer what we have, then close.
@@ -301,9 +304,7 @@ class HttpProtocol(asyncio.Protocol):
         if len(self.pipeline) >= self.limits.max_pipelined and self.transport is not None:
             self.transport.pause_reading()
             self.reading_paused = True
-        if not self.busy:
-            self.busy = True
-            self.loop.create_task(self._drain())
+        self._kick()
 
     # -- answering ------------------------------------------------------------------------
 
@@ -315,37 +316,69 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.pause_reading()
             self.reading_paused = True
         self.pipeline.append(response)
+        self._kick()
+
+    def _kick(self) -> None:
         if not self.busy:
             self.busy = True
-            self.loop.create_task(self._drain())
+            self._next()
 
-    async def _drain(self) -> None:
-        try:
-            while self.pipeline:
-                item = self.pipeline.popleft()
-                if isinstance(item, Response):
-                    self._write(item, "GET", keep_alive=False)
-                    return
-                if self.reading_paused and not self.closing and self.transport is not None:
-                    self.transport.resume_reading()
-                    self.reading_paused = False
-                try:
-                    response = await self.handler(item)
-                except Exception:
-                    log.exception("handler failed for %s %s", item.method, item.target)
-                    response = error_response(500, "internal_error", "internal error")
-                if not self.writable.is_set():
-                    await self.writable.wait()
-                keep = item.keep_alive and not self.server.shutting_down
-                if self.transport is None:
-                    return
-                self._write(response, item.method, keep_alive=keep)
-                if not keep:
-                    return
-        finally:
-            self.busy = False
+    def _next(self) -> None:
+        """Answer queued requests in order; stop at the first one that is not ready yet."""
+        while self.pipeline:
+            if self.transport is None:
+                break
+            item = self.pipeline.popleft()
+            if isinstance(item, Response):
+                self._write(item, "GET", keep_alive=False)
+                break
+            if self.reading_paused and not self.closing:
+                self.transport.resume_reading()
+                self.reading_paused = False
+            try:
+                result = self.handler(item)
+            except Exception:
+                log.exception("handler failed for %s %s", item.method, item.target)
+                result = error_response(500, "internal_error", "internal error")
+            if isinstance(result, Response):
+                if self._answer(item, result):
+                    continue
+                break
+            # Not ready: a future (e.g. a queue commit) or a coroutine (run as a task). Only
+            # this case pays for a task; cache hits and refusals are answered right here.
+            pending = (
+                result
+                if isinstance(result, asyncio.Future)
+                else self.loop.create_task(cast(Coroutine[Any, Any, Response], result))
+            )
+            self.current = pending  # keep a reference: the loop holds tasks only weakly
+            pending.add_done_callback(functools.partial(self._done, item))
+            return
+        self.busy = False
         if self.transport is not None and not self.closing and not self.in_message:
             self._arm("idle", self.limits.idle_timeout)
+
+    def _done(self, item: Request, pending: asyncio.Future[Response]) -> None:
+        self.current = None
+        try:
+            response = pending.result()
+        except asyncio.CancelledError:
+            response = error_response(503, "shutting_down", "the server is stopping; retry")
+        except Exception:
+            log.exception("handler failed for %s %s", item.method, item.target)
+            response = error_response(500, "internal_error", "internal error")
+        if self._answer(item, response):
+            self._next()
+        else:
+            self.busy = False
+
+    def _answer(self, item: Request, response: Response) -> bool:
+        """Write the response; True if the connection stays open for the next request."""
+        if self.transport is None:
+            return False
+        keep = item.keep_alive and not self.server.shutting_down
+        self._write(response, item.method, keep_alive=keep)
+        return keep
 
     def _write(self, response: Response, method: str, keep_alive: bool) -> None:
         transport = self.transport

@@ -13,11 +13,12 @@ clients keep their own retry behaviour. If the upstream cannot be reached, the c
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 
@@ -101,7 +102,8 @@ class IngestService:
         enrich(payload, ip)
         return payload
 
-    async def handle(self, req: Request, route: Route, ip: str) -> Response:
+    def handle(self, req: Request, route: Route, ip: str) -> Response | Awaitable[Response]:
+        """Refusals are answered at once; accepted events later (commit or upstream)."""
         origin = req.header(b"origin")
         if req.method == "OPTIONS":
             return preflight(origin)
@@ -115,8 +117,8 @@ class IngestService:
         except IngestError as exc:
             return error_response(exc.status, exc.code, exc.message, cors)
         if self.queue is not None:
-            return await self.enqueue(rows, cors)
-        return await self.forward(payload, body, route, cors)
+            return self.enqueue(rows, cors)
+        return self.forward(payload, body, route, cors)
 
     def rows(self, payload: Payload) -> list[NewRow]:
         """One queue row per event (or one for a metrics request), as it will be sent."""
@@ -135,28 +137,40 @@ class IngestService:
                 rows.append(NewRow(key, "event", now, encode(event)))
         return rows
 
-    async def enqueue(self, rows: list[NewRow], cors: Headers) -> Response:
+    def enqueue(self, rows: list[NewRow], cors: Headers) -> Response | asyncio.Future[Response]:
+        """200 once the rows are committed (a future the commit resolves), else 503."""
         assert self.queue is not None
         try:
-            await self.queue.put(rows)
-        except QueueFull as exc:
-            return error_response(
-                503,
-                "queue_full",
-                f"{exc}; retry later",
-                [*cors, (b"retry-after", self.retry_after)],
-            )
+            committed = self.queue.submit(rows)
         except QueueError as exc:
-            log.error("could not queue %d events: %s", len(rows), exc)
-            return error_response(
-                503,
-                "queue_error",
-                "the events could not be stored; retry later",
-                [*cors, (b"retry-after", self.retry_after)],
+            return self._not_stored(exc, len(rows), cors)
+        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future[None]) -> None:
+            if answer.done():
+                return
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled() or exc is not None:
+                err = exc if isinstance(exc, QueueError) else QueueError(str(exc))
+                answer.set_result(self._not_stored(err, len(rows), cors))
+                return
+            if self.on_queued is not None:
+                self.on_queued()
+            answer.set_result(
+                Response(200, [(b"content-type", b"application/json"), *cors], SUCCESS)
             )
-        if self.on_queued is not None:
-            self.on_queued()
-        return Response(200, [(b"content-type", b"application/json"), *cors], SUCCESS)
+
+        committed.add_done_callback(done)
+        return answer
+
+    def _not_stored(self, exc: QueueError, count: int, cors: Headers) -> Response:
+        headers = [*cors, (b"retry-after", self.retry_after)]
+        if isinstance(exc, QueueFull):
+            return error_response(503, "queue_full", f"{exc}; retry later", headers)
+        log.error("could not queue %d events: %s", count, exc)
+        return error_response(
+            503, "queue_error", "the events could not be stored; retry later", headers
+        )
 
     async def forward(self, payload: Payload, body: bytes, route: Route, cors: Headers) -> Response:
         headers: Headers = [(b"content-type", b"application/json")]

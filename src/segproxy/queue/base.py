@@ -16,6 +16,7 @@ Invariants every backend keeps (the SQLite one on disk, see sqlite.py):
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -82,6 +83,10 @@ class QueueStats:
 class Queue(Protocol):
     async def put(self, rows: list[NewRow]) -> None:
         """Durably store ``rows`` (all or none); raise QueueFull when over a cap."""
+
+    def submit(self, rows: list[NewRow]) -> asyncio.Future[None]:
+        """``put`` without a coroutine: raises QueueFull at once, or returns a future that is
+        done once the rows are durable (the hot path uses this: no task per request)."""
 
     async def lease(
         self, now: float, max_rows: int, exclude_keys: frozenset[str] = frozenset()

@@ -6,6 +6,7 @@ acknowledged event is lost if the process dies; never use it where that matters)
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass
 
@@ -29,7 +30,16 @@ class MemoryQueue:
         self.bytes = 0
         self._ids = itertools.count(1)
 
+    def submit(self, rows: list[NewRow]) -> asyncio.Future[None]:
+        self._store(rows)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
     async def put(self, rows: list[NewRow]) -> None:
+        self._store(rows)
+
+    def _store(self, rows: list[NewRow]) -> None:
         size = sum(len(r.body) for r in rows)
         if len(self.slots) + len(rows) > self.max_rows or self.bytes + size > self.max_bytes:
             raise QueueFull("the queue is full")

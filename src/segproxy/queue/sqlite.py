@@ -249,6 +249,9 @@ class SqliteQueue:
     # -- put: group commit ------------------------------------------------------------------
 
     async def put(self, rows: list[NewRow]) -> None:
+        await self.submit(rows)
+
+    def submit(self, rows: list[NewRow]) -> asyncio.Future[None]:
         if self._closed:
             raise QueueError("the queue is closed")
         size = sum(len(r.body) for r in rows)
@@ -263,7 +266,7 @@ class SqliteQueue:
         self._pending.append((rows, size, fut))
         if not self._committing:
             self._start_commit()
-        await fut
+        return fut
 
     def _start_commit(self) -> None:
         batch, self._pending = self._pending, []
