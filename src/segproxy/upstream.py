@@ -52,12 +52,23 @@ class UpstreamResponse:
         return self.headers.get(name)
 
 
+class _Exchange:
+    """One request in flight: what to send, whom to tell, and whether it was retried."""
+
+    __slots__ = ("attempt", "future", "payload")
+
+    def __init__(self, payload: bytes, future: asyncio.Future[UpstreamResponse]) -> None:
+        self.payload = payload
+        self.future = future
+        self.attempt = 0
+
+
 class _Conn(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.exchange: _Exchange | None = None
         self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
         self.status = 0
@@ -77,15 +88,15 @@ class _Conn(asyncio.Protocol):
         self.closed = True
         self.transport = None
         self.pool._forget(self)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            if self.headers_done and b"content-length" not in self.headers and not self._chunked():
-                # Body delimited by close (HTTP/1.0 style): what we have is the whole body.
-                waiter.set_result(UpstreamResponse(self.status, self.headers, b"".join(self.body)))
-            else:
-                waiter.set_exception(
-                    UpstreamError("protocol", "connection closed before the response completed")
-                )
+        if self.exchange is None:
+            return
+        if self.headers_done and b"content-length" not in self.headers and not self._chunked():
+            # Body delimited by close (HTTP/1.0 style): what we have is the whole body.
+            self._finish(UpstreamResponse(self.status, self.headers, b"".join(self.body)), None)
+        else:
+            self._finish(
+                None, UpstreamError("protocol", "connection closed before the response completed")
+            )
 
     def _chunked(self) -> bool:
         return b"chunked" in self.headers.get(b"transfer-encoding", b"").lower()
@@ -98,10 +109,13 @@ class _Conn(asyncio.Protocol):
             self._fail(UpstreamError("protocol", f"unparseable response: {exc}"))
 
     def _fail(self, exc: UpstreamError) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
         self.close()
+        self._finish(None, exc)
+
+    def _finish(self, resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            self.pool._complete(self, exchange, resp, exc)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.lower()
@@ -122,19 +136,18 @@ class _Conn(asyncio.Protocol):
             self.headers_done = False
             return
         self.keep_alive = bool(self.parser.should_keep_alive())
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(UpstreamResponse(self.status, self.headers, b"".join(self.body)))
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self._finish(UpstreamResponse(self.status, self.headers, body), None)
 
-    def start(self, payload: bytes, waiter: asyncio.Future[UpstreamResponse]) -> None:
-        self.waiter = waiter
+    def start(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
         self.headers = {}
         self.body = []
         self.status = 0
         self.got_bytes = False
         self.headers_done = False
         assert self.transport is not None
-        self.transport.write(payload)
+        self.transport.write(exchange.payload)
 
     def close(self) -> None:
         self.closed = True
@@ -143,7 +156,11 @@ class _Conn(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Connections to one upstream origin, reused LIFO, at most ``max_connections`` open."""
+    """Connections to one upstream origin, reused LIFO, at most ``max_connections`` open.
+
+    ``send`` is callback-driven: with an idle connection at hand, a request costs no task and
+    no coroutine (the hot path of passthrough ingest); only opening a connection runs a task.
+    """
 
     def __init__(
         self,
@@ -159,9 +176,10 @@ class UpstreamPool:
         self.timeout = timeout
         self.idle: deque[_Conn] = deque()
         self.max_connections = max_connections
-        self.active = 0  # requests holding a connection slot
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.active = 0  # exchanges holding a connection slot
+        self.backlog: deque[_Exchange] = deque()  # waiting for a slot
         self.busy: set[_Conn] = set()  # connections awaiting a response, checked by _sweep
+        self.connecting: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if upstream.scheme == "https" else None
@@ -173,47 +191,6 @@ class UpstreamPool:
     def _forget(self, conn: _Conn) -> None:
         if conn in self.idle:
             self.idle.remove(conn)
-
-    async def _connect(self) -> _Conn:
-        loop = asyncio.get_running_loop()
-        up = self.upstream
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, proto = await loop.create_connection(
-                    lambda: _Conn(self),
-                    up.host,
-                    up.port,
-                    ssl=self.ssl,
-                    server_hostname=up.host if self.ssl else None,
-                )
-        except TimeoutError as exc:
-            raise UpstreamError("connect", f"connecting to {up.origin} timed out") from exc
-        except OSError as exc:
-            raise UpstreamError("connect", f"cannot connect to {up.origin}: {exc}") from exc
-        return proto
-
-    async def _acquire(self) -> None:
-        if self.active < self.max_connections:
-            self.active += 1
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
-        try:
-            await fut  # the slot is handed over by _release, still counted in self.active
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self._release()  # we were handed a slot but will not use it
-            else:
-                self.waiters.remove(fut)
-            raise
-
-    def _release(self) -> None:
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self.active -= 1
 
     def _sweep(self) -> None:
         """Time out requests past their deadline; runs while any request is in flight."""
@@ -248,6 +225,30 @@ class UpstreamPool:
         parts.append(body)
         return b"".join(parts)
 
+    def send(
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        body: bytes = b"",
+    ) -> asyncio.Future[UpstreamResponse]:
+        """Send one request; the future resolves to the response or an UpstreamError.
+
+        ``path`` must already be validated (it is not checked here).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[UpstreamResponse] = loop.create_future()
+        if self.closed:
+            future.set_exception(UpstreamError("connect", "the upstream pool is closed"))
+            return future
+        exchange = _Exchange(self.build(method, path, headers or [], body), future)
+        if self.active >= self.max_connections:
+            self.backlog.append(exchange)
+        else:
+            self.active += 1
+            self._dispatch(exchange)
+        return future
+
     async def request(
         self,
         method: str,
@@ -255,55 +256,117 @@ class UpstreamPool:
         headers: list[tuple[bytes, bytes]] | None = None,
         body: bytes = b"",
     ) -> UpstreamResponse:
-        """Send one request; ``path`` must already be validated (it is not checked here)."""
-        if self.closed:
-            raise UpstreamError("connect", "the upstream pool is closed")
-        payload = self.build(method, path, headers or [], body)
+        return await self.send(method, path, headers, body)
+
+    def _dispatch(self, exchange: _Exchange) -> None:
+        """Run ``exchange`` on an idle connection, or open one (the slot is already held)."""
         loop = asyncio.get_running_loop()
-        await self._acquire()
+        conn = self._take_idle(loop.time())
+        if conn is not None:
+            self._start(conn, exchange)
+            return
+        task = loop.create_task(self._connect_then_start(exchange))
+        self.connecting.add(task)
+        task.add_done_callback(self.connecting.discard)
+
+    async def _connect_then_start(self, exchange: _Exchange) -> None:
         try:
-            for attempt in (0, 1):
-                conn = self._take_idle(loop.time())
-                if conn is None:
-                    conn = await self._connect()
-                waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
-                conn.deadline = loop.time() + self.timeout
-                self.busy.add(conn)
-                if self._sweeper is None:
-                    self._sweeper = loop.call_later(0.25, self._sweep)
-                conn.start(payload, waiter)
-                try:
-                    resp = await waiter
-                except UpstreamError as exc:
-                    conn.close()
-                    if (
-                        attempt == 0
-                        and conn.reused
-                        and not conn.got_bytes
-                        and exc.kind != "timeout"
-                    ):
-                        continue  # the upstream had closed this idle connection: retry once
-                    raise
-                except BaseException:
-                    conn.close()
-                    raise
-                finally:
-                    self.busy.discard(conn)
-                if conn.keep_alive and not conn.closed and not self.closed:
-                    conn.last_used = loop.time()
-                    conn.waiter = None
-                    self.idle.append(conn)
-                else:
-                    conn.close()
-                return resp
-            raise AssertionError("unreachable")
-        finally:
+            conn = await self._connect()
+        except UpstreamError as exc:
             self._release()
+            if not exchange.future.done():
+                exchange.future.set_exception(exc)
+            return
+        except BaseException:
+            self._release()
+            if not exchange.future.done():
+                exchange.future.cancel()
+            raise
+        self._start(conn, exchange)
+
+    def _start(self, conn: _Conn, exchange: _Exchange) -> None:
+        loop = asyncio.get_running_loop()
+        conn.deadline = loop.time() + self.timeout
+        self.busy.add(conn)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(0.25, self._sweep)
+        conn.start(exchange)
+
+    def _complete(
+        self,
+        conn: _Conn,
+        exchange: _Exchange,
+        resp: UpstreamResponse | None,
+        exc: UpstreamError | None,
+    ) -> None:
+        self.busy.discard(conn)
+        if exc is not None or resp is None:
+            conn.close()
+            err = exc or UpstreamError("protocol", "no response")
+            if (
+                exchange.attempt == 0
+                and conn.reused
+                and not conn.got_bytes
+                and err.kind != "timeout"
+                and not self.closed
+            ):
+                exchange.attempt = 1  # the upstream had closed this idle connection: retry once
+                self._dispatch(exchange)
+                return
+            self._release()
+            if not exchange.future.done():
+                exchange.future.set_exception(err)
+            return
+        if conn.keep_alive and not conn.closed and not self.closed:
+            conn.last_used = asyncio.get_running_loop().time()
+            self.idle.append(conn)
+        else:
+            conn.close()
+        self._release()
+        if not exchange.future.done():
+            exchange.future.set_result(resp)
+
+    def _release(self) -> None:
+        """Hand the slot to the next waiting exchange, or free it."""
+        while self.backlog:
+            exchange = self.backlog.popleft()
+            if not exchange.future.done():  # the caller may have given up meanwhile
+                self._dispatch(exchange)
+                return
+        self.active -= 1
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        up = self.upstream
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, proto = await loop.create_connection(
+                    lambda: _Conn(self),
+                    up.host,
+                    up.port,
+                    ssl=self.ssl,
+                    server_hostname=up.host if self.ssl else None,
+                )
+        except TimeoutError as exc:
+            raise UpstreamError("connect", f"connecting to {up.origin} timed out") from exc
+        except OSError as exc:
+            raise UpstreamError("connect", f"cannot connect to {up.origin}: {exc}") from exc
+        return proto
 
     async def close(self) -> None:
         self.closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        for task in list(self.connecting):
+            task.cancel()
+        if self.connecting:
+            await asyncio.gather(*self.connecting, return_exceptions=True)
+        while self.backlog:
+            exchange = self.backlog.popleft()
+            if not exchange.future.done():
+                exchange.future.set_exception(UpstreamError("connect", "the pool is closed"))
+        for conn in list(self.busy):  # in flight: their callers get an error, not a hang
+            conn._fail(UpstreamError("connect", "the upstream pool is closed"))
         while self.idle:
             self.idle.pop().close()

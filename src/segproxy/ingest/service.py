@@ -28,7 +28,7 @@ from segproxy.forward.batcher import prepare_events
 from segproxy.ingest.parse import IngestError, Payload, decode_body, enrich, parse
 from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
 from segproxy.routes import API_ENDPOINTS, Route
-from segproxy.upstream import UpstreamError, UpstreamPool
+from segproxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("segproxy.ingest")
 
@@ -172,24 +172,40 @@ class IngestService:
             503, "queue_error", "the events could not be stored; retry later", headers
         )
 
-    async def forward(self, payload: Payload, body: bytes, route: Route, cors: Headers) -> Response:
+    def forward(
+        self, payload: Payload, body: bytes, route: Route, cors: Headers
+    ) -> asyncio.Future[Response]:
+        """Send the request on as it is (passthrough); Segment's answer is the client's."""
         headers: Headers = [(b"content-type", b"application/json")]
         if payload.authorization is not None:
             headers.append((b"authorization", payload.authorization))
         elif payload.write_key is not None:
             token = base64.b64encode(payload.write_key.encode() + b":")
             headers.append((b"authorization", b"Basic " + token))
-        try:
-            resp = await self.pool.request("POST", route.upstream_path, headers, body)
-        except UpstreamError as exc:
+        sent = self.pool.send("POST", route.upstream_path, headers, body)
+        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future[UpstreamResponse]) -> None:
+            if not answer.done():
+                answer.set_result(self._relay(f, route, cors))
+
+        sent.add_done_callback(done)
+        return answer
+
+    def _relay(
+        self, sent: asyncio.Future[UpstreamResponse], route: Route, cors: Headers
+    ) -> Response:
+        exc = sent.exception() if not sent.cancelled() else UpstreamError("connect", "cancelled")
+        if exc is not None:
             log.warning("API upstream failed for %s: %s", route.upstream_path, exc)
-            status = 503 if exc.kind == "timeout" else 502
+            kind = exc.kind if isinstance(exc, UpstreamError) else "protocol"
             return error_response(
-                status,
+                503 if kind == "timeout" else 502,
                 "upstream_unavailable",
                 "Segment's API could not be reached; retry later",
                 [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
             )
+        resp = sent.result()
         if 300 <= resp.status < 400:
             return error_response(
                 502,
