@@ -16,7 +16,7 @@ from segproxy import __version__
 from segproxy.cdn.service import CdnService
 from segproxy.config import Config
 from segproxy.edge.forwarded import client_ip, host_allowed, public_origin
-from segproxy.edge.http import Request, Response, error_response, json_response
+from segproxy.edge.http import Deferred, Request, Response, error_response, json_response
 from segproxy.forward.forwarder import Forwarder, ForwardSettings
 from segproxy.ingest.service import IngestService
 from segproxy.queue import open_queue
@@ -82,7 +82,7 @@ class App:
             await asyncio.sleep(10)
             await self.queue.recount()
 
-    def __call__(self, req: Request) -> Response | Awaitable[Response]:
+    def __call__(self, req: Request) -> Response | Deferred | Awaitable[Response]:
         cfg = self.config
         route = match(req.method, req.target, cfg.prefix)
         if isinstance(route, Reject):

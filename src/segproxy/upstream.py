@@ -23,6 +23,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -52,15 +53,23 @@ class UpstreamResponse:
         return self.headers.get(name)
 
 
+Done = Callable[[UpstreamResponse | None, UpstreamError | None], None]
+
+
 class _Exchange:
-    """One request in flight: what to send, whom to tell, and whether it was retried."""
+    """One request in flight: what to send, whom to tell (once), and whether it was retried."""
 
-    __slots__ = ("attempt", "future", "payload")
+    __slots__ = ("attempt", "done", "payload")
 
-    def __init__(self, payload: bytes, future: asyncio.Future[UpstreamResponse]) -> None:
+    def __init__(self, payload: bytes, done: Done) -> None:
         self.payload = payload
-        self.future = future
+        self.done: Done | None = done
         self.attempt = 0
+
+    def tell(self, resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
+        done, self.done = self.done, None
+        if done is not None:
+            done(resp, exc)
 
 
 class _Conn(asyncio.Protocol):
@@ -225,6 +234,29 @@ class UpstreamPool:
         parts.append(body)
         return b"".join(parts)
 
+    def send_then(
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        done: Done,
+    ) -> None:
+        """Send one request; ``done(response, None)`` or ``done(None, error)`` is called once,
+        synchronously from the loop callback that completes it (no future, no extra hop).
+
+        ``path`` must already be validated (it is not checked here).
+        """
+        if self.closed:
+            done(None, UpstreamError("connect", "the upstream pool is closed"))
+            return
+        exchange = _Exchange(self.build(method, path, headers, body), done)
+        if self.active >= self.max_connections:
+            self.backlog.append(exchange)
+        else:
+            self.active += 1
+            self._dispatch(exchange)
+
     def send(
         self,
         method: str,
@@ -232,21 +264,18 @@ class UpstreamPool:
         headers: list[tuple[bytes, bytes]] | None = None,
         body: bytes = b"",
     ) -> asyncio.Future[UpstreamResponse]:
-        """Send one request; the future resolves to the response or an UpstreamError.
+        """``send_then`` as a future (for callers that await)."""
+        future: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
 
-        ``path`` must already be validated (it is not checked here).
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[UpstreamResponse] = loop.create_future()
-        if self.closed:
-            future.set_exception(UpstreamError("connect", "the upstream pool is closed"))
-            return future
-        exchange = _Exchange(self.build(method, path, headers or [], body), future)
-        if self.active >= self.max_connections:
-            self.backlog.append(exchange)
-        else:
-            self.active += 1
-            self._dispatch(exchange)
+        def done(resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
+            if future.done():
+                return
+            if resp is not None:
+                future.set_result(resp)
+            else:
+                future.set_exception(exc or UpstreamError("protocol", "no response"))
+
+        self.send_then(method, path, headers or [], body, done)
         return future
 
     async def request(
@@ -274,13 +303,11 @@ class UpstreamPool:
             conn = await self._connect()
         except UpstreamError as exc:
             self._release()
-            if not exchange.future.done():
-                exchange.future.set_exception(exc)
+            exchange.tell(None, exc)
             return
         except BaseException:
             self._release()
-            if not exchange.future.done():
-                exchange.future.cancel()
+            exchange.tell(None, UpstreamError("connect", "cancelled while connecting"))
             raise
         self._start(conn, exchange)
 
@@ -314,8 +341,7 @@ class UpstreamPool:
                 self._dispatch(exchange)
                 return
             self._release()
-            if not exchange.future.done():
-                exchange.future.set_exception(err)
+            exchange.tell(None, err)
             return
         if conn.keep_alive and not conn.closed and not self.closed:
             conn.last_used = asyncio.get_running_loop().time()
@@ -323,16 +349,13 @@ class UpstreamPool:
         else:
             conn.close()
         self._release()
-        if not exchange.future.done():
-            exchange.future.set_result(resp)
+        exchange.tell(resp, None)
 
     def _release(self) -> None:
         """Hand the slot to the next waiting exchange, or free it."""
-        while self.backlog:
-            exchange = self.backlog.popleft()
-            if not exchange.future.done():  # the caller may have given up meanwhile
-                self._dispatch(exchange)
-                return
+        if self.backlog:
+            self._dispatch(self.backlog.popleft())
+            return
         self.active -= 1
 
     async def _connect(self) -> _Conn:
@@ -363,9 +386,7 @@ class UpstreamPool:
         if self.connecting:
             await asyncio.gather(*self.connecting, return_exceptions=True)
         while self.backlog:
-            exchange = self.backlog.popleft()
-            if not exchange.future.done():
-                exchange.future.set_exception(UpstreamError("connect", "the pool is closed"))
+            self.backlog.popleft().tell(None, UpstreamError("connect", "the pool is closed"))
         for conn in list(self.busy):  # in flight: their callers get an error, not a hang
             conn._fail(UpstreamError("connect", "the upstream pool is closed"))
         while self.idle:

@@ -6,6 +6,7 @@ Header names are lower-case bytes. A repeated header is joined with ", " (RFC 91
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -36,6 +37,39 @@ class Response:
     status: int
     headers: Headers = field(default_factory=list)
     body: bytes = b""
+
+
+class Deferred:
+    """A response that is not ready yet, resolved synchronously by whatever produces it.
+
+    Cheaper than a Future on the hot path: no event-loop hop between the producer (an upstream
+    response, a queue commit) and the edge writing the answer.
+    """
+
+    __slots__ = ("_callback", "_response")
+
+    def __init__(self) -> None:
+        self._response: Response | None = None
+        self._callback: Callable[[Response], None] | None = None
+
+    def resolve(self, response: Response) -> None:
+        if self._response is not None:
+            return  # first answer wins
+        self._response = response
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback(response)
+
+    def then(self, callback: Callable[[Response], None]) -> None:
+        if self._response is not None:
+            callback(self._response)
+        else:
+            self._callback = callback
+
+    @property
+    def response(self) -> Response | None:
+        """The response if already resolved, else None."""
+        return self._response
 
 
 def reason(status: int) -> str:

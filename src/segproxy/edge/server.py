@@ -30,12 +30,20 @@ from typing import Any, cast
 import httptools
 
 from segproxy.config import LimitsConfig
-from segproxy.edge.http import SECURITY_HEADERS, Request, Response, error_response, reason
+from segproxy.edge.http import (
+    SECURITY_HEADERS,
+    Deferred,
+    Request,
+    Response,
+    error_response,
+    reason,
+)
 
 log = logging.getLogger("segproxy.edge")
 
-# A handler answers at once (Response), later (a Future), or runs a coroutine (given a task).
-Handler = Callable[[Request], Response | Awaitable[Response]]
+# A handler answers at once (Response), later (a Deferred resolved by its producer, or a
+# Future), or runs a coroutine (given a task).
+Handler = Callable[[Request], Response | Deferred | Awaitable[Response]]
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -340,6 +348,11 @@ class HttpProtocol(asyncio.Protocol):
             except Exception:
                 log.exception("handler failed for %s %s", item.method, item.target)
                 result = error_response(500, "internal_error", "internal error")
+            if isinstance(result, Deferred):
+                if result.response is None:
+                    result.then(functools.partial(self._resolved, item))
+                    return  # busy until the producer resolves it
+                result = result.response
             if isinstance(result, Response):
                 if self._answer(item, result):
                     continue
@@ -357,6 +370,12 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = False
         if self.transport is not None and not self.closing and not self.in_message:
             self._arm("idle", self.limits.idle_timeout)
+
+    def _resolved(self, item: Request, response: Response) -> None:
+        if self._answer(item, response):
+            self._next()
+        else:
+            self.busy = False
 
     def _done(self, item: Request, pending: asyncio.Future[Response]) -> None:
         self.current = None

@@ -13,17 +13,16 @@ clients keep their own retry behaviour. If the upstream cannot be reached, the c
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import orjson
 
 from segproxy.config import Config
-from segproxy.edge.http import Headers, Request, Response, error_response
+from segproxy.edge.http import Deferred, Headers, Request, Response, error_response
 from segproxy.forward.batcher import prepare_events
 from segproxy.ingest.parse import IngestError, Payload, decode_body, enrich, parse
 from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
@@ -102,7 +101,7 @@ class IngestService:
         enrich(payload, ip)
         return payload
 
-    def handle(self, req: Request, route: Route, ip: str) -> Response | Awaitable[Response]:
+    def handle(self, req: Request, route: Route, ip: str) -> Response | Deferred:
         """Refusals are answered at once; accepted events later (commit or upstream)."""
         origin = req.header(b"origin")
         if req.method == "OPTIONS":
@@ -137,30 +136,24 @@ class IngestService:
                 rows.append(NewRow(key, "event", now, encode(event)))
         return rows
 
-    def enqueue(self, rows: list[NewRow], cors: Headers) -> Response | asyncio.Future[Response]:
-        """200 once the rows are committed (a future the commit resolves), else 503."""
+    def enqueue(self, rows: list[NewRow], cors: Headers) -> Response | Deferred:
+        """200 once the rows are committed (the commit resolves the answer), else 503."""
         assert self.queue is not None
-        try:
-            committed = self.queue.submit(rows)
-        except QueueError as exc:
-            return self._not_stored(exc, len(rows), cors)
-        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        answer = Deferred()
 
-        def done(f: asyncio.Future[None]) -> None:
-            if answer.done():
-                return
-            exc = None if f.cancelled() else f.exception()
-            if f.cancelled() or exc is not None:
+        def done(exc: BaseException | None) -> None:
+            if exc is not None:
                 err = exc if isinstance(exc, QueueError) else QueueError(str(exc))
-                answer.set_result(self._not_stored(err, len(rows), cors))
+                answer.resolve(self._not_stored(err, len(rows), cors))
                 return
             if self.on_queued is not None:
                 self.on_queued()
-            answer.set_result(
-                Response(200, [(b"content-type", b"application/json"), *cors], SUCCESS)
-            )
+            answer.resolve(Response(200, [(b"content-type", b"application/json"), *cors], SUCCESS))
 
-        committed.add_done_callback(done)
+        try:
+            self.queue.submit_then(rows, done)
+        except QueueError as exc:
+            return self._not_stored(exc, len(rows), cors)
         return answer
 
     def _not_stored(self, exc: QueueError, count: int, cors: Headers) -> Response:
@@ -172,9 +165,7 @@ class IngestService:
             503, "queue_error", "the events could not be stored; retry later", headers
         )
 
-    def forward(
-        self, payload: Payload, body: bytes, route: Route, cors: Headers
-    ) -> asyncio.Future[Response]:
+    def forward(self, payload: Payload, body: bytes, route: Route, cors: Headers) -> Deferred:
         """Send the request on as it is (passthrough); Segment's answer is the client's."""
         headers: Headers = [(b"content-type", b"application/json")]
         if payload.authorization is not None:
@@ -182,30 +173,29 @@ class IngestService:
         elif payload.write_key is not None:
             token = base64.b64encode(payload.write_key.encode() + b":")
             headers.append((b"authorization", b"Basic " + token))
-        sent = self.pool.send("POST", route.upstream_path, headers, body)
-        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        answer = Deferred()
 
-        def done(f: asyncio.Future[UpstreamResponse]) -> None:
-            if not answer.done():
-                answer.set_result(self._relay(f, route, cors))
+        def done(resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
+            answer.resolve(self._relay(resp, exc, route, cors))
 
-        sent.add_done_callback(done)
+        self.pool.send_then("POST", route.upstream_path, headers, body, done)
         return answer
 
     def _relay(
-        self, sent: asyncio.Future[UpstreamResponse], route: Route, cors: Headers
+        self,
+        resp: UpstreamResponse | None,
+        exc: UpstreamError | None,
+        route: Route,
+        cors: Headers,
     ) -> Response:
-        exc = sent.exception() if not sent.cancelled() else UpstreamError("connect", "cancelled")
-        if exc is not None:
+        if resp is None:
             log.warning("API upstream failed for %s: %s", route.upstream_path, exc)
-            kind = exc.kind if isinstance(exc, UpstreamError) else "protocol"
             return error_response(
-                503 if kind == "timeout" else 502,
+                503 if exc is not None and exc.kind == "timeout" else 502,
                 "upstream_unavailable",
                 "Segment's API could not be reached; retry later",
                 [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
             )
-        resp = sent.result()
         if 300 <= resp.status < 400:
             return error_response(
                 502,

@@ -17,6 +17,7 @@ Invariants every backend keeps (the SQLite one on disk, see sqlite.py):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -86,7 +87,11 @@ class Queue(Protocol):
 
     def submit(self, rows: list[NewRow]) -> asyncio.Future[None]:
         """``put`` without a coroutine: raises QueueFull at once, or returns a future that is
-        done once the rows are durable (the hot path uses this: no task per request)."""
+        done once the rows are durable."""
+
+    def submit_then(self, rows: list[NewRow], done: Callable[[BaseException | None], None]) -> None:
+        """The hot path: raises QueueFull at once, or calls ``done(None)`` once the rows are
+        durable (``done(error)`` if they could not be stored), from the commit's callback."""
 
     async def lease(
         self, now: float, max_rows: int, exclude_keys: frozenset[str] = frozenset()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from segproxy.queue.base import DeadRow, KeyStats, NewRow, QueueFull, QueueStats, Row
@@ -29,6 +30,10 @@ class MemoryQueue:
         self.dead: list[DeadRow] = []
         self.bytes = 0
         self._ids = itertools.count(1)
+
+    def submit_then(self, rows: list[NewRow], done: Callable[[BaseException | None], None]) -> None:
+        self._store(rows)
+        done(None)
 
     def submit(self, rows: list[NewRow]) -> asyncio.Future[None]:
         self._store(rows)

@@ -135,7 +135,7 @@ class SqliteQueue:
         self.rows = 0  # queued (committed or being committed) rows and bytes
         self.bytes = 0
         self._sizes: dict[int, int] = {}  # leased id -> size, to keep the counters exact
-        self._pending: list[tuple[list[NewRow], int, asyncio.Future[None]]] = []
+        self._pending: list[tuple[list[NewRow], int, Callable[[BaseException | None], None]]] = []
         self._committing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -252,6 +252,21 @@ class SqliteQueue:
         await self.submit(rows)
 
     def submit(self, rows: list[NewRow]) -> asyncio.Future[None]:
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+        self.submit_then(rows, done)
+        return fut
+
+    def submit_then(self, rows: list[NewRow], done: Callable[[BaseException | None], None]) -> None:
         if self._closed:
             raise QueueError("the queue is closed")
         size = sum(len(r.body) for r in rows)
@@ -259,14 +274,11 @@ class SqliteQueue:
             raise QueueFull(f"the queue is full ({self.rows} events, {self.bytes} bytes queued)")
         if not self._check_disk():
             raise QueueFull("the disk holding the queue is nearly full")
-        loop = self._loop or asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
         self.rows += len(rows)
         self.bytes += size
-        self._pending.append((rows, size, fut))
+        self._pending.append((rows, size, done))
         if not self._committing:
             self._start_commit()
-        return fut
 
     def _start_commit(self) -> None:
         batch, self._pending = self._pending, []
@@ -303,19 +315,19 @@ class SqliteQueue:
 
     def _commit_done(
         self,
-        batch: list[tuple[list[NewRow], int, asyncio.Future[None]]],
+        batch: list[tuple[list[NewRow], int, Callable[[BaseException | None], None]]],
         result: asyncio.Future[None],
     ) -> None:
         self._committing = False
         exc = result.exception()
-        for rows, size, fut in batch:
+        for rows, size, done in batch:
             if exc is not None:
                 self.rows -= len(rows)
                 self.bytes -= size
-                if not fut.done():
-                    fut.set_exception(exc)
-            elif not fut.done():
-                fut.set_result(None)
+            try:
+                done(exc)
+            except Exception:  # one caller's failure must not starve the others
+                log.exception("commit callback failed")
         if self._pending:
             self._start_commit()
         else:
