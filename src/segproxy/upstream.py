@@ -195,6 +195,7 @@ class UpstreamPool:
         )
         self.host_header = b"host: " + upstream.authority.encode("idna") + b"\r\n"
         self.user_agent = user_agent
+        self._heads: dict[tuple[str, str], bytes] = {}  # request line + fixed headers
         self.closed = False
 
     def _forget(self, conn: _Conn) -> None:
@@ -221,11 +222,22 @@ class UpstreamPool:
     def build(
         self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> bytes:
-        parts = [
-            method.encode() + b" " + path.encode() + b" HTTP/1.1\r\n",
-            self.host_header,
-            b"user-agent: " + self.user_agent + b"\r\n",
-        ]
+        head = self._heads.get((method, path))
+        if head is None:
+            head = (
+                method.encode()
+                + b" "
+                + path.encode()
+                + b" HTTP/1.1\r\n"
+                + self.host_header
+                + b"user-agent: "
+                + self.user_agent
+                + b"\r\n"
+            )
+            if len(self._heads) >= 1024:  # paths come from routes, but keep it bounded
+                self._heads.clear()
+            self._heads[(method, path)] = head
+        parts = [head]
         for k, v in headers:
             parts.append(k + b": " + v + b"\r\n")
         if body or method in ("POST", "PUT", "PATCH"):

@@ -97,6 +97,9 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.header_bytes = 0
+        self.header_count = 0
+        self.max_header_bytes = server.limits.max_header_bytes
+        self.max_header_count = server.limits.max_header_count
         self.body: list[bytes] = []
         self.body_size = 0
         self.expect_body = False
@@ -218,6 +221,7 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = {}
         self.header_bytes = 0
+        self.header_count = 0
         self.body = []
         self.body_size = 0
         self._arm("header", self.limits.header_timeout)
@@ -229,22 +233,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > self.limits.max_header_bytes:
-            raise _Reject(
-                error_response(
-                    431,
-                    "headers_too_large",
-                    f"request headers are over {self.limits.max_header_bytes} bytes",
-                )
-            )
-        if len(self.headers) >= self.limits.max_header_count:
-            raise _Reject(
-                error_response(
-                    431,
-                    "too_many_headers",
-                    f"more than {self.limits.max_header_count} request headers",
-                )
-            )
+        self.header_count += 1
+        if self.header_bytes > self.max_header_bytes or self.header_count > self.max_header_count:
+            self._header_limit()
         key = name.lower()
         old = self.headers.get(key)
         if old is None:
@@ -253,6 +244,22 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(error_response(400, "bad_host", "more than one Host header"))
         else:
             self.headers[key] = old + b", " + value
+
+    def _header_limit(self) -> None:
+        limits = self.limits
+        if self.header_bytes > limits.max_header_bytes:
+            raise _Reject(
+                error_response(
+                    431,
+                    "headers_too_large",
+                    f"request headers are over {limits.max_header_bytes} bytes",
+                )
+            )
+        raise _Reject(
+            error_response(
+                431, "too_many_headers", f"more than {limits.max_header_count} request headers"
+            )
+        )
 
     def on_headers_complete(self) -> None:
         limits = self.limits

@@ -47,13 +47,25 @@ def encode(obj: object) -> bytes:
 
 
 def cors_headers(origin: bytes | None) -> Headers:
-    """Reflect a well-formed Origin (never with credentials), else ``*``."""
-    allow = origin if origin is not None and _ORIGIN_RE.match(origin) else b"*"
+    """Reflect a well-formed Origin (never with credentials), else ``*``.
+
+    The returned list may be shared: callers copy it (``[*cors, ...]``), never mutate it.
+    """
+    if origin is None:
+        return _CORS_ANY
+    allow = origin if _ORIGIN_RE.match(origin) else b"*"
     return [
         (b"access-control-allow-origin", allow),
         (b"access-control-expose-headers", EXPOSE_HEADERS),
         (b"vary", b"Origin"),
     ]
+
+
+_CORS_ANY: Headers = [
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-expose-headers", EXPOSE_HEADERS),
+    (b"vary", b"Origin"),
+]
 
 
 def preflight(origin: bytes | None) -> Response:
