@@ -6,11 +6,14 @@ What one run does (the method is explained in bench/README.md):
 
     core 1: wrk (-t1 -c50) + the shared fast upstream (nginx, 1 worker)
     core 0: the target under test, one at a time under load:
-            segproxy (python -m segproxy serve)  |  reference nginx (1 worker)
+            segproxy ([queue] backend="none")  |  segproxy-sqlite (durable)  |  reference nginx
 
 1. passthrough ingest: POST a ~1.5 KB analytics.js track event to /v1/t (Basic auth);
-2. cached script: GET /analytics.js/v1/<key>/analytics.min.js with Accept-Encoding: gzip, br;
-3. RSS of the segproxy process after the load (VmHWM = peak, VmRSS = last).
+2. durable ingest: the same POST to segproxy-sqlite, which answers after the group commit;
+   plus upstream requests per 1,000 acknowledged events (from wrk's start until the queue is
+   empty) and the drain time (wrk's end until `segproxy queue stats` shows 0 rows);
+3. cached script: GET /analytics.js/v1/<key>/analytics.min.js with Accept-Encoding: gzip, br;
+4. RSS of each segproxy process after the load (VmHWM = peak, VmRSS = last).
 
 Rounds alternate target and reference (ABBA order) so slow drift of the machine hits both;
 the table reports medians and the ratio segproxy/nginx from this same run. Results also go
@@ -76,8 +79,22 @@ LOAD_CORE = 1
 
 # Goals, printed next to the ratios (informational).
 GOAL_PASSTHROUGH_RATIO = 0.5
+GOAL_DURABLE_RATIO = 0.6
 GOAL_SCRIPT_RATIO = 0.8
 GOAL_RSS_MB = 60.0
+# Durable ingest: upstream requests per 1,000 acknowledged events, and seconds from the end of
+# the load until the queue is empty (both must hold in every measured round).
+GOAL_UPSTREAM_PER_1000 = 20.0
+GOAL_DRAIN_S = 10.0
+
+# Labels of the targets (also in file names and the JSON).
+SEGPROXY = "segproxy"
+DURABLE = "segproxy-sqlite"
+DURABLE_TITLE = f"durable ingest POST {INGEST_PATH} (sqlite, ack after commit)"
+
+# How long to wait for the durable proxy's queue to empty (after a run, and before the next).
+QUEUE_DRAIN_DEADLINE_S = 60.0
+QUEUE_POLL_S = 0.05
 
 # A run during which other processes used more than this share of one core is "noisy".
 NOISY_SHARE = 0.05
@@ -399,10 +416,18 @@ def render(template: Path, dest: Path, values: dict[str, str]) -> None:
 
 @dataclass
 class Target:
-    label: str  # "segproxy", "nginx" (the reference) or "nginx-b" (self-test target)
+    # "segproxy", "segproxy-sqlite" (durable ingest), "nginx" (the reference) or "nginx-b"
+    # (self-test target)
+    label: str
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    config: Path | None = None  # segproxy's TOML (the queue CLI reads it)
+
+
+def venv_python() -> str:
+    python = REPO / ".venv" / "bin" / "python"
+    return str(python) if python.exists() else sys.executable
 
 
 class Harness:
@@ -467,25 +492,26 @@ class Harness:
         ref.label = "nginx" if name == "reference" else "nginx-b"
         return ref
 
-    def start_segproxy(self, deadline_s: float, queue: str) -> Target:
+    def start_segproxy(self, deadline_s: float, queue: str, label: str = SEGPROXY) -> Target:
+        """One segproxy process with its own port and data dir (config, queue file)."""
         port = free_port()
         upstream = f"http://127.0.0.1:{self.upstream_port}"
-        config = self.tmp / "segproxy.toml"
-        queue_path = f'path = "{self.tmp / "queue.db"}"\n' if queue == "sqlite" else ""
+        data = self.tmp / label
+        data.mkdir()
+        config = data / "segproxy.toml"
+        queue_path = f'path = "{data / "queue.db"}"\n' if queue == "sqlite" else ""
         config.write_text(
             f'listen = "127.0.0.1:{port}"\n\n'
             f'[upstream]\napi = "{upstream}"\ncdn = "{upstream}"\n\n'
             f'[queue]\nbackend = "{queue}"\n{queue_path}\n'
             f'[sources]\nwrite_keys = ["{WRITE_KEY}"]\n'
         )
-        venv_python = REPO / ".venv" / "bin" / "python"
-        python = str(venv_python) if venv_python.exists() else sys.executable
-        log = self.tmp / "logs" / "segproxy.out"
+        log = self.tmp / "logs" / f"{label}.out"
         env = self.env | {"PYTHONUNBUFFERED": "1"}
         argv = self.pinned(
-            self.target_core, [python, "-m", "segproxy", "serve", "--config", str(config)]
+            self.target_core, [venv_python(), "-m", "segproxy", "serve", "--config", str(config)]
         )
-        proc = self.procs.start("segproxy", argv, cwd=self.tmp, log=log, env=env)
+        proc = self.procs.start(label, argv, cwd=data, log=log, env=env)
         deadline = time.monotonic() + deadline_s
         announced = False
         while time.monotonic() < deadline:
@@ -494,7 +520,7 @@ class Harness:
             announced = announced or "segproxy listening on" in log.read_text(errors="replace")
             with contextlib.suppress(OSError, http.client.HTTPException):
                 if http_request(port, "GET", "/healthz", timeout=1).status == 200:
-                    return Target("segproxy", port, proc, log)
+                    return Target(label, port, proc, log, config)
             time.sleep(0.1)
         raise BenchError(
             f"segproxy did not answer GET /healthz with 200 within {deadline_s:.0f}s "
@@ -504,6 +530,24 @@ class Harness:
 
 # --------------------------------------------------------------------------------------------
 # wrk
+
+
+@dataclass
+class Drain:
+    """What a durable-ingest run cost upstream, and how long its queue took to empty."""
+
+    acked: int  # responses wrk counted as 2xx (every event the proxy acknowledged to wrk)
+    rows_at_end: int  # rows queued when wrk stopped (first poll)
+    drain_s: float | None  # end of wrk -> `queue stats` says 0 rows; None: deadline passed
+    polls: int
+    upstream_requests: int  # at the upstream, from wrk's start until the queue was empty
+    dead_letters: int
+    user_s: float  # the proxy's CPU between the end of wrk and the empty queue
+    sys_s: float
+
+    @property
+    def per_1000(self) -> float | None:
+        return 1000.0 * self.upstream_requests / self.acked if self.acked else None
 
 
 @dataclass
@@ -531,12 +575,23 @@ class WrkRun:
     rss_kb_after: int | None = None
     cpu_busy_pct: dict[str, float] = field(default_factory=dict)
     foreign_cpu_s: float = 0.0
+    foreign_top: list[str] = field(default_factory=list)  # who: "comm[pid] cpu-s"
+    # CPU used meanwhile by the targets not under load on the target core (the idle nginx,
+    # the other segproxy; e.g. a queue checkpoint): they share the core with the one measured.
+    bystanders_cpu_s: dict[str, float] = field(default_factory=dict)
+    # Block-device writes and cache flushes (fsync) completed during the run, machine-wide:
+    # the durable queue's commits show here, and so does another process's disk I/O, which
+    # the CPU-based noise check cannot see but which slows every fsync.
+    disk_writes: int = 0
+    disk_flushes: int = 0
     waited_for_quiet_s: float = 0.0
     attempts: int = 1
     target_user_s: float = 0.0
     target_sys_s: float = 0.0
     upstream_requests: int = 0
     upstream_connections: int = 0
+    queue_rows_before: int = 0  # durable proxy's queue when the run started (should be 0)
+    drain: Drain | None = None  # durable ingest runs only
 
     @property
     def rps(self) -> float:
@@ -556,6 +611,9 @@ class WrkRun:
         d = asdict(self)
         d["rps"] = round(self.rps, 1)
         d["errors_total"] = self.errors
+        if self.drain is not None:
+            per = self.drain.per_1000
+            d["drain"]["upstream_per_1000_acked"] = None if per is None else round(per, 2)
         return d
 
 
@@ -566,6 +624,7 @@ class Benchmark:
     path: str
     script: str
     goal_ratio: float
+    target: Target  # what is measured against the reference nginx
     wrk_headers: list[str] = field(default_factory=list)
     script_args: list[str] = field(default_factory=list)
 
@@ -678,6 +737,48 @@ def tree_cpu_ticks(pid: int) -> tuple[int, int]:
     return user, system
 
 
+def disk_counters() -> tuple[int, int]:
+    """(writes, flushes) completed by the machine's disks, from /proc/diskstats."""
+    writes = flushes = 0
+    with contextlib.suppress(OSError):
+        disks = {d for d in os.listdir("/sys/block") if not d.startswith(("loop", "ram", "zram"))}
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if len(f) < 14 or f[2] not in disks:
+                continue
+            writes += int(f[7])
+            if len(f) >= 20:  # kernel 5.5+: flush requests completed
+                flushes += int(f[18])
+    return writes, flushes
+
+
+def fs_type(path: Path) -> str:
+    """The filesystem type holding path (from /proc/mounts): tmpfs would make fsync free."""
+    best, kind = "", "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            f = line.split()
+            inside = str(path) == f[1] or str(path).startswith(f[1].rstrip("/") + "/")
+            if len(f) >= 3 and inside and len(f[1]) > len(best):
+                best, kind = f[1], f[2]
+    return kind
+
+
+def foreign_top(before: dict[int, int], after: dict[int, int], n: int = 3) -> list[str]:
+    """The processes that used the most of the foreign CPU, as "comm[pid] cpu-s"."""
+    deltas = sorted(((t - before.get(pid, 0), pid) for pid, t in after.items()), reverse=True)
+    out: list[str] = []
+    for ticks, pid in deltas[:n]:
+        if ticks / CLK_TCK < 0.01:
+            break
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            comm = "?"
+        out.append(f"{comm}[{pid}] {ticks / CLK_TCK:.2f}")
+    return out
+
+
 def foreign_cpu_seconds(before: dict[int, int], after: dict[int, int]) -> float:
     ticks = sum(t - before.get(pid, 0) for pid, t in after.items())
     return round(max(0, ticks) / CLK_TCK, 2)
@@ -691,6 +792,47 @@ def upstream_counters(port: int) -> tuple[int, int]:
     except (OSError, http.client.HTTPException, ValueError, IndexError) as exc:
         raise BenchError(f"cannot read the upstream's stub_status: {exc!r}") from exc
     return accepts, requests
+
+
+def queue_stats(config: Path) -> dict[str, Any]:
+    """The durable proxy's queue, as an operator sees it: `segproxy queue stats --json`."""
+    argv = [venv_python(), "-m", "segproxy", "queue", "stats", "--json", "--config", str(config)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode != 0:
+            raise BenchError(
+                f"segproxy queue stats failed (exit {done.returncode}): {done.stderr[-2000:]}"
+            )
+        data: dict[str, Any] = json.loads(done.stdout)
+        int(data["rows"])
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError) as exc:
+        raise BenchError(f"segproxy queue stats: {exc!r}") from exc
+    return data
+
+
+def wait_queue_empty(
+    config: Path, since: float, deadline_s: float
+) -> tuple[float | None, int, dict[str, Any], int]:
+    """Poll `queue stats` until it reports 0 rows or deadline_s after `since` (monotonic).
+
+    Returns (seconds from `since` to the poll that saw 0 rows, or None if the deadline passed;
+    polls made; the last stats; rows seen by the first poll). A poll is a CLI start (~0.1 s),
+    so the time is an upper bound within about that much.
+    """
+    polls = 0
+    first_rows = -1
+    while True:
+        stats = queue_stats(config)
+        polls += 1
+        now = time.monotonic()
+        rows = int(stats["rows"])
+        if first_rows < 0:
+            first_rows = rows
+        if rows == 0:
+            return round(now - since, 2), polls, stats, first_rows
+        if now - since >= deadline_s:
+            return None, polls, stats, first_rows
+        time.sleep(QUEUE_POLL_S)
 
 
 def wait_for_quiet(deadline_s: float, window_s: float = 0.5, max_share: float = 0.05) -> float:
@@ -782,11 +924,15 @@ class RssSampler:
 # Sanity checks (one request each, before the load)
 
 
-def check_targets(targets: Sequence[Target], event: bytes, bundle: bytes) -> dict[str, Any]:
+def check_targets(
+    targets: Sequence[Target], event: bytes, bundle: bytes, *, ingest_only: Sequence[Target] = ()
+) -> dict[str, Any]:
+    """One ingest POST per target, and a look at a script cache hit (except ingest_only ones:
+    the durable proxy is only measured on ingest, so its cache and RSS stay as they are)."""
     basic = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
     body = event.replace(b"__MESSAGE_ID__", b"ajs-next-1700000000000-sanity-check")
     report: dict[str, Any] = {}
-    for t in targets:
+    for t in [*targets, *ingest_only]:
         entry: dict[str, Any] = {}
         try:
             r = http_request(
@@ -799,6 +945,9 @@ def check_targets(targets: Sequence[Target], event: bytes, bundle: bytes) -> dic
             entry["ingest"] = {"status": r.status, "body": r.body[:200].decode(errors="replace")}
         except (OSError, http.client.HTTPException) as exc:
             entry["ingest"] = {"error": repr(exc)}
+        if t in ingest_only:
+            report[t.label] = entry
+            continue
         # Warm the cache (the first request fetches from the upstream), then look at a hit.
         script: dict[str, Any] = {}
         try:
@@ -870,6 +1019,62 @@ def summarize(runs: list[WrkRun], label: str) -> dict[str, Any]:
     }
 
 
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    """Median where None (no ack, or no drain before the deadline) counts as worst."""
+    med = statistics.median(float("inf") if v is None else v for v in values)
+    return None if med == float("inf") else round(med, 2)
+
+
+def summarize_drains(drains: Sequence[Drain]) -> dict[str, Any]:
+    """Durable ingest, over the measured rounds: upstream requests per 1,000 acknowledged
+    events and drain times. A goal holds only if it holds in every round."""
+    per = [d.per_1000 for d in drains]
+    took = [d.drain_s for d in drains]
+    acked = sum(d.acked for d in drains)
+    upstream = sum(d.upstream_requests for d in drains)
+    return {
+        "upstream_per_1000": {
+            "per_round": [None if v is None else round(v, 2) for v in per],
+            "median": _median_or_none(per),
+            "pooled": round(1000.0 * upstream / acked, 2) if acked else None,
+            "upstream_requests_total": upstream,
+            "acked_total": acked,
+            "goal_max": GOAL_UPSTREAM_PER_1000,
+            "pass": all(v is not None and v <= GOAL_UPSTREAM_PER_1000 for v in per),
+        },
+        "drain_s": {
+            "per_round": took,
+            "median": _median_or_none(took),
+            "rows_at_end_per_round": [d.rows_at_end for d in drains],
+            "deadline_s": QUEUE_DRAIN_DEADLINE_S,
+            "goal_max": GOAL_DRAIN_S,
+            "pass": all(v is not None and v <= GOAL_DRAIN_S for v in took),
+        },
+        "dead_letters": max((d.dead_letters for d in drains), default=0),
+    }
+
+
+def drain_rows(summary: dict[str, Any]) -> list[str]:
+    """The two extra table lines of the durable ingest benchmark."""
+
+    def num(v: float | None, unit: str = "") -> str:
+        return f"> {QUEUE_DRAIN_DEADLINE_S:g}{unit}" if v is None else f"{v:g}{unit}"
+
+    per = summary["upstream_per_1000"]
+    took = summary["drain_s"]
+    per_rounds = " / ".join("n/a" if v is None else f"{v:.2f}" for v in per["per_round"])
+    took_rounds = " / ".join(num(v) for v in took["per_round"])
+    per_median = "n/a" if per["median"] is None else f"{per['median']:.2f}"
+    return [
+        f"| durable ingest: upstream requests per 1,000 acked events (wrk start to queue "
+        f"empty) | {per_median} (rounds {per_rounds}) | | | | | | "
+        f"| <= {GOAL_UPSTREAM_PER_1000:g} every round {mark(per['pass'])} |",
+        f"| durable ingest: drain time, end of load to empty queue | {num(took['median'], ' s')} "
+        f"(rounds {took_rounds}) | | | | | | "
+        f"| <= {GOAL_DRAIN_S:g} s every round {mark(took['pass'])} |",
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="1 round of 3 s (smoke test)")
@@ -884,7 +1089,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "as the target, to validate the harness (ratios should be ~1.0)",
     )
     ap.add_argument(
-        "--only", choices=("ingest", "script"), default=None, help="run one benchmark only"
+        "--only",
+        choices=("ingest", "durable", "script"),
+        default=None,
+        help="run one benchmark only: passthrough ingest, durable ingest (sqlite, ack after "
+        "commit) or the cached script",
     )
     ap.add_argument(
         "--settle",
@@ -904,8 +1113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--queue",
         choices=("none", "sqlite", "memory"),
         default="none",
-        help="segproxy's [queue] backend (default none: pure pass-through, as the goal assumes; "
-        "sqlite measures acking after a durable group commit)",
+        help="[queue] backend of the segproxy measured by the ingest and script rows (default "
+        "none: pure pass-through, as their goals assume); durable ingest is always measured "
+        "on a second segproxy process with backend sqlite (--only durable for just that)",
     )
     ap.add_argument("--startup-timeout", type=float, default=30.0)
     ap.add_argument("--keep-temp", action="store_true", help="keep the temp dir (configs, logs)")
@@ -922,6 +1132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.retries = 0 if args.quick else 2
     if rounds < 1 or duration <= 0:
         ap.error("--rounds must be >= 1 and --duration > 0")
+    if args.target == "nginx" and args.only == "durable":
+        ap.error("--only durable measures segproxy's durable queue: not with --target nginx")
     for tool in ("nginx", "wrk", "taskset", "ss"):
         if shutil.which(tool) is None:
             print(f"error: {tool} not found on PATH", file=sys.stderr)
@@ -994,23 +1206,53 @@ def _run(
     else:
         target = h.start_reference("target")
     label = target.label
-    ports = {upstream.port, reference.port, target.port}
+    # Durable ingest: a second segproxy (own port, own data dir, [queue] backend = "sqlite",
+    # same upstream, same core), idle except during its own runs and their drains.
+    durable: Target | None = None
+    if args.target == "segproxy" and args.only in (None, "durable"):
+        durable = h.start_segproxy(args.startup_timeout, "sqlite", label=DURABLE)
+    targets = [t for t in (target, durable) if t is not None]
+    ports = {upstream.port, reference.port, *(t.port for t in targets)}
 
     pins = {
         t.label: {str(p): affinity(p) for p in pid_tree(t.proc.pid)}
-        for t in (upstream, reference, target)
+        for t in (upstream, reference, *targets)
     }
     print(
-        f"segproxy bench: target={label} on core {target_core}, reference nginx on core "
+        f"segproxy bench: target={label}"
+        + (f" and {DURABLE} (durable ingest)" if durable else "")
+        + f" on core {target_core}, reference nginx on core "
         f"{target_core}, wrk + upstream nginx on core {load_core}; {rounds} round(s) x "
         f"{duration:g}s, -t1 -c{args.connections}; event {len(event)} B; bundle "
         f"{len(h.bundle):,} B ({len(gzip.compress(h.bundle, 9)):,} B gzip, {h.bundle_source})"
     )
-    print(f"ports: upstream {upstream.port}, nginx {reference.port}, {label} {target.port}")
+    print(
+        f"ports: upstream {upstream.port}, nginx {reference.port}, "
+        + ", ".join(f"{t.label} {t.port}" for t in targets)
+    )
+    queue_fs = fs_type(tmp)
+    if durable is not None:
+        print(f"{DURABLE}: queue {tmp / DURABLE / 'queue.db'} on {queue_fs}")
+        if queue_fs == "tmpfs":
+            print(f"warning: the queue is on tmpfs: fsync is free, {DURABLE} is flattered")
 
-    checks = check_targets((target, reference), event, h.bundle)
+    checks = check_targets(
+        (target, reference), event, h.bundle, ingest_only=[durable] if durable else []
+    )
+    if durable is not None and durable.config is not None:
+        # The check event must go through the queue and out: the drain path works.
+        drained, _polls, stats, _first = wait_queue_empty(
+            durable.config, time.monotonic(), QUEUE_DRAIN_DEADLINE_S
+        )
+        checks[DURABLE]["queue_drained_s"] = drained
+        checks[DURABLE]["queue_stats"] = stats
     for name, entry in checks.items():
-        print(f"check {name}: ingest {entry['ingest']} | script {entry['script']}")
+        line = f"check {name}: ingest {entry['ingest']}"
+        if "script" in entry:
+            line += f" | script {entry['script']}"
+        if "queue_drained_s" in entry:
+            line += f" | queue empty after {entry['queue_drained_s']} s"
+        print(line)
 
     basic = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
     benches = [
@@ -1025,37 +1267,75 @@ def _run(
             path=INGEST_PATH,
             script="post_track.lua",
             goal_ratio=GOAL_PASSTHROUGH_RATIO,
+            target=target,
             script_args=[str(h.event_file), basic],
         ),
+    ]
+    if durable is not None:
+        benches.append(
+            Benchmark(
+                name="durable",
+                title=DURABLE_TITLE,
+                path=INGEST_PATH,
+                script="post_track.lua",
+                goal_ratio=GOAL_DURABLE_RATIO,
+                target=durable,
+                script_args=[str(h.event_file), basic],
+            )
+        )
+    benches.append(
         Benchmark(
             name="script",
             title="cached script GET analytics.min.js (gzip, br)",
             path=SCRIPT_PATH,
             script="get_script.lua",
             goal_ratio=GOAL_SCRIPT_RATIO,
+            target=target,
             wrk_headers=[f"Accept-Encoding: {BROWSER_ACCEPT_ENCODING}"],
-        ),
-    ]
+        )
+    )
     if args.only:
         benches = [b for b in benches if b.name == args.only]
 
-    sampler = RssSampler(target.proc.pid) if label == "segproxy" else None
-    rss_idle_kb = sampler.sample() if sampler else None
+    # RSS of each segproxy process, sampled while it is under load (and while it drains).
+    samplers = {t.label: RssSampler(t.proc.pid) for t in targets if t.label in (SEGPROXY, DURABLE)}
+    rss_idle_kb = {name: s.sample() for name, s in samplers.items()}
     all_runs: list[WrkRun] = []
 
     noisy_cpu_s = NOISY_SHARE * duration
+    width = max(len(t.label) for t in (reference, *targets))
+    indent = " " * (len("  round 1 ") + width + 1)
+
+    def durable_idle() -> int:
+        """Rows left in the durable proxy's queue once it is empty (or the deadline passed):
+        no run may overlap the drain of a previous one (its forwarder shares the core)."""
+        if durable is None or durable.config is None:
+            return 0
+        drained, _polls, stats, _first = wait_queue_empty(
+            durable.config, time.monotonic(), QUEUE_DRAIN_DEADLINE_S
+        )
+        if drained is None:
+            print(
+                f"  warning: {DURABLE}'s queue still holds {stats['rows']} rows after "
+                f"{QUEUE_DRAIN_DEADLINE_S:g}s; the next run overlaps its drain"
+            )
+        return int(stats["rows"])
 
     def one(bench: Benchmark, t: Target, round_no: int, secs: float) -> WrkRun:
         tw = drain_time_wait(ports, drain_deadline)
+        rows_before = durable_idle()
         quiet = wait_for_quiet(args.settle) if args.settle > 0 else 0.0
         if t.proc.poll() is not None:
             raise BenchError(f"{t.label} died (exit {t.proc.returncode}):\n{tail(t.log)}")
-        watching = sampler is not None and t is target
+        sampler = samplers.get(t.label)
         cpu_before = cpu_times()
+        disk_before = disk_counters()
         foreign_before = foreign_cpu_ticks()
+        others = [x for x in (reference, *targets) if x is not t]
+        others_before = {x.label: sum(tree_cpu_ticks(x.proc.pid)) for x in others}
         up_conns0, up_reqs0 = upstream_counters(upstream.port)
         user0, sys0 = tree_cpu_ticks(t.proc.pid)
-        with sampler.running() if sampler is not None and watching else contextlib.nullcontext():
+        with sampler.running() if sampler is not None else contextlib.nullcontext():
             run = run_wrk(
                 bench,
                 t,
@@ -1065,18 +1345,49 @@ def _run(
                 round_no=round_no,
                 raw_dir=raw_dir,
             )
-        run.cpu_busy_pct = cpu_busy(cpu_before, cpu_times())
-        run.foreign_cpu_s = foreign_cpu_seconds(foreign_before, foreign_cpu_ticks())
-        user1, sys1 = tree_cpu_ticks(t.proc.pid)
+            ended = time.monotonic()
+            run.cpu_busy_pct = cpu_busy(cpu_before, cpu_times())
+            disk_after = disk_counters()
+            run.disk_writes = disk_after[0] - disk_before[0]
+            run.disk_flushes = disk_after[1] - disk_before[1]
+            foreign_after = foreign_cpu_ticks()
+            run.foreign_cpu_s = foreign_cpu_seconds(foreign_before, foreign_after)
+            run.foreign_top = foreign_top(foreign_before, foreign_after)
+            run.bystanders_cpu_s = {
+                x.label: round(
+                    (sum(tree_cpu_ticks(x.proc.pid)) - others_before[x.label]) / CLK_TCK, 2
+                )
+                for x in others
+            }
+            user1, sys1 = tree_cpu_ticks(t.proc.pid)
+            up_conns1, up_reqs1 = upstream_counters(upstream.port)
+            if t is durable and t.config is not None:
+                drain_s, polls, stats, rows_at_end = wait_queue_empty(
+                    t.config, ended, QUEUE_DRAIN_DEADLINE_S
+                )
+                _conns2, up_reqs2 = upstream_counters(upstream.port)
+                user2, sys2 = tree_cpu_ticks(t.proc.pid)
+                run.drain = Drain(
+                    # wrk's status errors are answers >= 400: all else it counted was a 2xx.
+                    acked=run.requests - run.errors_status,
+                    rows_at_end=rows_at_end,
+                    drain_s=drain_s,
+                    polls=polls,
+                    # Minus the two stub_status requests read after the first.
+                    upstream_requests=up_reqs2 - up_reqs0 - 2,
+                    dead_letters=int(stats.get("dead", 0)),
+                    user_s=round((user2 - user1) / CLK_TCK, 2),
+                    sys_s=round((sys2 - sys1) / CLK_TCK, 2),
+                )
         run.target_user_s = round((user1 - user0) / CLK_TCK, 2)
         run.target_sys_s = round((sys1 - sys0) / CLK_TCK, 2)
-        up_conns1, up_reqs1 = upstream_counters(upstream.port)
         # Minus the stub_status request itself.
         run.upstream_requests = up_reqs1 - up_reqs0 - 1
         run.upstream_connections = up_conns1 - up_conns0 - 1
-        if sampler is not None and watching:
+        if sampler is not None:
             run.rss_kb_after = sampler.sample()
         run.time_wait_before = tw
+        run.queue_rows_before = rows_before
         run.waited_for_quiet_s = quiet
         if t.proc.poll() is not None:
             raise BenchError(
@@ -1084,14 +1395,32 @@ def _run(
             )
         return run
 
+    def drain_note(run: WrkRun) -> str:
+        d = run.drain
+        if d is None:
+            return ""
+        per = "n/a" if d.per_1000 is None else f"{d.per_1000:.2f}"
+        took = f"{d.drain_s:g} s" if d.drain_s is not None else f"> {QUEUE_DRAIN_DEADLINE_S:g} s"
+        return (
+            f"\n{indent}acked {d.acked:,}  upstream {d.upstream_requests} req until drained "
+            f"= {per} per 1,000 acked  drain {took} ({d.rows_at_end:,} rows at end, "
+            f"{d.polls} polls)  drain cpu user/sys {d.user_s:g}/{d.sys_s:g} s"
+            + (f"  dead letters {d.dead_letters}" if d.dead_letters else "")
+            + (f"  queue rows before {run.queue_rows_before}" if run.queue_rows_before else "")
+        )
+
     for bench in benches:
         print(f"\n== {bench.title}")
-        for t in (target, reference):
+        mine_t = bench.target
+        for t in (mine_t, reference):
             w = one(bench, t, 0, warmup)
-            print(f"  warm-up {t.label:<9} {fmt_rps(w.rps):>9} req/s  errors {w.errors}")
+            print(
+                f"  warm-up {t.label:<{width}} {fmt_rps(w.rps):>9} req/s  errors {w.errors}"
+                + drain_note(w)
+            )
         for r in range(1, rounds + 1):
             # ABBA: odd rounds start with the target, even rounds with the reference.
-            order = (target, reference) if r % 2 else (reference, target)
+            order = (mine_t, reference) if r % 2 else (reference, mine_t)
             for t in order:
                 run = latest = one(bench, t, r, duration)
                 # On a shared machine, redo a run that others disturbed; keep the quietest.
@@ -1099,8 +1428,9 @@ def _run(
                 while latest.foreign_cpu_s > noisy_cpu_s and tries < args.retries:
                     tries += 1
                     print(
-                        f"  round {r} {t.label:<9} {fmt_rps(latest.rps):>9} req/s  noisy: "
-                        f"others {latest.foreign_cpu_s:.2f} cpu-s; retry {tries}/{args.retries}"
+                        f"  round {r} {t.label:<{width}} {fmt_rps(latest.rps):>9} req/s  noisy: "
+                        f"others {latest.foreign_cpu_s:.2f} cpu-s "
+                        f"({', '.join(latest.foreign_top)}); retry {tries}/{args.retries}"
                     )
                     latest = one(bench, t, r, duration)
                     latest.attempts = tries + 1
@@ -1109,28 +1439,42 @@ def _run(
                 all_runs.append(run)
                 extra = "".join(f"  [{x}]" for x in (run.non_2xx_line, run.socket_errors_line) if x)
                 rss_note = f"  rss {run.rss_kb_after / 1024:.1f} MB" if run.rss_kb_after else ""
+                busy = {k: v for k, v in run.bystanders_cpu_s.items() if v >= 0.05}
+                if busy:
+                    rss_note += "  idle targets used " + ", ".join(
+                        f"{k} {v:g}" for k, v in busy.items()
+                    )
+                    rss_note += " cpu-s"
+                if run.foreign_cpu_s > noisy_cpu_s and run.foreign_top:
+                    rss_note += f"  others: {', '.join(run.foreign_top)}"
                 print(
-                    f"  round {r} {t.label:<9} {fmt_rps(run.rps):>9} req/s  "
+                    f"  round {r} {t.label:<{width}} {fmt_rps(run.rps):>9} req/s  "
                     f"p50 {fmt_ms(run.p50_us)}  p99 {fmt_ms(run.p99_us)}  "
                     f"errors {run.errors}  {run.bytes / max(1, run.requests):.0f} B/resp{extra}\n"
-                    f"{'':19}cpu0/cpu1 {cpu_note(run.cpu_busy_pct)}  "
+                    f"{indent}cpu0/cpu1 {cpu_note(run.cpu_busy_pct)}  "
                     f"{t.label} user/sys {run.target_user_s:g}/{run.target_sys_s:g} s  "
                     f"upstream {run.upstream_requests} req {run.upstream_connections} new conns  "
                     f"others {run.foreign_cpu_s:.2f} cpu-s (waited {run.waited_for_quiet_s:g}s)  "
-                    f"time-wait {run.time_wait_before}{rss_note}"
+                    f"time-wait {run.time_wait_before}  "
+                    f"disk writes/flushes {run.disk_writes}/{run.disk_flushes}{rss_note}"
                     + (f"  (attempt {run.attempts})" if run.attempts > 1 else "")
+                    + drain_note(run)
                 )
 
-    # RSS after the load.
-    rss: dict[str, Any] = {}
-    if sampler is not None:
-        pids = pid_tree(target.proc.pid)
+    # RSS after the load, per segproxy process that was measured.
+    used = {b.target.label for b in benches}
+    rss_by: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        sampler = samplers.get(t.label)
+        if sampler is None or t.label not in used:
+            continue
+        pids = pid_tree(t.proc.pid)
         last_kb = sampler.sample()
         hwm_kb = sum(proc_status_kb(p, "VmHWM") or 0 for p in pids)
         peak_kb = max(sampler.peak_kb, hwm_kb)
-        rss = {
+        rss_by[t.label] = {
             "pids": pids,
-            "idle_before_load_mb": round((rss_idle_kb or 0) / 1024, 1),
+            "idle_before_load_mb": round(rss_idle_kb[t.label] / 1024, 1),
             "peak_mb": round(peak_kb / 1024, 1),
             "last_mb": round(last_kb / 1024, 1),
             "goal_mb": GOAL_RSS_MB,
@@ -1146,13 +1490,14 @@ def _run(
     ]
     for bench in benches:
         runs_b = [r for r in all_runs if r.benchmark == bench.name]
-        mine = summarize(runs_b, label)
+        mine = summarize(runs_b, bench.target.label)
         ref = summarize(runs_b, "nginx")
         ratio = mine["median_rps"] / ref["median_rps"] if ref.get("median_rps") else 0.0
         ok = ratio >= bench.goal_ratio
         results[bench.name] = {
             "title": bench.title,
-            label: mine,
+            "target": bench.target.label,
+            bench.target.label: mine,
             "nginx": ref,
             "ratio": round(ratio, 3),
             "goal_ratio": bench.goal_ratio,
@@ -1164,13 +1509,21 @@ def _run(
             f"| {mine['errors_total']} | {ref['errors_total']} "
             f"| >= {bench.goal_ratio:.2f}x {mark(ok)} |"
         )
-    if rss:
+        drains = [r.drain for r in runs_b if r.drain is not None]
+        if drains:
+            summary = summarize_drains(drains)
+            results[bench.name]["drain"] = summary
+            lines.extend(drain_rows(summary))
+    for name, rss in rss_by.items():
         lines.append(
-            f"| {label} RSS after load (peak / last) | {rss['peak_mb']:.1f} MB / "
+            f"| {name} RSS after load (peak / last) | {rss['peak_mb']:.1f} MB / "
             f"{rss['last_mb']:.1f} MB | | | | | | | < {GOAL_RSS_MB:.0f} MB {mark(rss['pass'])} |"
         )
     print()
-    print(f"Medians of {rounds} round(s) x {duration:g}s each, same run; ratio = {label}/nginx.")
+    print(
+        f"Medians of {rounds} round(s) x {duration:g}s each, same run; ratio = target/nginx "
+        f"(durable ingest: {DURABLE}/nginx)."
+    )
     print("\n".join(lines))
 
     out: dict[str, Any] = {
@@ -1185,6 +1538,22 @@ def _run(
             "target_core": target_core,
             "load_core": load_core,
             "segproxy_queue": args.queue,
+            "durable": (
+                {
+                    "target": DURABLE,
+                    "queue_filesystem": queue_fs,
+                    "queue": "sqlite (defaults: synchronous=full, forward.max_delay=0.2)",
+                    "upstream_per_1000": "upstream stub_status requests from wrk's start until "
+                    "`segproxy queue stats` reports 0 rows, / wrk's 2xx responses * 1000",
+                    "drain": "end of wrk -> first `segproxy queue stats --json` with rows == 0, "
+                    f"polled every {QUEUE_POLL_S:g}s (plus a CLI start each)",
+                    "drain_deadline_s": QUEUE_DRAIN_DEADLINE_S,
+                    "goal_upstream_per_1000": GOAL_UPSTREAM_PER_1000,
+                    "goal_drain_s": GOAL_DRAIN_S,
+                }
+                if durable is not None
+                else None
+            ),
             "order": "ABBA (odd rounds target first, even rounds reference first)",
             "settle_s": args.settle,
             "retries": args.retries,
@@ -1204,7 +1573,8 @@ def _run(
         "affinity": pins,
         "checks": checks,
         "benchmarks": results,
-        "rss": rss,
+        "rss": rss_by.get(SEGPROXY, {}),
+        "rss_durable": rss_by.get(DURABLE, {}),
         "runs": [r.as_json() for r in all_runs],
         "table_markdown": "\n".join(lines),
     }
