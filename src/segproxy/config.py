@@ -91,7 +91,7 @@ class QueueConfig:
     max_rows: int = 5_000_000
     max_bytes: int = 2 * 1024**3
     min_free_disk_bytes: int = 64 * 1024**2
-    synchronous: Literal["full", "normal"] = "full"
+    synchronous: Literal["full", "normal"] = "normal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +386,7 @@ def build(flat: Mapping[str, object]) -> Config:
         QueueBackend,
         _choice("queue.backend", get("queue.backend", "sqlite"), ("sqlite", "none", "memory")),
     )
-    sync = _choice("queue.synchronous", get("queue.synchronous", "full"), ("full", "normal"))
+    sync = _choice("queue.synchronous", get("queue.synchronous", "normal"), ("full", "normal"))
     queue = QueueConfig(
         backend=backend,
         path=_str("queue.path", get("queue.path", QueueConfig().path)),

@@ -63,7 +63,7 @@ def test_defaults_mount_at_root_accept_every_write_key_and_queue_durably() -> No
     assert config.trusted_proxies == ()
     assert config.queue.backend == "sqlite"
     assert config.queue.path == "./segproxy-data/queue.db"
-    assert config.queue.synchronous == "full"
+    assert config.queue.synchronous == "normal"
 
 
 def test_default_limits_match_segments_own_limits() -> None:
