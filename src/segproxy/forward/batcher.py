@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -57,15 +57,38 @@ def parse_time(value: object) -> datetime | None:
 
 
 def format_time(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return format_epoch(value.timestamp())
+
+
+_SECONDS: dict[int, str] = {}  # whole second -> "YYYY-MM-DDTHH:MM:SS" (UTC), bounded
+
+
+def format_epoch(t: float) -> str:
+    """ISO 8601 UTC with milliseconds and a Z, as analytics.js writes it.
+
+    The forwarder formats one per event; events sent together share their second, so the
+    date part comes from a small cache and only the milliseconds are formatted each time.
+    """
+    # Microseconds first (absorbs float error), then truncated to milliseconds, like
+    # datetime.isoformat(timespec="milliseconds").
+    second, ms = divmod(round(t * 1_000_000) // 1000, 1000)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        _SECONDS[second] = prefix
+    return f"{prefix}.{ms:03d}Z"
 
 
 def shifted(sent_at: str, waited: float) -> str:
     """``sent_at`` moved forward by ``waited`` seconds; unchanged if it does not parse."""
-    sent = parse_time(sent_at)
-    if sent is None or waited <= 0:
+    if waited <= 0:
         return sent_at
-    return format_time(sent + timedelta(seconds=waited))
+    sent = parse_time(sent_at)
+    if sent is None:
+        return sent_at
+    return format_epoch(sent.timestamp() + waited)
 
 
 def shift_sent_at(event: dict[str, Any], waited: float) -> None:

@@ -26,9 +26,12 @@ Invariants, in the order things happen (see base.py for the contract):
    dead-letter) commits with ``synchronous=OFF``: losing it in a power cut only means rows are
    sent again, which invariant 3 already allows. The next client commit's fsync of the WAL
    makes it durable anyway.
-6. **Checkpoints stay off the commit path.** The writer never checkpoints
-   (``wal_autocheckpoint=0``); a checkpointer thread with its own connection copies the WAL
-   into the database (PASSIVE, so it never blocks the writer) about once a second.
+6. **The WAL stays bounded and is synced regularly.** The writer checkpoints itself every
+   1,000 pages (SQLite's autocheckpoint: under continuous writes only the writer can complete
+   a checkpoint, so only it can let the WAL restart; a checkpoint from another connection
+   alone lets it grow without bound) and the WAL file is truncated back to 64 MB. A
+   checkpointer thread also runs a PASSIVE checkpoint about once a second, which fsyncs the
+   WAL when traffic is too light to reach the autocheckpoint.
 
 All other SQLite calls run on one thread (the writer), serialised; the event loop never blocks
 on disk.
@@ -174,7 +177,8 @@ class SqliteQueue:
             ) from exc
         self._lock_fd = fd
         db = connect(self.path, self.synchronous)
-        db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute("PRAGMA wal_autocheckpoint = 1000")
+        db.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
         self._db = db
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="segproxy-checkpoint", daemon=True
