@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,7 +206,7 @@ class UpstreamPool:
     def _sweep(self) -> None:
         """Time out requests past their deadline; runs while any request is in flight."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         for conn in [c for c in self.busy if c.deadline <= now]:
             conn._fail(UpstreamError("timeout", f"no response from {self.upstream.origin} in time"))
         self._sweeper = loop.call_later(0.25, self._sweep) if self.busy else None
@@ -301,12 +302,11 @@ class UpstreamPool:
 
     def _dispatch(self, exchange: _Exchange) -> None:
         """Run ``exchange`` on an idle connection, or open one (the slot is already held)."""
-        loop = asyncio.get_running_loop()
-        conn = self._take_idle(loop.time())
+        conn = self._take_idle(time.monotonic())
         if conn is not None:
             self._start(conn, exchange)
             return
-        task = loop.create_task(self._connect_then_start(exchange))
+        task = asyncio.get_running_loop().create_task(self._connect_then_start(exchange))
         self.connecting.add(task)
         task.add_done_callback(self.connecting.discard)
 
@@ -324,11 +324,10 @@ class UpstreamPool:
         self._start(conn, exchange)
 
     def _start(self, conn: _Conn, exchange: _Exchange) -> None:
-        loop = asyncio.get_running_loop()
-        conn.deadline = loop.time() + self.timeout
+        conn.deadline = time.monotonic() + self.timeout
         self.busy.add(conn)
         if self._sweeper is None:
-            self._sweeper = loop.call_later(0.25, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(0.25, self._sweep)
         conn.start(exchange)
 
     def _complete(
@@ -356,7 +355,7 @@ class UpstreamPool:
             exchange.tell(None, err)
             return
         if conn.keep_alive and not conn.closed and not self.closed:
-            conn.last_used = asyncio.get_running_loop().time()
+            conn.last_used = time.monotonic()
             self.idle.append(conn)
         else:
             conn.close()
