@@ -14,10 +14,10 @@ from collections.abc import Awaitable
 
 from segproxy import __version__
 from segproxy.cdn.service import CdnService
-from segproxy.config import Config
+from segproxy.config import Config, Upstream
 from segproxy.edge.forwarded import client_ip, host_allowed, public_origin
 from segproxy.edge.http import Deferred, Request, Response, error_response, json_response
-from segproxy.forward.forwarder import Forwarder, ForwardSettings
+from segproxy.forward.forwarder import Forwarder
 from segproxy.ingest.service import IngestService
 from segproxy.queue import open_queue
 from segproxy.queue.base import Queue
@@ -30,22 +30,8 @@ log = logging.getLogger("segproxy")
 class App:
     def __init__(self, config: Config) -> None:
         self.config = config
-        up = config.upstream
-        agent = f"segproxy/{__version__}".encode()
-        self.cdn_pool = UpstreamPool(
-            up.cdn,
-            connect_timeout=up.connect_timeout,
-            timeout=up.timeout,
-            max_connections=up.max_connections,
-            user_agent=agent,
-        )
-        self.api_pool = UpstreamPool(
-            up.api,
-            connect_timeout=up.connect_timeout,
-            timeout=up.timeout,
-            max_connections=up.max_connections,
-            user_agent=agent,
-        )
+        self.cdn_pool = self._pool(config.upstream.cdn)
+        self.api_pool = self._pool(config.upstream.api)
         self.cdn = CdnService(config, self.cdn_pool)
         self.ingest = IngestService(config, self.api_pool)
         self.queue: Queue | None = None
@@ -53,22 +39,20 @@ class App:
         self._recount: asyncio.Task[None] | None = None
         self.ready = False
 
+    def _pool(self, origin: Upstream) -> UpstreamPool:
+        up = self.config.upstream
+        return UpstreamPool(
+            origin,
+            connect_timeout=up.connect_timeout,
+            timeout=up.timeout,
+            max_connections=up.max_connections,
+            user_agent=f"segproxy/{__version__}".encode(),
+        )
+
     async def start(self) -> None:
         self.queue = await open_queue(self.config)
         if self.queue is not None:
-            f = self.config.forward
-            self.forwarder = Forwarder(
-                self.queue,
-                self.api_pool,
-                ForwardSettings(
-                    max_delay=f.max_delay,
-                    concurrency=f.concurrency,
-                    per_key_concurrency=f.per_key_concurrency,
-                    backoff_base=f.backoff_base,
-                    backoff_cap=f.backoff_cap,
-                    max_retry_after=f.max_retry_after,
-                ),
-            )
+            self.forwarder = Forwarder(self.queue, self.api_pool, self.config.forward)
             self.ingest.queue = self.queue
             self.ingest.on_queued = self.forwarder.notify
             self.forwarder.start()

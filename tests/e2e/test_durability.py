@@ -12,7 +12,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -34,7 +33,7 @@ from tests.support.load import (
     track,
     wait_for,
 )
-from tests.support.proxy import RunningProxy, start_proxy
+from tests.support.proxy import RunningProxy, run_cli, start_proxy
 from tests.support.rawhttp import exchange
 
 pytestmark = pytest.mark.e2e
@@ -181,16 +180,7 @@ def post_one(client: Client, mid: str, key: str = KEY_A, **extra: Any) -> int:
 
 
 def segproxy_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SEGPROXY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "segproxy", *args],
-        capture_output=True,
-        text=True,
-        env=clean,
-        stdin=subprocess.DEVNULL,
-        timeout=30,
-        check=False,
-    )
+    return run_cli(*args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import Client, StartProxy, base_config
 from tests.support.fakes import FakeSegment
-from tests.support.proxy import to_toml
+from tests.support.proxy import run_cli, to_toml
 
 
-def segproxy(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SEGPROXY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "segproxy", *args],
-        capture_output=True,
-        text=True,
-        env={**clean, **(env or {})},
-        cwd=cwd,
-        timeout=60,
-        check=False,
-    )
+def segproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, env=env)
 
 
 def test_check_shows_the_embedded_defaults() -> None:

@@ -7,9 +7,7 @@ every wait is a poll with a deadline.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from segproxy.queue.admin import mask
 from tests.integration.conftest import WRITE_KEY, StartProxy, base_config
 from tests.support.fakes import FakeSegment
 from tests.support.load import Client, Load, track, wait_for
-from tests.support.proxy import RunningProxy, to_toml
+from tests.support.proxy import RunningProxy, run_cli, to_toml
 
 OTHER_KEY = "wk_other_2"
 REFUSAL = '{"success":false,"message":"Invalid event: anonymousId or userId is required"}'
@@ -35,16 +33,7 @@ class LiveQueue:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``segproxy <args> --config F``, with no tty on stdin (as in CI or a cron job)."""
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("SEGPROXY_")}
-        return subprocess.run(
-            [sys.executable, "-m", "segproxy", *args, "--config", str(self.config_file)],
-            capture_output=True,
-            text=True,
-            env=clean,
-            stdin=subprocess.DEVNULL,
-            timeout=30,
-            check=False,
-        )
+        return run_cli(*args, "--config", str(self.config_file))
 
     def stats(self) -> dict[str, Any]:
         out = self.cli("queue", "stats", "--json")

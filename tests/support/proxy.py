@@ -180,6 +180,22 @@ def start_proxy(
     return proxy
 
 
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``segproxy <args>`` as an operator runs it: no tty, no inherited SEGPROXY_* variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SEGPROXY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "segproxy", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+
+
 @contextmanager
 def running_proxy(
     config: Mapping[str, Any] | str,

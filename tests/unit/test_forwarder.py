@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 import pytest
 
-from segproxy.config import Upstream
-from segproxy.forward.forwarder import Forwarder, ForwardSettings
+from segproxy.config import ForwardConfig, Upstream
+from segproxy.forward.forwarder import Forwarder
 from segproxy.queue.base import NewRow, Queue
 from segproxy.queue.memory import MemoryQueue
 from segproxy.queue.sqlite import SqliteQueue
@@ -31,7 +31,7 @@ KEY_A = "wk_forward_a"
 KEY_B = "wk_forward_b"
 SENT_AT = "2026-01-01T00:00:00.000Z"
 
-FAST = ForwardSettings(max_delay=0.01, backoff_base=0.05, backoff_cap=0.2, max_retry_after=30.0)
+FAST = ForwardConfig(max_delay=0.01, backoff_base=0.05, backoff_cap=0.2, max_retry_after=30.0)
 
 QueueFactory = Callable[[], Awaitable[Queue]]
 Scenario = Callable[[Queue, Forwarder], Awaitable[None]]
@@ -64,7 +64,7 @@ def forward(
     scenario: Scenario,
     *,
     queue: QueueFactory | None = None,
-    settings: ForwardSettings = FAST,
+    settings: ForwardConfig = FAST,
     deadline: float = 20.0,
 ) -> None:
     """Run ``scenario`` with a queue, a pool on the fake API and a (not yet started) forwarder."""
@@ -347,7 +347,7 @@ def test_429_retry_after_blocks_only_that_key(fake: FakeSegment) -> None:
 
 def test_retry_after_is_capped_by_max_retry_after(fake: FakeSegment) -> None:
     fake.api_status(503, retry_after="3600", times=1)
-    settings = ForwardSettings(max_delay=0.01, backoff_base=0.05, max_retry_after=0.3)
+    settings = ForwardConfig(max_delay=0.01, backoff_base=0.05, max_retry_after=0.3)
 
     async def scenario(q: Queue, fwd: Forwarder) -> None:
         await q.put([queued(KEY_A, 0)])
@@ -425,7 +425,7 @@ def test_stop_leaves_undelivered_rows_in_a_memory_queue(fake: FakeSegment) -> No
 
 def test_stop_while_waiting_for_a_send_slot_leaks_no_coroutine(fake: FakeSegment) -> None:
     fake.api_hang()
-    settings = ForwardSettings(max_delay=0.01, concurrency=1)
+    settings = ForwardConfig(max_delay=0.01, concurrency=1)
 
     async def scenario(q: Queue, fwd: Forwarder) -> None:
         await q.put([queued(KEY_A, 0), queued(KEY_B, 0)])  # two batches, one slot

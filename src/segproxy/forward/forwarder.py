@@ -29,6 +29,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from segproxy.config import ForwardConfig
 from segproxy.forward.batcher import Batch, build_batches
 from segproxy.forward.retry import Action, backoff, classify, parse_retry_after
 from segproxy.queue.base import Queue, Row
@@ -38,16 +39,6 @@ log = logging.getLogger("segproxy.forward")
 
 IDLE_RECHECK = 2.0
 LEASE_ROWS = 5_000  # per round: two full batches' worth, without long pauses of the loop
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardSettings:
-    max_delay: float = 0.2
-    concurrency: int = 8
-    per_key_concurrency: int = 2
-    backoff_base: float = 0.5
-    backoff_cap: float = 60.0
-    max_retry_after: float = 3600.0
 
 
 @dataclass(slots=True)
@@ -60,7 +51,7 @@ class ForwardCounters:
 
 
 class Forwarder:
-    def __init__(self, queue: Queue, pool: UpstreamPool, settings: ForwardSettings) -> None:
+    def __init__(self, queue: Queue, pool: UpstreamPool, settings: ForwardConfig) -> None:
         self.queue = queue
         self.pool = pool
         self.settings = settings
