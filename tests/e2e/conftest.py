@@ -82,24 +82,6 @@ def proxy(fake: FakeSegment, tmp_path: Path, queue_backend: str) -> Iterator[Run
             yield p
         finally:
             print(f"--- segproxy log (pid {p.pid}) ---\n{p.logs()}")
-    close_proxy_stderr(p)
-
-
-def close_proxy_stderr(p: RunningProxy) -> None:
-    """Close the stopped proxy's stderr pipe, which tests/support/proxy.py leaves open.
-
-    Left open, it is finalized at some later garbage collection with a ResourceWarning, which
-    ``filterwarnings = error`` turns into an error in whichever test happens to run then. The
-    pipe is read by a "pump" thread until EOF; close it only once that thread is done.
-    """
-    stderr = p.proc.stderr
-    if stderr is None or stderr.closed:
-        return
-    pumps = [t for t in threading.enumerate() if t.name.endswith("(pump)")]
-    for t in pumps:
-        t.join(timeout=5)
-    if not any(t.is_alive() for t in pumps):
-        stderr.close()
 
 
 # --------------------------------------------------------------------------------------------
