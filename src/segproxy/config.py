@@ -119,6 +119,20 @@ class LimitsConfig:
     idle_timeout: float = 75.0
     max_pipelined: int = 16
     shutdown_grace: float = 10.0
+    max_connections: int = 10_000  # open client connections; more are refused at accept
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """Token buckets; a rate of 0 turns that limit off (the default: opt in, see docs)."""
+
+    per_ip: float = 0.0  # requests per second per client IP
+    per_ip_burst: float = 0.0  # bucket size; 0 = twice the rate
+    per_write_key: float = 0.0  # events API requests per second per write key
+    per_write_key_burst: float = 0.0
+    exempt_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    exempt_write_keys: frozenset[str] = frozenset()
+    max_tracked: int = 100_000  # buckets kept per table, at most (least recently used dropped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +159,7 @@ class Config:
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -275,7 +290,7 @@ def _write_keys(key: str, value: object) -> frozenset[str]:
 
 
 # The schema: dotted key -> (setter-name, parser). One table, used by the file and the env.
-_SECTIONS = ("upstream", "sources", "queue", "forward", "limits", "cache")
+_SECTIONS = ("upstream", "sources", "queue", "forward", "rate_limit", "limits", "cache")
 _TOP_KEYS = (
     "listen",
     "prefix",
@@ -306,6 +321,7 @@ def _known_keys() -> list[str]:
         ("sources", SourcesConfig),
         ("queue", QueueConfig),
         ("forward", ForwardConfig),
+        ("rate_limit", RateLimitConfig),
         ("limits", LimitsConfig),
         ("cache", CacheConfig),
     ):
@@ -402,6 +418,18 @@ def build(flat: Mapping[str, object]) -> Config:
         ),
     )
     forward = ForwardConfig(**_numbers("forward", ForwardConfig(), flat))
+    rl_numbers = {
+        k: v
+        for k, v in flat.items()
+        if k not in ("rate_limit.exempt_ips", "rate_limit.exempt_write_keys")
+    }
+    rate_limit = RateLimitConfig(
+        exempt_ips=_networks("rate_limit.exempt_ips", get("rate_limit.exempt_ips", [])),
+        exempt_write_keys=_write_keys(
+            "rate_limit.exempt_write_keys", get("rate_limit.exempt_write_keys", [])
+        ),
+        **_numbers("rate_limit", RateLimitConfig(), rl_numbers, float_minimum=0.0),
+    )
     limits = LimitsConfig(**_numbers("limits", LimitsConfig(), flat))
     cache = CacheConfig(**_numbers("cache", CacheConfig(), flat))
     if limits.max_request_bytes > limits.max_decompressed_bytes:
@@ -415,13 +443,16 @@ def build(flat: Mapping[str, object]) -> Config:
         sources=sources,
         queue=queue,
         forward=forward,
+        rate_limit=rate_limit,
         limits=limits,
         cache=cache,
         **top,
     )
 
 
-def _numbers(section: str, defaults: object, flat: Mapping[str, object]) -> dict[str, Any]:
+def _numbers(
+    section: str, defaults: object, flat: Mapping[str, object], float_minimum: float = 0.001
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in defaults.__dataclass_fields__:  # type: ignore[attr-defined]
         key = f"{section}.{name}"
@@ -429,7 +460,7 @@ def _numbers(section: str, defaults: object, flat: Mapping[str, object]) -> dict
         if key not in flat or isinstance(default, str):
             continue
         integer = isinstance(default, int)
-        minimum = 1.0 if integer else 0.001
+        minimum = 1.0 if integer else float_minimum
         value = _number(key, flat[key], minimum=minimum, integer=integer)
         out[name] = int(value) if integer else value
     return out
