@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from segproxy import __version__
 from segproxy.config import ConfigError, load
+from segproxy.redact import mask
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -74,7 +75,7 @@ def _queue_dead(args: argparse.Namespace) -> int:
         out = [
             {
                 "id": r.id,
-                "write_key": admin.mask(r.write_key),
+                "write_key": mask(r.write_key),
                 "status": r.status,
                 "reason": r.reason,
                 "died_at": r.died_at,
@@ -90,7 +91,7 @@ def _queue_dead(args: argparse.Namespace) -> int:
         event = json.loads(r.body)
         when = datetime.fromtimestamp(r.died_at, UTC).isoformat(timespec="seconds")
         print(
-            f"#{r.id} {when} key {admin.mask(r.write_key)} status {r.status} "
+            f"#{r.id} {when} key {mask(r.write_key)} status {r.status} "
             f"{event.get('type', '?')} {event.get('messageId', '')}: {r.reason[:200]}"
         )
     return 0

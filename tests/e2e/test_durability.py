@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from segproxy.queue.admin import mask
+from segproxy.redact import mask
 from tests.support.fakes import FakeSegment, RecordedRequest, Response
 from tests.support.load import (
     Client,

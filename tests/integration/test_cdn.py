@@ -250,3 +250,16 @@ def test_cdn_preflight_is_answered_locally(client: Client, fake: FakeSegment) ->
     assert resp.status == 204
     assert resp.header("access-control-allow-origin") == "*"
     assert fake.cdn_requests == []
+
+
+def test_cdn_failures_are_logged_without_the_write_key(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    proxy = start(base_config(fake))
+    fake.cdn_down()
+    client = Client(proxy)
+    assert client.get(SCRIPT).status == 502
+    assert client.get(SETTINGS).status == 502
+    logs = proxy.logs()
+    assert "CDN fetch" in logs  # the failure is logged...
+    assert WRITE_KEY not in logs  # ...without the secret

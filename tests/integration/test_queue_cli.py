@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from segproxy.queue.admin import mask
+from segproxy.redact import mask
 from tests.integration.conftest import WRITE_KEY, StartProxy, base_config
 from tests.support.fakes import FakeSegment
 from tests.support.load import Client, Load, track, wait_for

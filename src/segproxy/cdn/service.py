@@ -29,6 +29,7 @@ from segproxy.cdn.rewrite import RewriteError, rewrite_script, rewrite_settings
 from segproxy.config import REGION_PRESETS, Config
 from segproxy.edge.forwarded import PublicOrigin
 from segproxy.edge.http import Headers, Request, Response, error_response
+from segproxy.redact import mask, redact_path
 from segproxy.routes import CDN_KINDS, Kind, Route
 from segproxy.upstream import UpstreamError, UpstreamPool
 
@@ -101,13 +102,13 @@ class CdnService:
         try:
             resp = await self.pool.request("GET", route.upstream_path, headers)
         except UpstreamError as exc:
-            log.warning("CDN fetch %s failed: %s", route.upstream_path, exc)
+            log.warning("CDN fetch %s failed: %s", redact_path(route.upstream_path), exc)
             status = 504 if exc.kind == "timeout" else 502
             return _Failure(
                 status, "cdn_unavailable", f"the Segment CDN did not answer ({exc})", True
             )
         if resp.status >= 500:
-            log.warning("CDN fetch %s answered %d", route.upstream_path, resp.status)
+            log.warning("CDN fetch %s answered %d", redact_path(route.upstream_path), resp.status)
             return _Failure(502, "cdn_error", f"the Segment CDN answered {resp.status}", True)
         if resp.status != 200:
             return _Failure(
@@ -153,7 +154,7 @@ class CdnService:
         try:
             result = await self._fetch(route)
         except Exception as exc:  # never leave waiters hanging
-            log.exception("CDN fill of %s failed", key)
+            log.exception("CDN fill of %s failed", redact_path(key))
             result = _Failure(502, "cdn_error", f"CDN fetch failed: {exc}", True)
         except BaseException:
             fut.cancel()
@@ -193,7 +194,7 @@ class CdnService:
             and entry is not None
             and now - entry.fetched_at < entry.ttl + cfg.stale_if_error
         ):
-            log.warning("serving stale %s: %s", route.upstream_path, result.message)
+            log.warning("serving stale %s: %s", redact_path(route.upstream_path), result.message)
             return entry, b"STALE"
         return result, b"MISS"
 
@@ -208,7 +209,7 @@ class CdnService:
         try:
             out = rewrite_settings(entry.raw, api_host, origin.scheme)
         except RewriteError as exc:
-            log.warning("settings for %s not rewritten: %s", route.write_key, exc)
+            log.warning("settings for %s not rewritten: %s", mask(route.write_key or ""), exc)
             return entry.rep
         self._check_region(route, out.upstream_api_host)
         rep = make_representation(out.body, entry.rep.content_type, brotli_quality=5)
@@ -230,9 +231,9 @@ class CdnService:
         ):
             self.warned_hosts.add(named)
             log.warning(
-                "settings of write key %s… name API host %s but [upstream] api is %s: "
+                "settings of write key %s name API host %s but [upstream] api is %s: "
                 "events may be rejected (set [upstream] region or api to match)",
-                (route.write_key or "")[:6],
+                mask(route.write_key or ""),
                 named,
                 configured,
             )

@@ -33,6 +33,7 @@ from segproxy.config import ForwardConfig
 from segproxy.forward.batcher import Batch, build_batches
 from segproxy.forward.retry import Action, backoff, classify, parse_retry_after
 from segproxy.queue.base import Queue, Row
+from segproxy.redact import mask
 from segproxy.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("segproxy.forward")
@@ -201,9 +202,9 @@ class Forwarder:
         self.counters.failures += 1
         if action is Action.DEAD:
             log.warning(
-                "Segment refused %d events of key %s… with %s: %s; kept as dead letters",
+                "Segment refused %d events of key %s with %s: %s; kept as dead letters",
                 len(ids),
-                key[:6],
+                mask(key),
                 status,
                 detail[:200],
             )

@@ -7,7 +7,6 @@ re-reads its counters every few seconds, so caps stay true after a purge or repl
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any
 
 from segproxy.queue.base import DeadRow, QueueStats
 from segproxy.queue.sqlite import CHUNK, connect, dead_of, stats_of
+from segproxy.redact import mask
 
 
 class NoQueue(FileNotFoundError):
@@ -26,18 +26,6 @@ def open_existing(path: str) -> sqlite3.Connection:
     if not Path(path).exists():
         raise NoQueue(f"no queue at {path} (is [queue] path right, and has the proxy run?)")
     return connect(path)
-
-
-def mask(write_key: str) -> str:
-    """Write keys are secrets: show a prefix and a short digest, never the whole key.
-
-    The digest keeps keys that share a prefix apart (``wk_sho…3fa2c1`` vs ``wk_sho…9b0e77``).
-    """
-    if not write_key:
-        return "(metrics)"
-    digest = hashlib.sha256(write_key.encode()).hexdigest()[:6]
-    shown = write_key[:6] if len(write_key) > 8 else write_key[:2]
-    return f"{shown}…{digest}"
 
 
 def stats(path: str) -> QueueStats:
