@@ -12,6 +12,23 @@ A connection past its timer is answered 408 (if mid-request) and closed.
 
 Errors: a request the parser rejects, or one over a limit, gets a JSON 4xx and the connection is
 closed after the responses already queued on it, since the framing can no longer be trusted.
+
+Framing (request smuggling): llhttp in its default strict mode already refuses Content-Length
+with Transfer-Encoding, repeated or malformed Content-Length, a Transfer-Encoding that does not
+end in ``chunked``, obsolete line folding, bare CR or LF, control characters (NUL included) in
+headers, bad chunk sizes and a space in the request target. The edge adds what llhttp lets
+through, on paths a plain Content-Length request never takes:
+  - a Transfer-Encoding other than exactly ``chunked`` (``gzip, chunked``), or on HTTP/1.0;
+  - an HTTP version other than 1.0 or 1.1 (llhttp accepts 0.9 and 2.0);
+  - chunk extensions (and other chunk-line padding) over 1 KB in a request (give or take one
+    256-byte slice); llhttp reads them without limit, and httptools neither reports them nor
+    where in a read a callback happened. So the read that holds the headers is searched for a
+    chunk line with an extension over 1 KB, and later reads of the body are fed in slices and
+    the bytes beyond the chunk data counted;
+  - trailer fields are read (within the header limits) and dropped, never merged into headers.
+
+Connections: past ``limits.max_connections`` open ones, a new connection is answered 503 and
+closed at once (counted in ``EdgeServer.refused``).
 """
 
 from __future__ import annotations
@@ -19,8 +36,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import socket
 import ssl
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -75,6 +94,24 @@ class _DateCache:
 _DATE = _DateCache()
 _SECURITY = b"".join(k + b": " + v + b"\r\n" for k, v in SECURITY_HEADERS)
 
+# Chunked bodies: bytes on the wire beyond the chunk data. Each chunk may take _CHUNK_FRAMING
+# (up to 16 hex digits and two CRLFs); extensions and padding share _CHUNK_EXTRA per request.
+_CHUNK_FRAMING = 32
+_CHUNK_EXTRA = 1024
+_CHUNK_SLICE = 256  # chunked bodies are fed in slices this size, so the count is this precise
+# In the read that holds the headers (parsed whole, on the fast path): a chunk line with an
+# extension over _CHUNK_EXTRA. A chunk line always follows a CRLF.
+_LONG_CHUNK_EXTENSION = re.compile(rb"\n[0-9A-Fa-f]+[\t ]*;[^\n]{%d}" % _CHUNK_EXTRA)
+
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\n" + _SECURITY
+)
+_REFUSED_BODY = (
+    b'{"success":false,"code":"too_many_connections",'
+    b'"message":"the server has too many open connections; retry"}'
+)
+
 
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing with a response."""
@@ -82,6 +119,10 @@ class _Reject(Exception):
     def __init__(self, response: Response) -> None:
         super().__init__(response.status)
         self.response = response
+
+
+def _bad_framing(message: str) -> _Reject:
+    return _Reject(error_response(400, "bad_framing", message))
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -105,6 +146,17 @@ class HttpProtocol(asyncio.Protocol):
         self.body_size = 0
         self.expect_body = False
         self.in_message = False
+        # Rare paths: ``slow`` routes data_received off the fast path (closing, refused, or
+        # reading a chunked body); ``odd``: a chunked message is being read.
+        self.slow = False
+        self.odd = False
+        self.chunk_head: dict[bytes, bytes] = {}  # the headers, while trailers are read
+        # Counted from the first read after the one with the headers (-1: not there yet).
+        self.chunk_wire = 0  # bytes of the chunked body fed to the parser
+        self.chunk_count = 0  # chunk lines parsed
+        self.chunk_body_base = -1  # body_size, chunk_count, header_bytes at that read
+        self.chunk_count_base = 0
+        self.chunk_trailer_base = 0
         # queued complete requests (or a final rejection) in arrival order
         self.pipeline: deque[Request | Response] = deque()
         self.busy = False
@@ -123,6 +175,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        if len(self.server.connections) >= self.limits.max_connections:
+            self._refuse()
+            return
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "unix"
         if transport.get_extra_info("sslcontext") is not None:
@@ -134,9 +189,25 @@ class HttpProtocol(asyncio.Protocol):
         self.server.connections.add(self)
         self._arm("idle", self.limits.idle_timeout)
 
+    def _refuse(self) -> None:
+        """Over ``limits.max_connections``: answer 503 and close, reading nothing."""
+        self.server.refused += 1
+        self.closing = self.slow = True
+        transport = self.transport
+        assert transport is not None
+        transport.write(
+            _REFUSED
+            + _DATE.get()
+            + b"content-length: "
+            + str(len(_REFUSED_BODY)).encode()
+            + b"\r\n\r\n"
+            + _REFUSED_BODY
+        )
+        transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        self.closing = True
+        self.closing = self.slow = True
         self._disarm()
         self.transport = None
 
@@ -182,10 +253,44 @@ class HttpProtocol(asyncio.Protocol):
     # -- parsing --------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.slow:
+            self._data_received_slow(data)
             return
         try:
             self.parser.feed_data(data)
+        except _Reject as rej:
+            self._queue_final(rej.response)
+        except httptools.HttpParserUpgrade:
+            self._on_upgrade()
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._queue_final(cause.response)
+            else:
+                self._queue_final(
+                    error_response(400, "bad_request", f"malformed HTTP request: {exc}")
+                )
+
+    def _data_received_slow(self, data: bytes) -> None:
+        """Closing (read nothing), or inside a chunked body (count its framing bytes)."""
+        if self.closing:
+            return
+        view = memoryview(data)
+        if self.chunk_body_base < 0:
+            self.chunk_body_base = self.body_size
+            self.chunk_count_base = self.chunk_count
+            self.chunk_trailer_base = self.header_bytes
+        try:
+            while self.odd and view:
+                piece = view[:_CHUNK_SLICE]
+                view = view[_CHUNK_SLICE:]
+                self.chunk_wire += len(piece)
+                self.parser.feed_data(piece)
+                if self.odd and self._chunk_excess() > 0:
+                    raise _bad_framing("chunk extensions are over 1 KB")
+            if view and not self.closing:
+                data = view.tobytes()
+                self.parser.feed_data(data)  # the chunked message ended: back to normal
         except _Reject as rej:
             self._queue_final(rej.response)
         except httptools.HttpParserUpgrade:
@@ -266,20 +371,27 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         limits = self.limits
-        clen = self.headers.get(b"content-length")
-        if clen is not None and clen.isdigit() and int(clen) > limits.max_body_bytes:
-            raise _Reject(
-                error_response(
-                    413,
-                    "body_too_large",
-                    f"request body is over {limits.max_body_bytes} bytes",
+        headers = self.headers  # (a chunked body swaps self.headers for its trailers)
+        clen = headers.get(b"content-length")
+        if clen is not None:
+            # llhttp has refused it with Transfer-Encoding, repeated, or not all digits.
+            if int(clen) > limits.max_body_bytes:
+                raise _Reject(
+                    error_response(
+                        413,
+                        "body_too_large",
+                        f"request body is over {limits.max_body_bytes} bytes",
+                    )
                 )
-            )
-        chunked = b"chunked" in self.headers.get(b"transfer-encoding", b"").lower()
-        self.expect_body = chunked or (clen is not None and clen != b"0")
+            self.expect_body = clen != b"0"
+        elif b"transfer-encoding" in headers:
+            self._start_chunked()
+            self.expect_body = True
+        else:
+            self.expect_body = False
         if self.expect_body:
             self._arm("body", limits.body_timeout)
-            expect = self.headers.get(b"expect")
+            expect = headers.get(b"expect")
             # 100 Continue is only safe to interleave when nothing is being answered ahead.
             if (
                 expect is not None
@@ -291,6 +403,60 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         else:
             self._disarm()
+
+    def _start_chunked(self) -> None:
+        """A Transfer-Encoding header (llhttp let it through, so it ends in chunked)."""
+        te = self.headers[b"transfer-encoding"]
+        if te.strip(b" \t").lower() != b"chunked":
+            raise _bad_framing(f"unsupported Transfer-Encoding: {te.decode('latin-1')!r}")
+        if self.parser.get_http_version() != "1.1":
+            raise _bad_framing("Transfer-Encoding on an HTTP/1.0 request")
+        # The rest of this read is parsed as it is, on the fast path: look at its chunk lines.
+        # No frame pointer is kept per read for this; the read is a local of our caller
+        # (data_received or _data_received_slow; on_headers_complete is called from C).
+        data = sys._getframe(2).f_locals.get("data")
+        if isinstance(data, bytes) and _LONG_CHUNK_EXTENSION.search(data) is not None:
+            raise _bad_framing("chunk extensions are over 1 KB")
+        self.odd = self.slow = True
+        self.chunk_head = self.headers
+        # Trailer fields land here and are dropped. The key routes on_message_complete to its
+        # rare branch (which it takes for a Connection header anyway): no flag test per request.
+        self.headers = {b"connection": b""}
+        self.chunk_wire = 0
+        self.chunk_count = 0
+        self.chunk_body_base = -1
+
+    def _chunk_excess(self) -> int:
+        """Bytes fed beyond chunk data, allowed framing and trailers (> 0: too many)."""
+        if self.chunk_body_base < 0:
+            return -1  # still in the read that held the headers
+        return (
+            self.chunk_wire
+            - (self.body_size - self.chunk_body_base)
+            - _CHUNK_EXTRA
+            - _CHUNK_FRAMING * (self.chunk_count - self.chunk_count_base)
+            - (self.header_bytes - self.chunk_trailer_base)
+        )
+
+    def on_chunk_header(self) -> None:
+        # Only chunked bodies get here; the parser is at most one slice behind chunk_wire.
+        self.chunk_count += 1
+        if self._chunk_excess() > _CHUNK_SLICE:
+            raise _bad_framing("chunk extensions are over 1 KB")
+
+    def _end_chunked(self) -> None:
+        # The slice being parsed may run past the end of this message: allow it.
+        if self._chunk_excess() > _CHUNK_SLICE:
+            raise _bad_framing("chunk extensions are over 1 KB")
+        self.headers = self.chunk_head
+        self.chunk_head = {}
+        self.odd = False
+        self.slow = self.closing
+
+    def _check_version(self) -> None:
+        version = self.parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _bad_framing(f"unsupported HTTP version {version}")
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -305,6 +471,14 @@ class HttpProtocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        keep_alive = self.parser.should_keep_alive()
+        # llhttp keeps alive HTTP/1.1 unless "Connection: close"; any other version only with
+        # a Connection header: the version needs a look only then. A chunked message comes
+        # here too (see _start_chunked).
+        if not keep_alive or b"connection" in self.headers:
+            if self.odd:
+                self._end_chunked()
+            self._check_version()
         self.in_message = False
         self._disarm()
         body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
@@ -316,7 +490,7 @@ class HttpProtocol(asyncio.Protocol):
             body=body,
             peer=self.peer,
             scheme=self.scheme,
-            keep_alive=bool(self.parser.should_keep_alive()) and not self.server.shutting_down,
+            keep_alive=keep_alive and not self.server.shutting_down,
         )
         self.pipeline.append(req)
         if len(self.pipeline) >= self.limits.max_pipelined and self.transport is not None:
@@ -328,7 +502,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _queue_final(self, response: Response) -> None:
         """Answer ``response`` after what is queued, then close; read nothing more."""
-        self.closing = True
+        self.closing = self.slow = True
         self._disarm()
         if self.transport is not None and not self.reading_paused:
             self.transport.pause_reading()
@@ -433,7 +607,7 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
-        self.closing = True
+        self.closing = self.slow = True
         self._disarm()
         if self.transport is not None:
             self.transport.close()
@@ -459,6 +633,7 @@ class EdgeServer:
         self.loop = loop
         self.ssl_context = ssl_context
         self.connections: set[HttpProtocol] = set()
+        self.refused = 0  # connections closed at once: over limits.max_connections
         self.shutting_down = False
         self._server: asyncio.base_events.Server | None = None
         shortest = min(limits.header_timeout, limits.body_timeout, limits.idle_timeout)
