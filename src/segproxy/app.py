@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable
 
 from segproxy import __version__
-from segproxy.cdn.service import CdnService
+from segproxy.cdn.service import CORS_CDN, CdnService
 from segproxy.config import Config, Upstream
 from segproxy.edge.forwarded import client_ip, host_allowed, public_origin
 from segproxy.edge.http import Deferred, Request, Response, error_response, json_response
 from segproxy.forward.forwarder import Forwarder
-from segproxy.ingest.service import IngestService
+from segproxy.ingest.service import IngestService, cors_headers
 from segproxy.queue import open_queue
 from segproxy.queue.base import Queue
+from segproxy.ratelimit import exempt, rate_limited, table
 from segproxy.routes import CDN_KINDS, Kind, Reject, match
 from segproxy.upstream import UpstreamPool
 
@@ -38,6 +40,10 @@ class App:
         self.forwarder: Forwarder | None = None
         self._recount: asyncio.Task[None] | None = None
         self.ready = False
+        rl = config.rate_limit
+        # None when off: the hot path then pays one check and nothing else.
+        self.ip_limit = table(rl.per_ip, rl.per_ip_burst, rl.max_tracked)
+        self.exempt_ips = rl.exempt_ips
 
     def _pool(self, origin: Upstream) -> UpstreamPool:
         up = self.config.upstream
@@ -81,6 +87,15 @@ class App:
             if self.queue is not None and not self.queue.has_room():
                 return json_response(503, {"status": "queue full"})
             return json_response(200, {"status": "ready"})
+        ip: str | None = None
+        if self.ip_limit is not None and req.method != "OPTIONS":
+            ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
+            wait = self.ip_limit.allow(ip, time.monotonic())
+            # Exemptions are looked up only once a client is over its limit (cheaper).
+            if wait is not None and not exempt(ip, self.exempt_ips):
+                if kind in CDN_KINDS:
+                    return rate_limited(wait, "from this address", CORS_CDN)
+                return rate_limited(wait, "from this address", cors_headers(req.header(b"origin")))
         origin = None
         if kind is Kind.SETTINGS or cfg.public_hosts:
             origin = public_origin(
@@ -97,7 +112,8 @@ class App:
                 )
         if kind in CDN_KINDS:
             return self.cdn.handle(req, route, origin)
-        ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
+        if ip is None:
+            ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
         return self.ingest.handle(req, route, ip)
 
     async def close(self, grace: float = 10.0) -> None:

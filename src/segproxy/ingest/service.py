@@ -26,6 +26,7 @@ from segproxy.edge.http import Deferred, Headers, Request, Response, error_respo
 from segproxy.forward.batcher import prepare_events
 from segproxy.ingest.parse import IngestError, Payload, decode_body, enrich, parse
 from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
+from segproxy.ratelimit import rate_limited, table
 from segproxy.routes import API_ENDPOINTS, Route
 from segproxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -98,6 +99,10 @@ class IngestService:
         self.limits = config.limits
         self.allowed = config.sources.write_keys
         self.retry_after = str(config.forward.retry_after).encode()
+        rl = config.rate_limit
+        # None when off (the default): then nothing per request.
+        self.key_limit = table(rl.per_write_key, rl.per_write_key_burst, rl.max_tracked)
+        self.exempt_keys = rl.exempt_write_keys
 
     def accept(self, req: Request, route: Route, ip: str) -> Payload:
         """Everything up to delivery; raises IngestError for a request to refuse."""
@@ -121,6 +126,11 @@ class IngestService:
         cors = cors_headers(origin)
         try:
             payload = self.accept(req, route, ip)
+            key = payload.write_key
+            if self.key_limit is not None and key is not None and key not in self.exempt_keys:
+                wait = self.key_limit.allow(key, time.monotonic())
+                if wait is not None:
+                    return rate_limited(wait, "for this write key", cors)
             if self.queue is not None:
                 rows = self.rows(payload)
             else:

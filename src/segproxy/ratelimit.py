@@ -1,0 +1,111 @@
+"""Pure token buckets: one table per limit (client IP, write key), bounded in memory.
+
+Each key has a bucket of ``burst`` tokens refilled at ``rate`` tokens per second; a request
+takes one token or is refused with the seconds until one is there. The clock is passed in
+(``now``, any monotonic seconds), so the table never reads time itself and tests drive it.
+
+The table keeps at most ``max_tracked`` buckets: the least recently used one is dropped to make
+room, so a flood of distinct addresses costs bounded memory (a dropped key simply starts again
+with a full bucket). Every call is O(1): one dict lookup and a move to the end of the order.
+
+A rate of 0 turns a limit off; :func:`table` then returns None so the caller holds None and the
+hot path pays one ``is not None`` check, nothing more.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from segproxy.edge.forwarded import Network
+from segproxy.edge.http import Headers, Response, error_response
+
+
+class _Bucket:
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+
+class TokenBuckets:
+    """``allow(key, now)``: None when the request may pass, else the seconds to wait."""
+
+    __slots__ = ("_buckets", "burst", "max_tracked", "rate")
+
+    def __init__(self, rate: float, burst: float = 0.0, max_tracked: int = 100_000) -> None:
+        if rate < 0 or burst < 0:
+            raise ValueError("rate and burst must not be negative")
+        if max_tracked < 1:
+            raise ValueError("max_tracked must be at least 1")
+        self.rate = rate
+        # 0 = twice the rate; never below one token, or no request could ever pass.
+        self.burst = max(burst if burst > 0 else 2.0 * rate, 1.0)
+        self.max_tracked = max_tracked
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buckets
+
+    def allow(self, key: str, now: float) -> float | None:
+        rate = self.rate
+        if rate <= 0:
+            return None  # off (callers normally hold None instead of a table)
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            if len(buckets) >= self.max_tracked:
+                buckets.popitem(last=False)
+            buckets[key] = _Bucket(self.burst - 1.0, now)
+            return None
+        buckets.move_to_end(key)
+        elapsed = now - bucket.stamp
+        tokens = bucket.tokens
+        if elapsed > 0:  # a clock that goes backwards refills nothing
+            tokens = min(self.burst, tokens + elapsed * rate)
+            bucket.stamp = now
+        if tokens >= 1.0:
+            bucket.tokens = tokens - 1.0
+            return None
+        bucket.tokens = tokens  # a refused request takes no token
+        return (1.0 - tokens) / rate
+
+
+def table(rate: float, burst: float, max_tracked: int) -> TokenBuckets | None:
+    """The table for one limit, or None when the limit is off (rate 0)."""
+    if rate <= 0:
+        return None
+    return TokenBuckets(rate, burst, max_tracked)
+
+
+def retry_after(wait: float) -> int:
+    """Whole seconds for ``Retry-After``: rounded up, at least 1."""
+    return max(1, math.ceil(wait))
+
+
+def rate_limited(wait: float, what: str, headers: Headers) -> Response:
+    """``429`` with ``Retry-After``; ``headers`` carries the route's CORS headers."""
+    seconds = retry_after(wait)
+    return error_response(
+        429,
+        "rate_limited",
+        f"too many requests {what}; retry after {seconds} s",
+        [*headers, (b"retry-after", str(seconds).encode()), (b"cache-control", b"no-store")],
+    )
+
+
+def exempt(ip: str, networks: Sequence[Network]) -> bool:
+    """Whether ``ip`` is in one of the exempt networks (a non-address never is)."""
+    if not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
