@@ -58,6 +58,7 @@ from segproxy.edge.http import (
     error_response,
     reason,
 )
+from segproxy.redact import redact_path
 
 log = logging.getLogger("segproxy.edge")
 
@@ -146,6 +147,7 @@ class HttpProtocol(asyncio.Protocol):
         self.body_size = 0
         self.expect_body = False
         self.in_message = False
+        self.eof = False
         # Rare paths: ``slow`` routes data_received off the fast path (closing, refused, or
         # reading a chunked body); ``odd``: a chunked message is being read.
         self.slow = False
@@ -221,7 +223,8 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
-        # The client half-closed. Answer what we have, then close.
+        # The client half-closed: answer what we have, then close (see _next).
+        self.eof = True
         if not self.busy and not self.pipeline:
             self._close()
         return True
@@ -530,7 +533,7 @@ class HttpProtocol(asyncio.Protocol):
             try:
                 result = self.handler(item)
             except Exception:
-                log.exception("handler failed for %s %s", item.method, item.target)
+                log.exception("handler failed for %s %s", item.method, redact_path(item.target))
                 result = error_response(500, "internal_error", "internal error")
             if isinstance(result, Deferred):
                 if result.response is None:
@@ -553,7 +556,9 @@ class HttpProtocol(asyncio.Protocol):
             pending.add_done_callback(functools.partial(self._done, item))
             return
         self.busy = False
-        if self.transport is not None and not self.closing and not self.in_message:
+        if self.eof:  # half-closed by the client and everything answered
+            self._close()
+        elif self.transport is not None and not self.closing and not self.in_message:
             self._arm("idle", self.limits.idle_timeout)
 
     def _resolved(self, response: Response) -> None:
@@ -572,7 +577,7 @@ class HttpProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             response = error_response(503, "shutting_down", "the server is stopping; retry")
         except Exception:
-            log.exception("handler failed for %s %s", item.method, item.target)
+            log.exception("handler failed for %s %s", item.method, redact_path(item.target))
             response = error_response(500, "internal_error", "internal error")
         if self._answer(item, response):
             self._next()
