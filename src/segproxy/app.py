@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import Awaitable
@@ -82,11 +83,9 @@ class App:
         if kind is Kind.HEALTHZ:
             return json_response(200, {"status": "ok"})
         if kind is Kind.READYZ:
-            if not self.ready:
-                return json_response(503, {"status": "not ready"})
-            if self.queue is not None and not self.queue.has_room():
-                return json_response(503, {"status": "queue full"})
-            return json_response(200, {"status": "ready"})
+            if self.config.admin.listen is not None:  # served on the admin listener only
+                return error_response(404, "not_found", "operator endpoints are not served here")
+            return self.readiness(req)
         ip: str | None = None
         if self.ip_limit is not None and req.method != "OPTIONS":
             ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
@@ -115,6 +114,34 @@ class App:
         if ip is None:
             ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
         return self.ingest.handle(req, route, ip)
+
+    def readiness(self, req: Request) -> Response:
+        token = self.config.admin.token
+        if token and not hmac.compare_digest(  # constant time: no timing oracle on the token
+            req.header(b"authorization") or b"", b"Bearer " + token.encode()
+        ):
+            return error_response(
+                401,
+                "unauthorized",
+                "operator endpoints need Authorization: Bearer <[admin] token>",
+                [(b"www-authenticate", b"Bearer")],
+            )
+        if not self.ready:
+            return json_response(503, {"status": "not ready"})
+        if self.queue is not None and not self.queue.has_room():
+            return json_response(503, {"status": "queue full"})
+        return json_response(200, {"status": "ready"})
+
+    def admin(self, req: Request) -> Response:
+        """The handler of the separate operator listener (``[admin] listen``)."""
+        route = match(req.method, req.target, "")
+        if isinstance(route, Reject):
+            return error_response(route.status, route.code, route.message)
+        if route.kind is Kind.HEALTHZ:
+            return json_response(200, {"status": "ok"})
+        if route.kind is Kind.READYZ:
+            return self.readiness(req)
+        return error_response(404, "not_found", "this listener serves operator endpoints only")
 
     async def close(self, grace: float = 10.0) -> None:
         """Call after the edge stopped answering: nothing new reaches the queue."""

@@ -136,6 +136,14 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """Operator endpoints: everything beyond /healthz (today /readyz)."""
+
+    listen: tuple[str, int] | None = None  # a separate listener; None: the main one
+    token: str = ""  # when set, operator endpoints need "Authorization: Bearer <token>"
+
+
+@dataclass(frozen=True, slots=True)
 class CacheConfig:
     script_ttl: float = 60.0
     settings_ttl: float = 60.0
@@ -160,6 +168,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -290,7 +299,7 @@ def _write_keys(key: str, value: object) -> frozenset[str]:
 
 
 # The schema: dotted key -> (setter-name, parser). One table, used by the file and the env.
-_SECTIONS = ("upstream", "sources", "queue", "forward", "rate_limit", "limits", "cache")
+_SECTIONS = ("upstream", "sources", "queue", "forward", "rate_limit", "admin", "limits", "cache")
 _TOP_KEYS = (
     "listen",
     "prefix",
@@ -322,6 +331,7 @@ def _known_keys() -> list[str]:
         ("queue", QueueConfig),
         ("forward", ForwardConfig),
         ("rate_limit", RateLimitConfig),
+        ("admin", AdminConfig),
         ("limits", LimitsConfig),
         ("cache", CacheConfig),
     ):
@@ -438,7 +448,16 @@ def build(flat: Mapping[str, object]) -> Config:
             limits.max_request_bytes,
             f"at most limits.max_decompressed_bytes ({limits.max_decompressed_bytes})",
         )
+    admin_listen = get("admin.listen", "")
+    token = _str("admin.token", get("admin.token", ""))
+    if token and len(token) < 16:
+        raise ConfigError("admin.token", "(hidden)", "at least 16 characters, or empty for none")
+    admin = AdminConfig(
+        listen=parse_listen("admin.listen", admin_listen) if admin_listen else None,
+        token=token,
+    )
     return Config(
+        admin=admin,
         upstream=upstream,
         sources=sources,
         queue=queue,

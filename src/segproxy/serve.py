@@ -43,6 +43,12 @@ async def serve(config: Config) -> None:
         config.upstream.api.origin,
         config.queue.backend,
     )
+    admin: EdgeServer | None = None
+    if config.admin.listen is not None:
+        admin = EdgeServer(app.admin, config.limits, loop)
+        a_host, a_port = (await admin.start(*config.admin.listen))[:2]
+        a_shown = f"[{a_host}]" if ":" in a_host else a_host
+        log.info("segproxy admin listening on http://%s:%d", a_shown, a_port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -50,6 +56,8 @@ async def serve(config: Config) -> None:
     log.info("shutting down: no new connections, finishing in-flight requests")
     app.ready = False
     await edge.shutdown(config.limits.shutdown_grace)
+    if admin is not None:
+        await admin.shutdown(1.0)
     await app.close(config.limits.shutdown_grace)
     log.info("stopped")
 
