@@ -6,7 +6,7 @@ at the same time:
 (a) slowloris clients trickling headers or bodies, in waves;
 (b) a flood of garbage from a few threads: random bytes, malformed request lines, huge headers,
     gzip bombs, deeply nested JSON, invalid UTF-8, smuggling-shaped framing;
-(c) hundreds of idle connections that never send a byte;
+(c) thousands of idle connections that never send a byte;
 (d) valid traffic: threads posting single events with unique ``messageId``s.
 
 Then: every acknowledged event reached the fake API exactly once, no garbage reached it, no
@@ -51,7 +51,7 @@ BODY_TIMEOUT = 1.0
 # little. A slowloris socket must be closed within the timeout plus this.
 CLOSE_MARGIN = 2.0
 DRILL_SECONDS = 6.0
-IDLE_CONNECTIONS = 500
+IDLE_CONNECTIONS = 2000
 SLOWLORIS_PER_WAVE = 50
 GARBAGE_THREADS = 3
 RSS_LIMIT = 150 * 1024 * 1024

@@ -263,3 +263,17 @@ def test_cdn_failures_are_logged_without_the_write_key(
     logs = proxy.logs()
     assert "CDN fetch" in logs  # the failure is logged...
     assert WRITE_KEY not in logs  # ...without the secret
+
+
+def test_one_write_keys_settings_never_answer_for_another(
+    client: Client, fake: FakeSegment
+) -> None:
+    other = "wk_other_2"
+    first = client.get(SETTINGS).json()
+    second = client.get(f"/v1/projects/{other}/settings").json()
+    assert first["integrations"]["Segment.io"]["apiKey"] == WRITE_KEY
+    assert second["integrations"]["Segment.io"]["apiKey"] == other
+    again = client.get(SETTINGS).json()  # a cache hit still belongs to its own key
+    assert again["integrations"]["Segment.io"]["apiKey"] == WRITE_KEY
+    script = client.get(f"/analytics.js/v1/{other}/analytics.min.js")
+    assert script.body.endswith(fake.expected_script(other))
