@@ -14,12 +14,11 @@ hot path pays one ``is not None`` check, nothing more.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from segproxy.edge.forwarded import Network
+from segproxy.edge.forwarded import Network, is_trusted
 from segproxy.edge.http import Headers, Response, error_response
 
 
@@ -102,10 +101,4 @@ def rate_limited(wait: float, what: str, headers: Headers) -> Response:
 
 def exempt(ip: str, networks: Sequence[Network]) -> bool:
     """Whether ``ip`` is in one of the exempt networks (a non-address never is)."""
-    if not networks:
-        return False
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(addr in net for net in networks)
+    return is_trusted(ip, networks)  # the same membership test as for trusted proxies

@@ -261,18 +261,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except _Reject as rej:
-            self._queue_final(rej.response)
-        except httptools.HttpParserUpgrade:
-            self._on_upgrade()
-        except httptools.HttpParserError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _Reject):
-                self._queue_final(cause.response)
-            else:
-                self._queue_final(
-                    error_response(400, "bad_request", f"malformed HTTP request: {exc}")
-                )
+        except (_Reject, httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            self._parse_failed(exc)
 
     def _data_received_slow(self, data: bytes) -> None:
         """Closing (read nothing), or inside a chunked body (count its framing bytes)."""
@@ -294,18 +284,19 @@ class HttpProtocol(asyncio.Protocol):
             if view and not self.closing:
                 data = view.tobytes()
                 self.parser.feed_data(data)  # the chunked message ended: back to normal
-        except _Reject as rej:
-            self._queue_final(rej.response)
-        except httptools.HttpParserUpgrade:
+        except (_Reject, httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
+            self._parse_failed(exc)
+
+    def _parse_failed(self, exc: Exception) -> None:
+        """Answer what stopped the parser (then close: the framing is no longer trusted)."""
+        if isinstance(exc, httptools.HttpParserUpgrade):
             self._on_upgrade()
-        except httptools.HttpParserError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _Reject):
-                self._queue_final(cause.response)
-            else:
-                self._queue_final(
-                    error_response(400, "bad_request", f"malformed HTTP request: {exc}")
-                )
+            return
+        cause = exc if isinstance(exc, _Reject) else exc.__context__
+        if isinstance(cause, _Reject):
+            self._queue_final(cause.response)
+        else:
+            self._queue_final(error_response(400, "bad_request", f"malformed HTTP request: {exc}"))
 
     def _on_upgrade(self) -> None:
         method = self.parser.get_method().decode("latin-1", "replace")
