@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -22,6 +23,9 @@ def _serve(args: argparse.Namespace) -> int:
         run(config)
     except QueueError as exc:
         print(f"segproxy: cannot open the queue: {exc}", file=sys.stderr)
+        return 1
+    except ssl.SSLError as exc:  # an OSError too: a bad PEM is not a busy port
+        print(f"segproxy: cannot load [tls] cert/key: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"segproxy: cannot listen on {config.listen}: {exc.strerror or exc}", file=sys.stderr)

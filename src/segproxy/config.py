@@ -136,6 +136,18 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS on the main listener: PEM files; both or neither."""
+
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     """Operator endpoints: everything beyond /healthz (today /readyz)."""
 
@@ -169,6 +181,7 @@ class Config:
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -299,7 +312,17 @@ def _write_keys(key: str, value: object) -> frozenset[str]:
 
 
 # The schema: dotted key -> (setter-name, parser). One table, used by the file and the env.
-_SECTIONS = ("upstream", "sources", "queue", "forward", "rate_limit", "admin", "limits", "cache")
+_SECTIONS = (
+    "upstream",
+    "sources",
+    "queue",
+    "forward",
+    "rate_limit",
+    "admin",
+    "tls",
+    "limits",
+    "cache",
+)
 _TOP_KEYS = (
     "listen",
     "prefix",
@@ -332,6 +355,7 @@ def _known_keys() -> list[str]:
         ("forward", ForwardConfig),
         ("rate_limit", RateLimitConfig),
         ("admin", AdminConfig),
+        ("tls", TlsConfig),
         ("limits", LimitsConfig),
         ("cache", CacheConfig),
     ):
@@ -456,8 +480,19 @@ def build(flat: Mapping[str, object]) -> Config:
         listen=parse_listen("admin.listen", admin_listen) if admin_listen else None,
         token=token,
     )
+    tls = TlsConfig(
+        cert=_str("tls.cert", get("tls.cert", "")), key=_str("tls.key", get("tls.key", ""))
+    )
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError(
+            "tls.key" if tls.cert else "tls.cert", "", "both tls.cert and tls.key, or neither"
+        )
+    for name, value in (("tls.cert", tls.cert), ("tls.key", tls.key)):
+        if value and not Path(value).is_file():
+            raise ConfigError(name, value, "a readable PEM file")
     return Config(
         admin=admin,
+        tls=tls,
         upstream=upstream,
         sources=sources,
         queue=queue,

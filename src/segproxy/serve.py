@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -23,6 +24,17 @@ def setup_logging(level: str) -> None:
     )
 
 
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """A server context from [tls] cert/key (TLS 1.2+), or None for plain HTTP."""
+    if not config.tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.tls.cert, config.tls.key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
 async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     if not config.sources.write_keys:
@@ -32,11 +44,12 @@ async def serve(config: Config) -> None:
         )
     app = App(config)
     await app.start()
-    edge = EdgeServer(app, config.limits, loop)
+    edge = EdgeServer(app, config.limits, loop, tls_context(config))
     host, port = (await edge.start(config.listen_host, config.listen_port))[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info(
-        "segproxy listening on http://%s:%d (cdn %s, api %s, queue %s)",
+        "segproxy listening on %s://%s:%d (cdn %s, api %s, queue %s)",
+        "https" if config.tls.enabled else "http",
         shown,
         port,
         config.upstream.cdn.origin,
