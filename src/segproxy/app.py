@@ -12,7 +12,8 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Coroutine
+from typing import Any
 
 from segproxy import __version__
 from segproxy.cdn.service import CORS_CDN, CdnService
@@ -73,7 +74,7 @@ class App:
             await asyncio.sleep(10)
             await self.queue.recount()
 
-    def __call__(self, req: Request) -> Response | Deferred | Awaitable[Response]:
+    def __call__(self, req: Request) -> Response | Deferred | Coroutine[Any, Any, Response]:
         cfg = self.config
         route = match(req.method, req.target, cfg.prefix)
         if isinstance(route, Reject):

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from segproxy.cdn.cache import (
@@ -240,7 +241,7 @@ class CdnService:
 
     def handle(
         self, req: Request, route: Route, origin: PublicOrigin | None
-    ) -> Response | Awaitable[Response]:
+    ) -> Response | Coroutine[Any, Any, Response]:
         """Fresh cache hits and refusals are answered at once; the rest after a fetch."""
         if req.method == "OPTIONS":
             return Response(204, list(PREFLIGHT_CDN))

@@ -42,7 +42,7 @@ import ssl
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from email.utils import formatdate
 from time import monotonic  # deadlines: a vDSO clock, cheaper than loop.time() per request
 from typing import Any, cast
@@ -62,9 +62,9 @@ from segproxy.redact import redact_path
 
 log = logging.getLogger("segproxy.edge")
 
-# A handler answers at once (Response), later (a Deferred resolved by its producer, or a
-# Future), or runs a coroutine (given a task).
-Handler = Callable[[Request], Response | Deferred | Awaitable[Response]]
+# A handler answers at once (Response), later (a Deferred resolved by its producer), or
+# returns a coroutine that is run as a task.
+Handler = Callable[[Request], Response | Deferred | Coroutine[Any, Any, Response]]
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -164,7 +164,7 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = False
         self.reading_paused = False
         self.closing = False
-        self.current: asyncio.Future[Response] | None = None
+        self.current: asyncio.Task[Response] | None = None
         self.waiting_on: Request | None = None
         self._on_resolved = self._resolved  # bound once, not per request
         # One deadline per connection, checked by the server's sweeper (cheaper than a
@@ -536,13 +536,9 @@ class HttpProtocol(asyncio.Protocol):
                 if self._answer(item, result):
                     continue
                 break
-            # Not ready: a future (e.g. a queue commit) or a coroutine (run as a task). Only
-            # this case pays for a task; cache hits and refusals are answered right here.
-            pending = (
-                result
-                if isinstance(result, asyncio.Future)
-                else self.loop.create_task(cast(Coroutine[Any, Any, Response], result))
-            )
+            # A coroutine (a CDN fetch, say): the only case that pays for a task; cache hits,
+            # refusals and Deferreds (queue commits, upstream replies) are handled above.
+            pending = self.loop.create_task(result)
             self.current = pending  # keep a reference: the loop holds tasks only weakly
             pending.add_done_callback(functools.partial(self._done, item))
             return
@@ -561,7 +557,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.busy = False
 
-    def _done(self, item: Request, pending: asyncio.Future[Response]) -> None:
+    def _done(self, item: Request, pending: asyncio.Task[Response]) -> None:
         self.current = None
         try:
             response = pending.result()

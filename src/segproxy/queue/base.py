@@ -16,7 +16,6 @@ Invariants every backend keeps (the SQLite one on disk, see sqlite.py):
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
@@ -82,10 +81,6 @@ class QueueStats:
 class Queue(Protocol):
     async def put(self, rows: list[NewRow]) -> None:
         """Durably store ``rows`` (all or none); raise QueueFull when over a cap."""
-
-    def submit(self, rows: list[NewRow]) -> asyncio.Future[None]:
-        """``put`` without a coroutine: raises QueueFull at once, or returns a future that is
-        done once the rows are durable."""
 
     def submit_then(self, rows: list[NewRow], done: Callable[[BaseException | None], None]) -> None:
         """The hot path: raises QueueFull at once, or calls ``done(None)`` once the rows are

@@ -6,7 +6,6 @@ acknowledged event is lost if the process dies; never use it where that matters)
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,12 +33,6 @@ class MemoryQueue:
     def submit_then(self, rows: list[NewRow], done: Callable[[BaseException | None], None]) -> None:
         self._store(rows)
         done(None)
-
-    def submit(self, rows: list[NewRow]) -> asyncio.Future[None]:
-        self._store(rows)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
 
     async def put(self, rows: list[NewRow]) -> None:
         self._store(rows)

@@ -312,9 +312,6 @@ class SqliteQueue:
     # -- put: group commit ------------------------------------------------------------------
 
     async def put(self, rows: list[NewRow]) -> None:
-        await self.submit(rows)
-
-    def submit(self, rows: list[NewRow]) -> asyncio.Future[None]:
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
@@ -327,7 +324,7 @@ class SqliteQueue:
                 fut.set_exception(exc)
 
         self.submit_then(rows, done)
-        return fut
+        await fut
 
     def submit_then(self, rows: list[NewRow], done: Callable[[BaseException | None], None]) -> None:
         if self._closed:
