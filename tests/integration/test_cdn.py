@@ -118,11 +118,12 @@ def test_settings_on_a_path_prefix_name_the_prefix(fake: FakeSegment, start: Sta
     assert client.post("/seg/v1/t", b'{"writeKey":"k","event":"e"}').status == 200
 
 
-def test_eu_settings_are_read_not_assumed(client: Client, fake: FakeSegment) -> None:
+def test_eu_settings_are_rewritten_to_the_proxy_too(
+    client: Client, fake: FakeSegment, proxy: RunningProxy
+) -> None:
     fake.use_region("eu")
-    resp = client.get(SETTINGS)
-    assert resp.json()["integrations"]["Segment.io"]["apiHost"].endswith("/v1")
-    assert "eu1" not in resp.json()["integrations"]["Segment.io"]["apiHost"]
+    sio = client.get(SETTINGS).json()["integrations"]["Segment.io"]
+    assert sio["apiHost"] == f"{proxy.authority}/v1"
 
 
 def test_cached_script_is_fetched_once_for_many_visitors(client: Client, fake: FakeSegment) -> None:
