@@ -39,7 +39,6 @@ import logging
 import re
 import socket
 import ssl
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -148,6 +147,7 @@ class HttpProtocol(asyncio.Protocol):
         self.expect_body = False
         self.in_message = False
         self.eof = False
+        self.read = b""  # the read being parsed
         # Rare paths: ``slow`` routes data_received off the fast path (closing, refused, or
         # reading a chunked body); ``odd``: a chunked message is being read.
         self.slow = False
@@ -259,6 +259,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.slow:
             self._data_received_slow(data)
             return
+        self.read = data  # the read being parsed (a chunked request's first chunks sit in it)
         try:
             self.parser.feed_data(data)
         except (_Reject, httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
@@ -282,7 +283,7 @@ class HttpProtocol(asyncio.Protocol):
                 if self.odd and self._chunk_excess() > 0:
                     raise _bad_framing("chunk extensions are over 1 KB")
             if view and not self.closing:
-                data = view.tobytes()
+                self.read = data = view.tobytes()
                 self.parser.feed_data(data)  # the chunked message ended: back to normal
         except (_Reject, httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
             self._parse_failed(exc)
@@ -406,10 +407,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.parser.get_http_version() != "1.1":
             raise _bad_framing("Transfer-Encoding on an HTTP/1.0 request")
         # The rest of this read is parsed as it is, on the fast path: look at its chunk lines.
-        # No frame pointer is kept per read for this; the read is a local of our caller
-        # (data_received or _data_received_slow; on_headers_complete is called from C).
-        data = sys._getframe(2).f_locals.get("data")
-        if isinstance(data, bytes) and _LONG_CHUNK_EXTENSION.search(data) is not None:
+        if _LONG_CHUNK_EXTENSION.search(self.read) is not None:
             raise _bad_framing("chunk extensions are over 1 KB")
         self.odd = self.slow = True
         self.chunk_head = self.headers
