@@ -30,6 +30,9 @@ from segproxy.upstream import UpstreamPool
 
 log = logging.getLogger("segproxy")
 
+_TRACK = Kind.TRACK  # (an Enum member looked up on its class costs a descriptor call)
+_METRICS = Kind.METRICS
+
 
 class App:
     def __init__(self, config: Config) -> None:
@@ -46,6 +49,8 @@ class App:
         # None when off: the hot path then pays one check and nothing else.
         self.ip_limit = table(rl.per_ip, rl.per_ip_burst, rl.max_tracked)
         self.exempt_ips = rl.exempt_ips
+        # The Tracking API needs no per-address work: no rate limit, no public_hosts check.
+        self.plain_api = self.ip_limit is None and not config.public_hosts
 
     def _pool(self, origin: Upstream) -> UpstreamPool:
         up = self.config.upstream
@@ -81,6 +86,12 @@ class App:
             extra = [(b"allow", route.allow.encode())] if route.allow else None
             return error_response(route.status, route.code, route.message, extra)
         kind = route.kind
+        if (kind is _TRACK or kind is _METRICS) and self.plain_api:  # the hot path
+            trusted = cfg.trusted_proxies
+            if not trusted:
+                return self.ingest.handle(req, route, req.peer)
+            xff = req.headers.get(b"x-forwarded-for")
+            return self.ingest.handle(req, route, client_ip(req.peer, xff, trusted))
         if kind is Kind.HEALTHZ:
             return json_response(200, {"status": "ok"})
         if kind is Kind.READYZ:

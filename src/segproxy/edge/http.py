@@ -34,9 +34,12 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
+    """Treat as immutable once answered: the edge keeps its wire bytes (``wire``) for reuse."""
+
     status: int
     headers: Headers = field(default_factory=list)
     body: bytes = b""
+    wire: bytes | None = field(default=None, compare=False, repr=False)
 
 
 class Deferred:

@@ -113,6 +113,29 @@ _REFUSED_BODY = (
 )
 
 
+def _wire(response: Response, keep_alive: bool, head: bool) -> bytes:
+    """A response's bytes after its status and Date lines."""
+    status = response.status
+    parts = [_SECURITY]
+    for k, v in response.headers:
+        parts.append(k + b": " + v + b"\r\n")
+    if status >= 200 and status not in (204, 304):
+        parts.append(b"content-length: " + str(len(response.body)).encode() + b"\r\n")
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head and status not in (204, 304):
+        parts.append(response.body)
+    return b"".join(parts)
+
+
+# How _serve left a request: answered (go on / the connection closes) or answered later.
+_NEXT = object()
+_STOP = object()
+_PENDING = object()
+_METHODS = {m.encode(): m for m in ("GET", "POST", "OPTIONS", "HEAD", "PUT", "DELETE", "PATCH")}
+
+
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing with a response."""
 
@@ -138,10 +161,15 @@ class HttpProtocol(asyncio.Protocol):
         # the request being read
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
-        self.header_bytes = 0
-        self.header_count = 0
+        # Header fields as the parser reports them (then trailers, for a chunked body); the
+        # dict and the limits are worked out once, at the end of the headers.
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.begun_in = b""  # the read in which the request began
+        self.head_fed = 0  # bytes of later reads fed while the headers were incomplete
         self.max_header_bytes = server.limits.max_header_bytes
         self.max_header_count = server.limits.max_header_count
+        self.header_timeout = server.limits.header_timeout
+        self.body_timeout = server.limits.body_timeout
         self.body: list[bytes] = []
         self.body_size = 0
         self.expect_body = False
@@ -152,13 +180,12 @@ class HttpProtocol(asyncio.Protocol):
         # reading a chunked body); ``odd``: a chunked message is being read.
         self.slow = False
         self.odd = False
-        self.chunk_head: dict[bytes, bytes] = {}  # the headers, while trailers are read
         # Counted from the first read after the one with the headers (-1: not there yet).
         self.chunk_wire = 0  # bytes of the chunked body fed to the parser
         self.chunk_count = 0  # chunk lines parsed
-        self.chunk_body_base = -1  # body_size, chunk_count, header_bytes at that read
+        self.chunk_body_base = -1  # body_size and chunk_count at that read
         self.chunk_count_base = 0
-        self.chunk_trailer_base = 0
+        self.trailers_from = 0  # index in ``fields`` where the trailers start
         # queued complete requests (or a final rejection) in arrival order
         self.pipeline: deque[Request | Response] = deque()
         self.busy = False
@@ -262,8 +289,19 @@ class HttpProtocol(asyncio.Protocol):
         self.read = data  # the read being parsed (a chunked request's first chunks sit in it)
         try:
             self.parser.feed_data(data)
+            if self.timer_phase == "header":  # the headers go on in a later read
+                self._partial_head(data)
         except (_Reject, httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
             self._parse_failed(exc)
+
+    def _partial_head(self, data: bytes) -> None:
+        """Headers still incomplete after this read: hold the limits now, not at their end
+        (llhttp would buffer a field of any length until it ends)."""
+        if self.begun_in is not data:
+            self.head_fed += len(data)
+        if self.head_fed > self.max_header_bytes:
+            raise self._too_large()
+        self._check_fields(self.fields)
 
     def _data_received_slow(self, data: bytes) -> None:
         """Closing (read nothing), or inside a chunked body (count its framing bytes)."""
@@ -273,18 +311,21 @@ class HttpProtocol(asyncio.Protocol):
         if self.chunk_body_base < 0:
             self.chunk_body_base = self.body_size
             self.chunk_count_base = self.chunk_count
-            self.chunk_trailer_base = self.header_bytes
         try:
             while self.odd and view:
                 piece = view[:_CHUNK_SLICE]
                 view = view[_CHUNK_SLICE:]
                 self.chunk_wire += len(piece)
                 self.parser.feed_data(piece)
-                if self.odd and self._chunk_excess() > 0:
-                    raise _bad_framing("chunk extensions are over 1 KB")
+                if self.odd:
+                    self._check_fields(self.fields)  # trailers count against the limits
+                    if self._chunk_excess() > 0:
+                        raise _bad_framing("chunk extensions are over 1 KB")
             if view and not self.closing:
                 self.read = data = view.tobytes()
                 self.parser.feed_data(data)  # the chunked message ended: back to normal
+                if self.timer_phase == "header":
+                    self._partial_head(data)
         except (_Reject, httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
             self._parse_failed(exc)
 
@@ -322,12 +363,13 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_message = True
         self.url = b""
-        self.headers = {}
-        self.header_bytes = 0
-        self.header_count = 0
+        self.fields = []
+        self.begun_in = self.read
+        self.head_fed = 0
         self.body = []
         self.body_size = 0
-        self._arm("header", self.limits.header_timeout)
+        self.timer_phase = "header"
+        self.deadline = monotonic() + self.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -335,38 +377,56 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(error_response(414, "uri_too_long", "the request target is over 8 KB"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_bytes += len(name) + len(value) + 4
-        self.header_count += 1
-        if self.header_bytes > self.max_header_bytes or self.header_count > self.max_header_count:
-            self._header_limit()
-        key = name.lower()
-        old = self.headers.get(key)
-        if old is None:
-            self.headers[key] = value
-        elif key == b"host":
-            raise _Reject(error_response(400, "bad_host", "more than one Host header"))
-        else:
-            self.headers[key] = old + b", " + value
+        self.fields.append((name, value))
 
-    def _header_limit(self) -> None:
-        limits = self.limits
-        if self.header_bytes > limits.max_header_bytes:
-            raise _Reject(
-                error_response(
-                    431,
-                    "headers_too_large",
-                    f"request headers are over {limits.max_header_bytes} bytes",
-                )
-            )
-        raise _Reject(
+    def _too_large(self) -> _Reject:
+        return _Reject(
             error_response(
-                431, "too_many_headers", f"more than {limits.max_header_count} request headers"
+                431,
+                "headers_too_large",
+                f"request headers are over {self.max_header_bytes} bytes",
             )
         )
 
+    def _check_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The header limits, counted exactly (trailers included)."""
+        if len(fields) > self.max_header_count:
+            raise _Reject(
+                error_response(
+                    431, "too_many_headers", f"more than {self.max_header_count} request headers"
+                )
+            )
+        if sum(len(n) + len(v) + 4 for n, v in fields) > self.max_header_bytes:
+            raise self._too_large()
+
+    def _merged(self, fields: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+        """Repeated fields joined with ", " (RFC 9110 5.3); a second Host is refused."""
+        headers: dict[bytes, bytes] = {}
+        for name, value in fields:
+            key = name.lower()
+            old = headers.get(key)
+            if old is None:
+                headers[key] = value
+            elif key == b"host":
+                raise _Reject(error_response(400, "bad_host", "more than one Host header"))
+            else:
+                headers[key] = old + b", " + value
+        return headers
+
     def on_headers_complete(self) -> None:
         limits = self.limits
-        headers = self.headers  # (a chunked body swaps self.headers for its trailers)
+        fields = self.fields
+        # Whole within one read no larger than the byte limit: within it (no need to count).
+        if (
+            len(fields) > self.max_header_count
+            or self.begun_in is not self.read
+            or len(self.read) > self.max_header_bytes
+        ):
+            self._check_fields(fields)
+        headers = {name.lower(): value for name, value in fields}
+        if len(headers) != len(fields):
+            headers = self._merged(fields)
+        self.headers = headers
         clen = headers.get(b"content-length")
         if clen is not None:
             # llhttp has refused it with Transfer-Encoding, repeated, or not all digits.
@@ -385,7 +445,8 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.expect_body = False
         if self.expect_body:
-            self._arm("body", limits.body_timeout)
+            self.timer_phase = "body"
+            self.deadline = monotonic() + self.body_timeout
             expect = headers.get(b"expect")
             # 100 Continue is only safe to interleave when nothing is being answered ahead.
             if (
@@ -410,10 +471,7 @@ class HttpProtocol(asyncio.Protocol):
         if _LONG_CHUNK_EXTENSION.search(self.read) is not None:
             raise _bad_framing("chunk extensions are over 1 KB")
         self.odd = self.slow = True
-        self.chunk_head = self.headers
-        # Trailer fields land here and are dropped. The key routes on_message_complete to its
-        # rare branch (which it takes for a Connection header anyway): no flag test per request.
-        self.headers = {b"connection": b""}
+        self.trailers_from = len(self.fields)  # trailer fields land after these: dropped
         self.chunk_wire = 0
         self.chunk_count = 0
         self.chunk_body_base = -1
@@ -422,12 +480,13 @@ class HttpProtocol(asyncio.Protocol):
         """Bytes fed beyond chunk data, allowed framing and trailers (> 0: too many)."""
         if self.chunk_body_base < 0:
             return -1  # still in the read that held the headers
+        trailers = sum(len(n) + len(v) + 4 for n, v in self.fields[self.trailers_from :])
         return (
             self.chunk_wire
             - (self.body_size - self.chunk_body_base)
             - _CHUNK_EXTRA
             - _CHUNK_FRAMING * (self.chunk_count - self.chunk_count_base)
-            - (self.header_bytes - self.chunk_trailer_base)
+            - trailers
         )
 
     def on_chunk_header(self) -> None:
@@ -440,8 +499,7 @@ class HttpProtocol(asyncio.Protocol):
         # The slice being parsed may run past the end of this message: allow it.
         if self._chunk_excess() > _CHUNK_SLICE:
             raise _bad_framing("chunk extensions are over 1 KB")
-        self.headers = self.chunk_head
-        self.chunk_head = {}
+        self._check_fields(self.fields)
         self.odd = False
         self.slow = self.closing
 
@@ -463,32 +521,43 @@ class HttpProtocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        keep_alive = self.parser.should_keep_alive()
+        parser = self.parser
+        keep_alive = parser.should_keep_alive()
         # llhttp keeps alive HTTP/1.1 unless "Connection: close"; any other version only with
         # a Connection header: the version needs a look only then. A chunked message comes
-        # here too (see _start_chunked).
-        if not keep_alive or b"connection" in self.headers:
+        # here too.
+        if not keep_alive or self.odd or b"connection" in self.headers:
             if self.odd:
                 self._end_chunked()
             self._check_version()
         self.in_message = False
-        self._disarm()
-        body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
-        self.body = []
+        self.deadline = 0.0
+        self.timer_phase = ""
+        body = self.body
         req = Request(
-            method=self.parser.get_method().decode("latin-1"),
-            target=self.url.decode("latin-1"),
-            headers=self.headers,
-            body=body,
-            peer=self.peer,
-            scheme=self.scheme,
-            keep_alive=keep_alive and not self.server.shutting_down,
+            _METHODS.get(parser.get_method()) or parser.get_method().decode("latin-1"),
+            self.url.decode("latin-1"),
+            self.headers,
+            body[0] if len(body) == 1 else b"".join(body),
+            self.peer,
+            self.scheme,
+            keep_alive and not self.server.shutting_down,
         )
-        self.pipeline.append(req)
-        if len(self.pipeline) >= self.limits.max_pipelined and self.transport is not None:
-            self.transport.pause_reading()
-            self.reading_paused = True
-        self._kick()
+        if self.busy or self.pipeline:  # answering an earlier request: wait in line
+            self.pipeline.append(req)
+            if len(self.pipeline) >= self.limits.max_pipelined and self.transport is not None:
+                self.transport.pause_reading()
+                self.reading_paused = True
+            return
+        # Nothing ahead of it (the usual case): answer it now, without the queue.
+        self.busy = True
+        step = self._serve(req)
+        if step is _PENDING:
+            return
+        if step is _NEXT and self.pipeline:
+            self._next()
+        else:
+            self._idle()
 
     # -- answering ------------------------------------------------------------------------
 
@@ -519,32 +588,42 @@ class HttpProtocol(asyncio.Protocol):
             if self.reading_paused and not self.closing:
                 self.transport.resume_reading()
                 self.reading_paused = False
-            try:
-                result = self.handler(item)
-            except Exception:
-                log.exception("handler failed for %s %s", item.method, redact_path(item.target))
-                result = error_response(500, "internal_error", "internal error")
-            if isinstance(result, Deferred):
-                if result.response is None:
-                    self.waiting_on = item  # one request in progress per connection
-                    result.then(self._on_resolved)
-                    return  # busy until the producer resolves it
-                result = result.response
-            if isinstance(result, Response):
-                if self._answer(item, result):
-                    continue
+            step = self._serve(item)
+            if step is _PENDING:
+                return
+            if step is _STOP:
                 break
-            # A coroutine (a CDN fetch, say): the only case that pays for a task; cache hits,
-            # refusals and Deferreds (queue commits, upstream replies) are handled above.
-            pending = self.loop.create_task(result)
-            self.current = pending  # keep a reference: the loop holds tasks only weakly
-            pending.add_done_callback(functools.partial(self._done, item))
-            return
+        self._idle()
+
+    def _idle(self) -> None:
+        """Everything read so far is answered."""
         self.busy = False
         if self.eof:  # half-closed by the client and everything answered
             self._close()
         elif self.transport is not None and not self.closing and not self.in_message:
             self._arm("idle", self.limits.idle_timeout)
+
+    def _serve(self, item: Request) -> object:
+        """Run the handler for one request: answered (_NEXT or _STOP) or _PENDING."""
+        try:
+            result = self.handler(item)
+        except Exception:
+            log.exception("handler failed for %s %s", item.method, redact_path(item.target))
+            result = error_response(500, "internal_error", "internal error")
+        if isinstance(result, Deferred):
+            if result.response is None:
+                self.waiting_on = item  # one request in progress per connection
+                result.then(self._on_resolved)
+                return _PENDING  # busy until the producer resolves it
+            result = result.response
+        if isinstance(result, Response):
+            return _NEXT if self._answer(item, result) else _STOP
+        # A coroutine (a CDN fetch, say): the only case that pays for a task; cache hits,
+        # refusals and Deferreds (queue commits, upstream replies) are handled above.
+        pending = self.loop.create_task(result)
+        self.current = pending  # keep a reference: the loop holds tasks only weakly
+        pending.add_done_callback(functools.partial(self._done, item))
+        return _PENDING
 
     def _resolved(self, response: Response) -> None:
         item = self.waiting_on
@@ -581,18 +660,16 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        body = response.body
-        parts = [_status_line(response.status), _DATE.get(), _SECURITY]
-        for k, v in response.headers:
-            parts.append(k + b": " + v + b"\r\n")
-        if response.status >= 200 and response.status not in (204, 304):
-            parts.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
-        if not keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        if method != "HEAD" and response.status not in (204, 304):
-            parts.append(body)
-        transport.write(b"".join(parts))
+        if keep_alive and method != "HEAD":
+            # The usual answer: its bytes after the Date line are built once per Response
+            # (a shared one, like the ingest 200, is reused across requests).
+            wire = response.wire
+            if wire is None:
+                wire = response.wire = _wire(response, keep_alive=True, head=False)
+            transport.write(_status_line(response.status) + _DATE.get() + wire)
+            return
+        wire = _wire(response, keep_alive, method == "HEAD")
+        transport.write(_status_line(response.status) + _DATE.get() + wire)
         if not keep_alive:
             self._close()
 

@@ -50,16 +50,26 @@ def encode(obj: object) -> bytes:
 def cors_headers(origin: bytes | None) -> Headers:
     """Reflect a well-formed Origin (never with credentials), else ``*``.
 
-    The returned list may be shared: callers copy it (``[*cors, ...]``), never mutate it.
+    The returned list is shared: callers copy it (``[*cors, ...]``), never mutate it.
     """
     if origin is None:
         return _CORS_ANY
-    allow = origin if _ORIGIN_RE.match(origin) else b"*"
-    return [
-        (b"access-control-allow-origin", allow),
-        (b"access-control-expose-headers", EXPOSE_HEADERS),
-        (b"vary", b"Origin"),
-    ]
+    cors = _CORS_SEEN.get(origin)
+    if cors is None:
+        allow = origin if _ORIGIN_RE.match(origin) else b"*"
+        cors = [
+            (b"access-control-allow-origin", allow),
+            (b"access-control-expose-headers", EXPOSE_HEADERS),
+            (b"vary", b"Origin"),
+        ]
+        if len(_CORS_SEEN) >= _SEEN_MAX:  # bounded: a flood of origins cannot grow it
+            _CORS_SEEN.clear()
+        _CORS_SEEN[origin] = cors
+    return cors
+
+
+_SEEN_MAX = 1024
+_CORS_SEEN: dict[bytes, Headers] = {}
 
 
 _CORS_ANY: Headers = [
@@ -103,24 +113,36 @@ class IngestService:
         # None when off (the default): then nothing per request.
         self.key_limit = table(rl.per_write_key, rl.per_write_key_burst, rl.max_tracked)
         self.exempt_keys = rl.exempt_write_keys
+        # The 200 for each CORS header set, built once (the edge reuses its wire bytes).
+        self._ok: dict[int, Response] = {}
+
+    def ok(self, cors: Headers) -> Response:
+        resp = self._ok.get(id(cors))
+        if resp is None or resp.headers[1:] != cors:
+            resp = Response(200, [(b"content-type", b"application/json"), *cors], SUCCESS)
+            if len(self._ok) >= _SEEN_MAX:
+                self._ok.clear()
+            self._ok[id(cors)] = resp
+        return resp
 
     def accept(self, req: Request, route: Route, ip: str) -> Payload:
         """Everything up to delivery; raises IngestError for a request to refuse."""
+        headers = req.headers
         data = decode_body(
             req.body,
-            req.header(b"content-type"),
-            req.header(b"content-encoding"),
+            headers.get(b"content-type"),
+            headers.get(b"content-encoding"),
             self.limits,
         )
         payload = parse(
-            route.endpoint, data, req.header(b"authorization"), self.limits, self.allowed
+            route.endpoint, data, headers.get(b"authorization"), self.limits, self.allowed
         )
         enrich(payload, ip)
         return payload
 
     def handle(self, req: Request, route: Route, ip: str) -> Response | Deferred:
         """Refusals are answered at once; accepted events later (commit or upstream)."""
-        origin = req.header(b"origin")
+        origin = req.headers.get(b"origin")
         if req.method == "OPTIONS":
             return preflight(origin)
         cors = cors_headers(origin)
@@ -170,7 +192,7 @@ class IngestService:
                 return
             if self.on_queued is not None:
                 self.on_queued()
-            answer.resolve(Response(200, [(b"content-type", b"application/json"), *cors], SUCCESS))
+            answer.resolve(self.ok(cors))
 
         try:
             self.queue.submit_then(rows, done)
