@@ -669,3 +669,136 @@ def test_admin_on_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(admin.NoQueue):
         admin.replay(missing)
     assert not Path(missing).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite invariant 7: committed rows reach the forwarder in memory, and every way out of that
+# (retry, backlog, another process writing) leases from the file without losing or doubling
+
+
+def test_a_row_leased_from_memory_is_not_leased_again_when_a_retry_switches_to_the_file(
+    db_path: Path,
+) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([new("wk_a", i) for i in range(3)])
+            a, b, c = await q.lease(T0, 10)
+            await q.retry_later([b.id], T0)  # b is back in the file, ready again
+            await q.put([new("wk_a", 3)])
+            again = await q.lease(T0, 10)
+            # b and the new row; a and c are still leased (from memory) and stay so
+            assert bodies(again) == [b.body, new("wk_a", 3).body]
+            assert await q.lease(T0, 10) == []
+            await q.ack([a.id, c.id] + [r.id for r in again])
+            assert (await q.stats()).rows == 0
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_once_caught_up_new_commits_are_leased_in_order_again(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([new("wk_a", 0)])
+            (first,) = await q.lease(T0, 10)
+            await q.retry_later([first.id], T0 + 60)  # the file holds a waiting row
+            await q.put([new("wk_a", 1)])
+            assert bodies(await q.lease(T0, 10)) == [new("wk_a", 1).body]
+            await q.put([new("wk_b", 2), new("wk_a", 3)])
+            assert bodies(await q.lease(T0, 10)) == [new("wk_b", 2).body, new("wk_a", 3).body]
+            late = await q.lease(T0 + 60, 10)
+            assert [(r.id, r.attempts) for r in late] == [(first.id, 1)]
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_a_backlog_past_the_memory_bound_is_leased_from_the_file_oldest_first_once(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("segproxy.queue.sqlite.HANDOVER_MAX_ROWS", 5)
+
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([new("wk_a", i) for i in range(3)])
+            head = await q.lease(T0, 2)  # leased from memory
+            for i in range(3, 12):
+                await q.put([new("wk_a" if i % 2 else "wk_b", i)])  # over the bound: the file
+            rest: list[Any] = []
+            while batch := await q.lease(T0, 4):
+                rest.extend(batch)
+            assert bodies(head + rest) == [
+                new("wk_a" if i % 2 or i < 3 else "wk_b", i).body for i in range(12)
+            ]
+            await q.ack([r.id for r in head + rest])
+            await q.put([new("wk_a", 12)])
+            assert bodies(await q.lease(T0, 10)) == [new("wk_a", 12).body]
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_rows_leased_from_memory_are_sent_again_after_the_process_dies(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        await q.put([new("wk_a", i) for i in range(3)])
+        taken = await q.lease(T0, 10)
+        await q.ack([taken[0].id])
+        await q.close()  # dies holding two leases taken from memory
+
+        q = await open_sqlite(db_path)
+        try:
+            assert bodies(await q.lease(T0, 10)) == bodies(taken[1:])
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_rows_another_process_adds_are_seen_while_idle(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([new("wk_a", 0)])
+            (row,) = await q.lease(T0, 10)
+            await q.dead_letter([row.id], 400, "bad", T0)
+            await q.put([new("wk_a", 1)])
+            (kept,) = await q.lease(T0, 10)  # leased from memory, in flight
+            await asyncio.to_thread(admin.replay, str(db_path))  # another process
+            assert await q.next_ready() == 0.0
+            assert bodies(await q.lease(T0, 10)) == [new("wk_a", 0).body]
+            assert await q.lease(T0, 10) == []  # the in-flight row is not leased twice
+            await q.ack([kept.id])
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_a_small_queue_file_with_4_kb_pages_is_rebuilt_with_bigger_pages(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    old = sqlite3.connect(db_path)
+    old.execute("PRAGMA page_size = 4096")
+    old.executescript(OLD_SCHEMA)
+    old.close()
+
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            assert bodies(await q.lease(T0, 10)) == [b'{"messageId":"wk_a-0"}']
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+    check = sqlite3.connect(db_path)
+    try:
+        assert check.execute("PRAGMA page_size").fetchone()[0] == 32 * 1024
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        check.close()

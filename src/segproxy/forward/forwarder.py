@@ -2,14 +2,17 @@
 
 One loop task owns the work; each batch send is its own task, tracked and cancelled on stop.
 
-- **Batching**: when the queue goes from empty to non-empty, the forwarder waits up to
-  ``max_delay`` to collect more, then leases everything ready and sends one ``/v1/batch`` per
-  write key (<= 500 KB, <= 2,500 events). Under load every round is full, so a thousand single
-  events cost a handful of upstream requests.
+- **Batching**: when the queue goes from empty to non-empty, or after a small round, the
+  forwarder waits up to ``max_delay`` (or until a round's worth, BUSY_ROUND rows, has
+  arrived) to collect more, then leases everything ready and sends one ``/v1/batch`` per write
+  key (<= 500 KB, <= 2,500 events). Under load rounds follow each other, each taking what
+  arrived during the one before, so a thousand single events cost a handful of requests.
 - **Independence**: leased batches wait per key and are started round-robin, never more than
-  ``per_key_concurrency`` per key nor ``concurrency`` in all; a key with sends waiting, at its
-  limit, or told by Segment to wait (429/Retry-After) gets no new lease. So one slow or
-  rate-limited key, even with a large backlog, never holds back the others.
+  ``per_key_concurrency`` per key nor ``concurrency`` in all. A key with a full line of sends
+  waiting (``per_key_concurrency`` of them) or told by Segment to wait (429/Retry-After) gets
+  no new lease, and nothing is leased while MAX_WAITING_ROWS leased rows wait. So one slow or
+  rate-limited key, even with a large backlog, never holds back the others, and a busy key's
+  next batches are ready when a slot frees.
 - **Retries** follow forward/retry.py; a key's rows wait at least as long as Segment's
   ``Retry-After`` asked.
 - **Stop**: no new leases; in-flight sends get ``grace`` seconds; anything unfinished stays in
@@ -40,6 +43,8 @@ log = logging.getLogger("segproxy.forward")
 
 IDLE_RECHECK = 2.0
 LEASE_ROWS = 5_000  # per round: two full batches' worth, without long pauses of the loop
+BUSY_ROUND = 500  # a round with fewer rows waits (up to max_delay) before the next one
+MAX_WAITING_ROWS = 2 * LEASE_ROWS  # leased rows waiting for a send slot, all keys together
 
 
 @dataclass(slots=True)
@@ -62,8 +67,13 @@ class Forwarder:
         self.tasks: set[asyncio.Task[None]] = set()
         # Leased sends not started yet, per key; started round-robin by _dispatch within both
         # the global and the per-key limit, so no key can take every slot.
-        self.waiting: dict[str, deque[Callable[[], Coroutine[Any, Any, None]]]] = {}
+        self.waiting: dict[str, deque[tuple[int, Callable[[], Coroutine[Any, Any, None]]]]] = {}
+        self.waiting_rows = 0
         self.wake = asyncio.Event()
+        # Collecting a round: rows committed since, and the count that ends the wait early.
+        self.arrived = 0
+        self.want = 0
+        self.enough = asyncio.Event()
         self.stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self.rng = random.Random()
@@ -71,14 +81,31 @@ class Forwarder:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    def notify(self) -> None:
-        """New rows were committed: wake the loop."""
+    def notify(self, rows: int = 1) -> None:
+        """``rows`` new rows were committed: wake the loop."""
         self.wake.set()
+        if self.want:
+            self.arrived += rows
+            if self.arrived >= self.want:
+                self.enough.set()
+
+    async def _collect(self) -> None:
+        """Wait up to max_delay for a round's worth of rows to arrive (batching)."""
+        self.arrived = 0
+        self.want = BUSY_ROUND
+        self.enough.clear()
+        try:
+            async with asyncio.timeout(self.settings.max_delay):
+                await self.enough.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self.want = 0
 
     def _excluded(self, now: float) -> frozenset[str]:
         limit = self.settings.per_key_concurrency
-        # A key at its limit, or with leased sends still waiting, gets no new lease.
-        keys = {k for k, n in self.inflight.items() if n >= limit} | set(self.waiting)
+        # A key with a full line of leased sends waiting gets no new lease.
+        keys = {k for k, sends in self.waiting.items() if len(sends) >= limit}
         for key, until in list(self.blocked_until.items()):
             if until > now:
                 keys.add(key)
@@ -107,16 +134,22 @@ class Forwarder:
         now = time.time()
         self.wake.clear()
         excluded = self._excluded(now)
-        rows = await self.queue.lease(now, LEASE_ROWS, excluded)
+        if self.waiting_rows >= MAX_WAITING_ROWS:
+            rows: list[Row] = []  # enough leased already: wait for a send to finish
+        else:
+            rows = await self.queue.lease(now, LEASE_ROWS, excluded)
         if not rows:
             ready = await self.queue.next_ready(excluded)
             # Wake when the earliest row is due, a paused key resumes, a send finishes, or new
             # rows arrive (notify), whichever comes first.
             due = [t for t in (ready, *self.blocked_until.values()) if t is not None]
+            # With nothing in flight, a wake means new rows after a lull: wait max_delay to
+            # collect a batch's worth. A send finishing with a backlog waiting does not wait.
+            idle = not self.tasks and not self.waiting
             # Idle: look again every 2 s for rows another process (queue replay) put back.
             await self._wait(min(max(min(due) - now, 0.05), 1.0) if due else IDLE_RECHECK)
-            if not self.stopping and self.wake.is_set():
-                await asyncio.sleep(self.settings.max_delay)  # collect a batch's worth
+            if idle and not self.stopping and self.wake.is_set():
+                await self._collect()
             return
         events = [r for r in rows if r.kind == "event"]
         metrics = [r for r in rows if r.kind == "metrics"]
@@ -125,16 +158,20 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         batches = await loop.run_in_executor(None, build_batches, events, time.time())
         for batch in batches:
-            self._enqueue(batch.write_key, functools.partial(self._send_batch, batch))
+            send = functools.partial(self._send_batch, batch)
+            self._enqueue(batch.write_key, len(batch.rows), send)
         for row in metrics:
-            self._enqueue("", functools.partial(self._send_metrics, row))
+            self._enqueue("", 1, functools.partial(self._send_metrics, row))
         self._dispatch()
-        if len(rows) < LEASE_ROWS and not self.stopping:
-            # A partial round: let the next batch's worth collect (not woken by each commit).
-            await asyncio.sleep(self.settings.max_delay)
+        if len(rows) < BUSY_ROUND and not self.stopping:
+            # A small round (light traffic): let the next round's worth collect (not woken by
+            # each commit). Under load, rounds follow each other and each takes what arrived
+            # during the one before.
+            await self._collect()
 
-    def _enqueue(self, key: str, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self.waiting.setdefault(key, deque()).append(send)
+    def _enqueue(self, key: str, rows: int, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.waiting_rows += rows
+        self.waiting.setdefault(key, deque()).append((rows, send))
 
     def _dispatch(self) -> None:
         """Start waiting sends, one key at a time in turn, within both concurrency limits."""
@@ -148,7 +185,9 @@ class Forwarder:
                 if self.inflight[key] >= s.per_key_concurrency:
                     continue
                 sends = self.waiting.pop(key)
-                self._start(key, sends.popleft())
+                rows, send = sends.popleft()
+                self.waiting_rows -= rows
+                self._start(key, send)
                 if sends:
                     self.waiting[key] = sends  # re-inserted last: the next key goes first
                 started = True
@@ -237,6 +276,7 @@ class Forwarder:
         self.stopping = True
         self.wake.set()
         self.waiting.clear()  # leased but not started: the leases die with this process
+        self.waiting_rows = 0
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)

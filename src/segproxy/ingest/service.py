@@ -100,7 +100,7 @@ class IngestService:
         config: Config,
         pool: UpstreamPool,
         queue: Queue | None = None,
-        on_queued: Callable[[], None] | None = None,
+        on_queued: Callable[[int], None] | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -191,7 +191,7 @@ class IngestService:
                 answer.resolve(self._not_stored(err, len(rows), cors))
                 return
             if self.on_queued is not None:
-                self.on_queued()
+                self.on_queued(len(rows))
             answer.resolve(self.ok(cors))
 
         try:

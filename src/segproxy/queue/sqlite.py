@@ -33,6 +33,20 @@ Invariants, in the order things happen (see base.py for the contract):
    checkpointer thread also runs a PASSIVE checkpoint about once a second, which fsyncs the
    WAL when traffic is too light to reach the autocheckpoint.
 
+7. **Committed rows reach the forwarder in memory.** Leases live in this process only
+   (invariant 3), so in the steady state the forwarder is handed each commit's rows as they
+   are committed (*memory mode*) and the database is only written: INSERT, then DELETE on
+   ack, no lease UPDATE and no SELECT. Memory mode holds while every unleased row in the file
+   is in that hand-over list. Anything that breaks this switches to *database mode* (the list
+   is dropped, rows leased from memory are marked leased in the file, and leases are SELECTed
+   from the file as before): rows already in the file at open, a ``retry_later``, a
+   hand-over list over its bound (a backlog: Segment slow or down), or another process
+   writing the file (``segproxy queue replay``, seen through ``PRAGMA data_version``). A
+   database-mode lease that finds no unleased row left switches back. The writer thread
+   runs jobs in order and their results reach the loop in the same order, which is what
+   makes each switch exact: a commit the switching lease did not see is handed over in
+   memory, one it saw is not.
+
 All other SQLite calls run on one thread (the writer), serialised; the event loop never blocks
 on disk.
 """
@@ -40,8 +54,11 @@ on disk.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -49,6 +66,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
@@ -81,7 +99,8 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL,
     sent_at TEXT
 );
-CREATE INDEX IF NOT EXISTS events_not_before ON events(not_before);
+DROP INDEX IF EXISTS events_not_before;
+CREATE INDEX IF NOT EXISTS events_retry ON events(not_before) WHERE not_before > 0;
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     write_key TEXT NOT NULL,
@@ -97,6 +116,13 @@ CREATE TABLE IF NOT EXISTS dead (
 """
 
 CHUNK = 500  # ids per statement
+# Pages of a new queue file: at 1-2 KB per event, 32 KB pages cost about half the CPU per
+# INSERT + DELETE of 4 KB ones. (A file made with other pages keeps them, see _open_sync.)
+PAGE_SIZE = 32 * 1024
+WAL_CHECKPOINT_BYTES = 32 * 1024 * 1024
+# Memory mode's hand-over list is bounded; past this the queue reads from the file instead.
+HANDOVER_MAX_ROWS = 20_000
+HANDOVER_MAX_BYTES = 12 * 1024 * 1024
 
 
 class _Reply(NamedTuple):
@@ -115,6 +141,7 @@ def connect(path: str | os.PathLike[str], synchronous: str = "NORMAL") -> sqlite
     """Open (and create) a queue database; also used by the CLI on a live proxy's file."""
     db = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA busy_timeout = 10000")
+    db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect only on a new file
     db.execute("PRAGMA journal_mode = WAL")
     db.execute(f"PRAGMA synchronous = {synchronous}")
     db.executescript(SCHEMA)
@@ -123,6 +150,10 @@ def connect(path: str | os.PathLike[str], synchronous: str = "NORMAL") -> sqlite
         if column not in have:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
     return db
+
+
+def _row_id(row: Row) -> int:
+    return row.id
 
 
 def _chunks(ids: list[int]) -> list[list[int]]:
@@ -149,6 +180,13 @@ class SqliteQueue:
         self.rows = 0  # queued (committed or being committed) rows and bytes
         self.bytes = 0
         self._sizes: dict[int, int] = {}  # leased id -> size, to keep the counters exact
+        # Memory mode (invariant 7): committed, unleased rows, and ids leased from them.
+        self._memory = False
+        self._handover: dict[str, deque[Row]] = {}  # per write key, oldest first
+        self._handover_rows = 0
+        self._handover_bytes = 0
+        self._memory_leased: set[int] = set()
+        self._data_version = 0  # PRAGMA data_version: changes when another process writes
         self._pending: list[tuple[list[NewRow], int, Callable[[BaseException | None], None]]] = []
         self._committing = False
         self._idle = asyncio.Event()
@@ -195,7 +233,16 @@ class SqliteQueue:
             ) from exc
         self._lock_fd = fd
         db = connect(self.path, self.synchronous)
-        db.execute("PRAGMA wal_autocheckpoint = 1000")
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        if page != PAGE_SIZE and os.path.getsize(self.path) <= 16 * 1024 * 1024:
+            # A small file from a release with 4 KB pages: rebuilt with PAGE_SIZE (a page
+            # size changes only outside WAL mode, by VACUUM). A big one keeps its pages.
+            db.execute("PRAGMA journal_mode = DELETE")
+            db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            db.execute("VACUUM")
+            db.execute("PRAGMA journal_mode = WAL")
+            page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        db.execute(f"PRAGMA wal_autocheckpoint = {max(WAL_CHECKPOINT_BYTES // page, 16)}")
         db.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
         self._db = db
         self._checkpointer = threading.Thread(
@@ -207,6 +254,11 @@ class SqliteQueue:
             log.info("re-queued %d events leased by a previous process", cleared)
         self._recount_sync()
         self._check_disk(force=True)
+        self._data_version = self._data_version_sync()
+        if self.rows:
+            log.info("%d queued events left by a previous process will be sent", self.rows)
+        # Rows left by a previous process are read from the file; none: memory mode.
+        self._memory = self.rows == 0
 
     def _checkpoint_loop(self) -> None:
         db = connect(self.path, self.synchronous)
@@ -229,6 +281,39 @@ class SqliteQueue:
     async def recount(self) -> None:
         """Re-read the counters (the CLI may have replayed or purged rows meanwhile)."""
         await self._run(self._recount_sync)
+        await self._look_for_other_writers()
+
+    def _data_version_sync(self) -> int:
+        assert self._db is not None
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    async def _look_for_other_writers(self) -> None:
+        """Another process wrote the file (a replay, say): its rows are not handed over."""
+        version = await self._run(self._data_version_sync)
+        if version != self._data_version:
+            self._data_version = version
+            self._to_database_mode()
+
+    def _to_database_mode(self) -> None:
+        """Invariant 7: drop the hand-over list; rows leased from it are marked leased."""
+        if not self._memory:
+            return
+        self._memory = False
+        self._handover.clear()
+        self._handover_rows = self._handover_bytes = 0
+        if self._memory_leased:
+            ids = sorted(self._memory_leased)
+            self._memory_leased.clear()
+            self._submit_job(
+                self._by_ids,
+                ("UPDATE events SET lease_until = ? WHERE id IN ({})", (1.0,), ids),
+                self._log_failure,
+            )
+
+    @staticmethod
+    def _log_failure(_: object, error: BaseException | None) -> None:
+        if error is not None:
+            log.error("queue bookkeeping failed: %s", error)
 
     async def close(self) -> None:
         if self._closed:
@@ -346,10 +431,13 @@ class SqliteQueue:
         self._idle.clear()
         rows = [r for group, _, _ in batch for r in group]
         self._submit_job(
-            self._commit_sync, (rows,), lambda _, error: self._commit_done(batch, error)
+            self._commit_sync,
+            (rows,),
+            lambda last_id, error: self._commit_done(batch, rows, last_id, error),
         )
 
-    def _commit_sync(self, rows: list[NewRow]) -> None:
+    def _commit_sync(self, rows: list[NewRow]) -> int:
+        """Insert and commit; returns the last id (the rows got consecutive ids)."""
         db = self._db
         if db is None:
             raise QueueError("the queue is closed")
@@ -363,7 +451,10 @@ class SqliteQueue:
                     for r in rows
                 ],
             )
+            # One writer holds the lock: AUTOINCREMENT gave these rows consecutive ids.
+            last_id = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
             db.execute("COMMIT")
+            return last_id
         except sqlite3.Error as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
@@ -376,9 +467,13 @@ class SqliteQueue:
     def _commit_done(
         self,
         batch: list[tuple[list[NewRow], int, Callable[[BaseException | None], None]]],
+        committed: list[NewRow],
+        last_id: int | None,
         exc: BaseException | None,
     ) -> None:
         self._committing = False
+        if exc is None and last_id is not None and self._memory:
+            self._hand_over(committed, last_id)
         for rows, size, done in batch:
             if exc is not None:
                 self.rows -= len(rows)
@@ -392,17 +487,74 @@ class SqliteQueue:
         else:
             self._idle.set()
 
+    def _hand_over(self, rows: list[NewRow], last_id: int) -> None:
+        """Memory mode: the committed rows go to the forwarder without a read (invariant 7)."""
+        size = sum(len(r.body) for r in rows)
+        if (
+            self._handover_rows + len(rows) > HANDOVER_MAX_ROWS
+            or self._handover_bytes + size > HANDOVER_MAX_BYTES
+        ):
+            log.debug("queue backlog over the in-memory hand-over bound: leasing from the file")
+            self._to_database_mode()
+            return
+        handover = self._handover
+        row_id = last_id - len(rows)
+        for r in rows:
+            row_id += 1
+            line = handover.get(r.write_key)
+            if line is None:
+                line = handover[r.write_key] = deque()
+            line.append(Row(row_id, r.write_key, r.kind, r.received_at, 0, r.body, r.sent_at))
+        self._handover_rows += len(rows)
+        self._handover_bytes += size
+
     # -- the forwarder's side -------------------------------------------------------------
 
     async def lease(
         self, now: float, max_rows: int, exclude_keys: frozenset[str] = frozenset()
     ) -> list[Row]:
-        rows = await self._run(self._lease_sync, now, max_rows, exclude_keys)
-        for r in rows:
-            self._sizes[r.id] = len(r.body)
+        rows: list[Row] = []
+        if self._memory:
+            rows = self._lease_handed_over(max_rows, exclude_keys)
+            self._memory_leased.update(r.id for r in rows)
+            if not self._handover_rows and not rows:
+                # Nothing handed over: has another process (a replay) added rows?
+                await self._look_for_other_writers()
+        if not self._memory:
+            rows, caught_up = await self._run(self._lease_sync, now, max_rows, exclude_keys)
+            if caught_up:
+                # Every unleased row in the file was just leased: later commits are handed
+                # over (the jobs ran in order, and so their results arrive in order).
+                self._memory = True
+        self._sizes.update((r.id, len(r.body)) for r in rows)
         return rows
 
-    def _lease_sync(self, now: float, max_rows: int, exclude: frozenset[str]) -> list[Row]:
+    def _lease_handed_over(self, max_rows: int, exclude: frozenset[str]) -> list[Row]:
+        """Up to ``max_rows`` handed-over rows, oldest first."""
+        handover = self._handover
+        keys = [key for key in handover if key not in exclude]
+        if len(keys) == 1:  # the usual case: one write key
+            line = handover[keys[0]]
+            rows = list(itertools.islice(line, max_rows))
+        else:
+            lines = [handover[key] for key in keys]
+            rows = list(itertools.islice(heapq.merge(*lines, key=_row_id), max_rows))
+        taken = collections.Counter(r.write_key for r in rows) if len(keys) > 1 else None
+        for key in keys:
+            line = handover[key]
+            take = len(rows) if taken is None else taken[key]
+            if take == len(line):
+                del handover[key]
+            else:
+                for _ in range(take):
+                    line.popleft()
+        self._handover_rows -= len(rows)
+        self._handover_bytes -= sum(len(r.body) for r in rows)
+        return rows
+
+    def _lease_sync(
+        self, now: float, max_rows: int, exclude: frozenset[str]
+    ) -> tuple[list[Row], bool]:
         where = " WHERE lease_until = 0 AND not_before <= ?"
         params: list[Any] = [now]
         if exclude:
@@ -423,16 +575,22 @@ class SqliteQueue:
                         "UPDATE events SET lease_until = ?" + where + " AND id <= ?",
                         [now + self.lease_seconds, *params, found[-1][0]],
                     )
+                caught_up = (
+                    len(found) < max_rows
+                    and db.execute("SELECT 1 FROM events WHERE lease_until = 0 LIMIT 1").fetchone()
+                    is None
+                )
                 db.execute("COMMIT")
             except sqlite3.Error:
                 db.execute("ROLLBACK")
                 raise
-        return [
+        rows = [
             Row(
                 int(r[0]), str(r[1]), cast(RowKind, r[2]), float(r[3]), int(r[4]), bytes(r[5]), r[6]
             )
             for r in found
         ]
+        return rows, caught_up
 
     def _forget(self, ids: list[int]) -> None:
         for i in ids:
@@ -442,10 +600,14 @@ class SqliteQueue:
                 self.bytes -= size
 
     async def ack(self, ids: list[int]) -> None:
-        await self._run(self._by_ids, "DELETE FROM events WHERE id IN ({})", (), ids)
+        self._memory_leased.difference_update(ids)
+        await self._run(self._delete_sync, ids)
         self._forget(ids)
 
     async def retry_later(self, ids: list[int], not_before: float) -> None:
+        # Taken out of the memory leases before the job is queued, so a switch to database
+        # mode queued later cannot mark these rows leased again (invariant 7).
+        self._memory_leased.difference_update(ids)
         await self._run(
             self._by_ids,
             "UPDATE events SET lease_until = 0, not_before = ?, attempts = attempts + 1"
@@ -455,16 +617,42 @@ class SqliteQueue:
         )
         for i in ids:
             self._sizes.pop(i, None)  # still queued: the counters keep it
+        self._to_database_mode()  # these rows are in the file only
 
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
+        self._memory_leased.difference_update(ids)
         await self._run(self._dead_sync, ids, status, reason, now)
         self._forget(ids)
+
+    def _delete_sync(self, ids: list[int]) -> None:
+        """Delete delivered rows: by id ranges when they run on (the usual batch), else by id."""
+        ordered = sorted(ids)
+        runs: list[tuple[int, int]] = []
+        for i in ordered:
+            if runs and i <= runs[-1][1] + 1:
+                runs[-1] = (runs[-1][0], i)
+            else:
+                runs.append((i, i))
+        if len(runs) > 16:
+            self._by_ids("DELETE FROM events WHERE id IN ({})", (), ordered)
+            return
+        with self._no_fsync() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM events WHERE id BETWEEN ? AND ?", runs)
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                db.execute("ROLLBACK")
+                raise
 
     @contextlib.contextmanager
     def _no_fsync(self) -> Iterator[sqlite3.Connection]:
         """A bookkeeping transaction: atomic, but not fsynced (invariant 5)."""
         db = self._db
         assert db is not None
+        if self.synchronous == "NORMAL":  # a WAL commit is not fsynced anyway
+            yield db
+            return
         db.execute("PRAGMA synchronous = OFF")
         try:
             yield db
@@ -507,15 +695,34 @@ class SqliteQueue:
             raise
 
     async def next_ready(self, exclude_keys: frozenset[str] = frozenset()) -> float | None:
+        if self._memory:
+            if any(key not in exclude_keys for key in self._handover):
+                return 0.0
+            # Idle: has another process (a replay) put rows in the file meanwhile?
+            await self._look_for_other_writers()
+            if self._memory:
+                return None
         return await self._run(self._next_ready_sync, exclude_keys)
 
     def _next_ready_sync(self, exclude: frozenset[str]) -> float | None:
         assert self._db is not None
-        sql = "SELECT not_before FROM events WHERE lease_until = 0"
+        keys = ""
         if exclude:
-            sql += " AND write_key NOT IN (" + ",".join("?" * len(exclude)) + ")"
-        row = self._db.execute(sql + " ORDER BY not_before LIMIT 1", sorted(exclude)).fetchone()
-        return None if row is None else float(row[0])
+            keys = " AND write_key NOT IN (" + ",".join("?" * len(exclude)) + ")"
+        params = sorted(exclude)
+        # Rows never retried (not_before = 0, not indexed) are ready now; retried ones are
+        # found through the partial index events_retry, earliest first.
+        fresh = self._db.execute(
+            "SELECT 1 FROM events WHERE lease_until = 0 AND not_before = 0" + keys + " LIMIT 1",
+            params,
+        ).fetchone()
+        if fresh is not None:
+            return 0.0
+        row = self._db.execute(
+            "SELECT min(not_before) FROM events WHERE not_before > 0 AND lease_until = 0" + keys,
+            params,
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     async def stats(self) -> QueueStats:
         assert self._db is not None
