@@ -175,6 +175,22 @@ def test_missing_sent_at_is_not_invented() -> None:
     assert event == {"timestamp": "2026-01-01T00:00:00Z"}
 
 
+@given(
+    st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1)),
+    st.floats(min_value=0.0005, max_value=86_400 * 3),
+)
+@settings(max_examples=300)
+def test_analytics_js_timestamps_shift_like_full_iso_parsing(when: datetime, waited: float) -> None:
+    # analytics.js's "...T19:11:13.967Z" takes a fast path; it must agree with datetime's.
+    when = when.replace(microsecond=when.microsecond // 1000 * 1000)
+    short = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    long = when.replace(tzinfo=UTC).isoformat()
+    assert shifted(short, waited) == shifted(long, waited)
+    expected = when.replace(tzinfo=UTC) + timedelta(seconds=waited)
+    got = datetime.fromisoformat(shifted(short, waited).replace("Z", "+00:00"))
+    assert abs((got - expected).total_seconds()) < 0.0011
+
+
 @pytest.mark.parametrize("waited", [0.0, -5.0])
 def test_no_wait_no_shift(waited: float) -> None:
     event: dict[str, Any] = {"sentAt": "2026-01-01T00:00:00Z"}

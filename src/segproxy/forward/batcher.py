@@ -81,14 +81,35 @@ def format_epoch(t: float) -> str:
     return f"{prefix}.{ms:03d}Z"
 
 
+_EPOCHS: dict[str, float] = {}  # "YYYY-MM-DDTHH:MM:SS" (UTC) -> unix seconds, bounded
+
+
+def _epoch(value: str) -> float | None:
+    """Unix time of an ISO 8601 timestamp; analytics.js's own form without datetime."""
+    # "2026-11-25T19:11:13.967Z": what analytics.js and most SDKs send; one per event here.
+    if len(value) == 24 and value[19] == "." and value[23] == "Z" and value[20:23].isdigit():
+        second = _EPOCHS.get(value[:19])
+        if second is None:
+            parsed = parse_time(value[:19])
+            if parsed is None:
+                return None
+            second = parsed.timestamp()
+            if len(_EPOCHS) >= 4096:
+                _EPOCHS.clear()
+            _EPOCHS[value[:19]] = second
+        return second + int(value[20:23]) / 1000
+    parsed = parse_time(value)
+    return None if parsed is None else parsed.timestamp()
+
+
 def shifted(sent_at: str, waited: float) -> str:
     """``sent_at`` moved forward by ``waited`` seconds; unchanged if it does not parse."""
     if waited <= 0:
         return sent_at
-    sent = parse_time(sent_at)
+    sent = _epoch(sent_at)
     if sent is None:
         return sent_at
-    return format_epoch(sent.timestamp() + waited)
+    return format_epoch(sent + waited)
 
 
 def shift_sent_at(event: dict[str, Any], waited: float) -> None:

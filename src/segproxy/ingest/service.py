@@ -115,6 +115,10 @@ class IngestService:
         self.exempt_keys = rl.exempt_write_keys
         # The 200 for each CORS header set, built once (the edge reuses its wire bytes).
         self._ok: dict[int, Response] = {}
+        # Passthrough: the upstream request headers per Authorization value, and Segment's
+        # small answers as relayed (keyed by what they carry), each built once.
+        self._upstream_headers: dict[bytes | None, Headers] = {}
+        self._relayed: dict[tuple[object, ...], tuple[Headers, Response]] = {}
 
     def ok(self, cors: Headers) -> Response:
         resp = self._ok.get(id(cors))
@@ -211,12 +215,17 @@ class IngestService:
 
     def forward(self, payload: Payload, body: bytes, route: Route, cors: Headers) -> Deferred:
         """Send the request on as it is (passthrough); Segment's answer is the client's."""
-        headers: Headers = [(b"content-type", b"application/json")]
-        if payload.authorization is not None:
-            headers.append((b"authorization", payload.authorization))
-        elif payload.write_key is not None:
-            token = base64.b64encode(payload.write_key.encode() + b":")
-            headers.append((b"authorization", b"Basic " + token))
+        auth = payload.authorization
+        if auth is None and payload.write_key is not None:
+            auth = b"Basic " + base64.b64encode(payload.write_key.encode() + b":")
+        headers = self._upstream_headers.get(auth)
+        if headers is None:
+            headers = [(b"content-type", b"application/json")]
+            if auth is not None:
+                headers.append((b"authorization", auth))
+            if len(self._upstream_headers) >= _SEEN_MAX:
+                self._upstream_headers.clear()
+            self._upstream_headers[auth] = headers
         answer = Deferred()
 
         def done(resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
@@ -247,9 +256,19 @@ class IngestService:
                 f"Segment's API answered a redirect ({resp.status})",
                 [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
             )
+        got = resp.headers
+        passed = tuple(got.get(name) for name in PASS_HEADERS)
+        key = (resp.status, resp.body, passed, id(cors))
+        cached = self._relayed.get(key)
+        if cached is not None and cached[0] is cors:
+            return cached[1]  # the same answer as before (Segment's 200, say): built once
         out = list(cors)
-        for name in PASS_HEADERS:
-            value = resp.header(name)
+        for name, value in zip(PASS_HEADERS, passed, strict=True):
             if value is not None:
                 out.append((name, value))
-        return Response(resp.status, out, resp.body)
+        answer = Response(resp.status, out, resp.body)
+        if len(resp.body) <= 256:  # small answers repeat; big ones are not kept
+            if len(self._relayed) >= _SEEN_MAX:
+                self._relayed.clear()
+            self._relayed[key] = (cors, answer)
+        return answer
