@@ -86,9 +86,12 @@ log = logging.getLogger("segproxy.queue")
 
 T = TypeVar("T")
 
+# events.id: max(id) + 1 (no AUTOINCREMENT: a sqlite_sequence write per commit costs more than
+# it is worth). An id can come back after its row was deleted; nothing refers to a deleted row
+# by then (the forwarder's bookkeeping for it ends before any later commit is handed over).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     write_key TEXT NOT NULL,
     kind TEXT NOT NULL,
     received_at REAL NOT NULL,
@@ -363,11 +366,17 @@ class SqliteQueue:
         loop = self._loop or asyncio.get_running_loop()
         self._jobs.put((fn, args, _Reply(loop, deliver)))
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(
+        self, fn: Callable[..., T], *args: Any, then: Callable[[], None] | None = None
+    ) -> T:
+        """Run ``fn`` on the writer; ``then`` runs on the loop as its result arrives, in job
+        order (before any later job's result), which bookkeeping relies on (invariant 7)."""
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
 
         def deliver(result: Any, error: BaseException | None) -> None:
+            if error is None and then is not None:
+                then()
             if fut.done():
                 return
             if error is not None:
@@ -443,15 +452,12 @@ class SqliteQueue:
             raise QueueError("the queue is closed")
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                "INSERT INTO events (write_key, kind, received_at, size, body, sent_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (r.write_key, r.kind, r.received_at, len(r.body), r.body, r.sent_at)
-                    for r in rows
-                ],
+            db.executemany(  # NewRow's own fields, in order: no tuple built per row
+                "INSERT INTO events (write_key, kind, received_at, body, sent_at, size)"
+                " VALUES (?1, ?2, ?3, ?4, ?5, length(?4))",
+                rows,
             )
-            # One writer holds the lock: AUTOINCREMENT gave these rows consecutive ids.
+            # One writer holds the lock: each row got max(id) + 1, so the ids run on.
             last_id = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
             db.execute("COMMIT")
             return last_id
@@ -601,28 +607,30 @@ class SqliteQueue:
 
     async def ack(self, ids: list[int]) -> None:
         self._memory_leased.difference_update(ids)
-        await self._run(self._delete_sync, ids)
-        self._forget(ids)
+        await self._run(self._delete_sync, ids, then=lambda: self._forget(ids))
 
     async def retry_later(self, ids: list[int], not_before: float) -> None:
         # Taken out of the memory leases before the job is queued, so a switch to database
         # mode queued later cannot mark these rows leased again (invariant 7).
         self._memory_leased.difference_update(ids)
+
+        def released() -> None:
+            for i in ids:
+                self._sizes.pop(i, None)  # still queued: the counters keep it
+            self._to_database_mode()  # these rows are in the file only
+
         await self._run(
             self._by_ids,
             "UPDATE events SET lease_until = 0, not_before = ?, attempts = attempts + 1"
             " WHERE id IN ({})",
             (not_before,),
             ids,
+            then=released,
         )
-        for i in ids:
-            self._sizes.pop(i, None)  # still queued: the counters keep it
-        self._to_database_mode()  # these rows are in the file only
 
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         self._memory_leased.difference_update(ids)
-        await self._run(self._dead_sync, ids, status, reason, now)
-        self._forget(ids)
+        await self._run(self._dead_sync, ids, status, reason, now, then=lambda: self._forget(ids))
 
     def _delete_sync(self, ids: list[int]) -> None:
         """Delete delivered rows: by id ranges when they run on (the usual batch), else by id."""
