@@ -1542,7 +1542,7 @@ def _run(
                 {
                     "target": DURABLE,
                     "queue_filesystem": queue_fs,
-                    "queue": "sqlite (defaults: synchronous=full, forward.max_delay=0.2)",
+                    "queue": "sqlite (defaults: synchronous=normal, forward.max_delay=0.2)",
                     "upstream_per_1000": "upstream stub_status requests from wrk's start until "
                     "`segproxy queue stats` reports 0 rows, / wrk's 2xx responses * 1000",
                     "drain": "end of wrk -> first `segproxy queue stats --json` with rows == 0, "

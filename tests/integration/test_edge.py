@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -112,6 +113,55 @@ def test_too_many_or_too_large_headers_get_431(fake: FakeSegment, start: StartPr
             resp = conn.read_response()
             assert resp.status == 431
             assert resp.json()["message"]
+
+
+def test_headers_streamed_past_the_byte_limit_get_431_before_they_end(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    # One endless header value: refused once a later read takes it over the limit, without
+    # waiting for a line end that never comes (llhttp alone would buffer it all). A megabyte
+    # cannot arrive in one read, so some read after the first always sees it over.
+    proxy = start(base_config(fake, limits={"max_header_bytes": 2048}))
+    with Conn(proxy.host, proxy.port) as conn:
+        conn.send(f"GET /healthz HTTP/1.1\r\nHost: {proxy.authority}\r\nX-Big: ".encode())
+        with contextlib.suppress(OSError):  # the proxy may answer and close mid-send
+            conn.send(b"v" * (1 << 20))
+        resp = conn.read_response()
+        assert resp.status == 431
+        assert resp.json()["code"] == "headers_too_large"
+        assert conn.closed_by_peer()
+
+
+def test_headers_of_a_pipelined_request_count_against_the_limits_too(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    proxy = start(base_config(fake, limits={"max_header_count": 20, "max_header_bytes": 2048}))
+    ok = request_bytes("GET", "/healthz", proxy.authority)
+    many = request_bytes("GET", "/healthz", proxy.authority, {f"X-H{i}": "v" for i in range(30)})
+    with Conn(proxy.host, proxy.port) as conn:
+        conn.send(ok + many)  # one read holding both requests
+        assert conn.read_response().status == 200
+        resp = conn.read_response()
+        assert resp.status == 431
+        assert resp.json()["code"] == "too_many_headers"
+
+
+def test_chunked_trailers_count_against_the_header_limits(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    proxy = start(base_config(fake, limits={"max_header_count": 20, "max_header_bytes": 2048}))
+    head = (
+        f"POST /v1/t HTTP/1.1\r\nHost: {proxy.authority}\r\nContent-Type: text/plain\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    chunk = f"{len(EVENT):x}\r\n".encode() + EVENT + b"\r\n"
+    trailers = b"".join(f"X-T{i}: {'v' * 100}\r\n".encode() for i in range(30))
+    with Conn(proxy.host, proxy.port) as conn:
+        conn.send(head + chunk + b"0\r\n" + trailers + b"\r\n")
+        resp = conn.read_response()
+        assert resp.status == 431
+        assert conn.closed_by_peer()
+    assert fake.api_requests == []
 
 
 def test_slow_headers_are_cut_off_with_408(fake: FakeSegment, start: StartProxy) -> None:
