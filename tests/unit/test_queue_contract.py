@@ -802,3 +802,41 @@ def test_a_small_queue_file_with_4_kb_pages_is_rebuilt_with_bigger_pages(db_path
         assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         check.close()
+
+
+def test_database_mode_reads_through_indexes_whatever_the_backlog(db_path: Path) -> None:
+    # Invariant 8: every statement of a lease or next_ready in database mode searches an
+    # index; none scans the table (which made draining a large backlog quadratic). The one
+    # scan allowed stops at the first unleased row (the caught-up check).
+    statements: list[str] = []
+
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([new("wk_big", i) for i in range(300)] + [new("wk_small", 300)])
+            first = await q.lease(T0, 2)
+            await q.retry_later([first[0].id], T0 + 60)  # now in database mode
+            assert q._db is not None
+            q._db.set_trace_callback(statements.append)
+            got = await q.lease(T0, 1, frozenset({"wk_big"}))
+            assert bodies(got) == [new("wk_small", 300).body]
+            assert await q.next_ready(frozenset({"wk_big"})) is None
+            assert await q.next_ready() == 0.0
+            assert len(await q.lease(T0, 500)) == 298
+            assert await q.next_ready() == T0 + 60
+            q._db.set_trace_callback(None)
+            plans = {
+                sql: " | ".join(str(row[-1]) for row in q._db.execute("EXPLAIN QUERY PLAN " + sql))
+                for sql in statements
+                if sql.lstrip().upper().startswith("SELECT")
+            }
+        finally:
+            await q.close()
+        scans = {
+            sql: plan
+            for sql, plan in plans.items()
+            if "SCAN events" in plan and "lease_until = 0 LIMIT 1" not in sql
+        }
+        assert plans and not scans, scans
+
+    asyncio.run(main())

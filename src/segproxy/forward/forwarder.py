@@ -44,7 +44,7 @@ log = logging.getLogger("segproxy.forward")
 IDLE_RECHECK = 2.0
 LEASE_ROWS = 5_000  # per round: two full batches' worth, without long pauses of the loop
 BUSY_ROUND = 500  # a round with fewer rows waits (up to max_delay) before the next one
-MAX_WAITING_ROWS = 2 * LEASE_ROWS  # leased rows waiting for a send slot, all keys together
+MAX_WAITING_ROWS = LEASE_ROWS  # leased rows waiting for a send slot, all keys together
 
 
 @dataclass(slots=True)

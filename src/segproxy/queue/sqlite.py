@@ -47,6 +47,13 @@ Invariants, in the order things happen (see base.py for the contract):
    makes each switch exact: a commit the switching lease did not see is handed over in
    memory, one it saw is not.
 
+8. **Database mode costs the batch, not the backlog.** It leases per write key through two
+   partial indexes (fresh rows by key and id, built only while in database mode; retried rows
+   by key and ``not_before``, always there and empty in the steady state), so a lease or a
+   ``next_ready`` costs about the rows it returns plus those in flight, whatever the backlog
+   and whichever keys are excluded. (Scanning the table each time made draining a backlog
+   quadratic: an hour of events took most of an hour to drain.)
+
 All other SQLite calls run on one thread (the writer), serialised; the event loop never blocks
 on disk.
 """
@@ -103,7 +110,9 @@ CREATE TABLE IF NOT EXISTS events (
     sent_at TEXT
 );
 DROP INDEX IF EXISTS events_not_before;
-CREATE INDEX IF NOT EXISTS events_retry ON events(not_before) WHERE not_before > 0;
+DROP INDEX IF EXISTS events_retry;
+CREATE INDEX IF NOT EXISTS events_retry_by_key ON events(write_key, not_before)
+    WHERE not_before > 0;
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     write_key TEXT NOT NULL,
@@ -119,6 +128,13 @@ CREATE TABLE IF NOT EXISTS dead (
 """
 
 CHUNK = 500  # ids per statement
+# Database mode's index of fresh rows per key: built on entering it, dropped on leaving, so
+# memory mode's INSERTs never pay for it (invariant 8).
+FRESH_INDEX = (
+    "CREATE INDEX IF NOT EXISTS events_fresh ON events(write_key, id) WHERE not_before = 0"
+)
+DROP_FRESH_INDEX = "DROP INDEX IF EXISTS events_fresh"
+ROW_COLUMNS = "id, write_key, kind, received_at, attempts, body, sent_at"
 # Pages of a new queue file: at 1-2 KB per event, 32 KB pages cost about half the CPU per
 # INSERT + DELETE of 4 KB ones. (A file made with other pages keeps them, see _open_sync.)
 PAGE_SIZE = 32 * 1024
@@ -157,6 +173,22 @@ def connect(path: str | os.PathLike[str], synchronous: str = "NORMAL") -> sqlite
 
 def _row_id(row: Row) -> int:
     return row.id
+
+
+def _keys(db: sqlite3.Connection, exclude: frozenset[str]) -> list[str]:
+    """Write keys with fresh or retried rows, not in ``exclude``: one index seek per key."""
+    db.execute(FRESH_INDEX)  # database mode has it (a no-op then); made here if it does not
+    keys: set[str] = set()
+    for index, where in (
+        ("events_fresh", "not_before = 0"),
+        ("events_retry_by_key", "not_before > 0"),
+    ):
+        sql = f"SELECT min(write_key) FROM events INDEXED BY {index} WHERE {where}"
+        key = db.execute(sql).fetchone()[0]
+        while key is not None:
+            keys.add(key)
+            key = db.execute(sql + " AND write_key > ?", (key,)).fetchone()[0]
+    return sorted(k for k in keys if k not in exclude)
 
 
 def _chunks(ids: list[int]) -> list[list[int]]:
@@ -262,6 +294,7 @@ class SqliteQueue:
             log.info("%d queued events left by a previous process will be sent", self.rows)
         # Rows left by a previous process are read from the file; none: memory mode.
         self._memory = self.rows == 0
+        db.execute(DROP_FRESH_INDEX if self._memory else FRESH_INDEX)
 
     def _checkpoint_loop(self) -> None:
         db = connect(self.path, self.synchronous)
@@ -561,31 +594,48 @@ class SqliteQueue:
     def _lease_sync(
         self, now: float, max_rows: int, exclude: frozenset[str]
     ) -> tuple[list[Row], bool]:
-        where = " WHERE lease_until = 0 AND not_before <= ?"
-        params: list[Any] = [now]
-        if exclude:
-            where += " AND write_key NOT IN (" + ",".join("?" * len(exclude)) + ")"
-            params.extend(sorted(exclude))
+        """Database mode (invariant 8): per key, the oldest ready rows, by index."""
         with self._no_fsync() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                found = db.execute(
-                    "SELECT id, write_key, kind, received_at, attempts, body, sent_at FROM events"
-                    + where
-                    + " ORDER BY id LIMIT ?",
-                    [*params, max_rows],
-                ).fetchall()
-                if found:
-                    # The same rows, set-wise: one statement, not one per row.
+                ids: list[int] = []
+                for key in _keys(db, exclude):
+                    ids += [
+                        r[0]
+                        for r in db.execute(
+                            "SELECT id FROM events INDEXED BY events_fresh WHERE write_key = ?"
+                            " AND not_before = 0 AND lease_until = 0 ORDER BY id LIMIT ?",
+                            (key, max_rows),
+                        )
+                    ]
+                    ids += [
+                        r[0]
+                        for r in db.execute(
+                            "SELECT id FROM events INDEXED BY events_retry_by_key"
+                            " WHERE write_key = ? AND not_before > 0 AND not_before <= ?"
+                            " AND lease_until = 0 ORDER BY not_before LIMIT ?",
+                            (key, now, max_rows),
+                        )
+                    ]
+                ids = sorted(ids)[:max_rows]
+                found: list[Any] = []
+                for chunk in _chunks(ids):
+                    marks = ",".join("?" * len(chunk))
+                    found += db.execute(
+                        f"SELECT {ROW_COLUMNS} FROM events WHERE id IN ({marks}) ORDER BY id",
+                        chunk,
+                    ).fetchall()
                     db.execute(
-                        "UPDATE events SET lease_until = ?" + where + " AND id <= ?",
-                        [now + self.lease_seconds, *params, found[-1][0]],
+                        f"UPDATE events SET lease_until = ? WHERE id IN ({marks})",
+                        [now + self.lease_seconds, *chunk],
                     )
                 caught_up = (
                     len(found) < max_rows
                     and db.execute("SELECT 1 FROM events WHERE lease_until = 0 LIMIT 1").fetchone()
                     is None
                 )
+                if caught_up:
+                    db.execute(DROP_FRESH_INDEX)  # back to memory mode: INSERTs skip it
                 db.execute("COMMIT")
             except sqlite3.Error:
                 db.execute("ROLLBACK")
@@ -713,24 +763,28 @@ class SqliteQueue:
         return await self._run(self._next_ready_sync, exclude_keys)
 
     def _next_ready_sync(self, exclude: frozenset[str]) -> float | None:
-        assert self._db is not None
-        keys = ""
-        if exclude:
-            keys = " AND write_key NOT IN (" + ",".join("?" * len(exclude)) + ")"
-        params = sorted(exclude)
-        # Rows never retried (not_before = 0, not indexed) are ready now; retried ones are
-        # found through the partial index events_retry, earliest first.
-        fresh = self._db.execute(
-            "SELECT 1 FROM events WHERE lease_until = 0 AND not_before = 0" + keys + " LIMIT 1",
-            params,
-        ).fetchone()
-        if fresh is not None:
-            return 0.0
-        row = self._db.execute(
-            "SELECT min(not_before) FROM events WHERE not_before > 0 AND lease_until = 0" + keys,
-            params,
-        ).fetchone()
-        return None if row is None or row[0] is None else float(row[0])
+        """Database mode (invariant 8): 0.0 if a fresh row is ready, else the earliest retry."""
+        db = self._db
+        assert db is not None
+        keys = _keys(db, exclude)
+        for key in keys:
+            fresh = db.execute(
+                "SELECT 1 FROM events INDEXED BY events_fresh WHERE write_key = ?"
+                " AND not_before = 0 AND lease_until = 0 LIMIT 1",
+                (key,),
+            ).fetchone()
+            if fresh is not None:
+                return 0.0
+        earliest: float | None = None
+        for key in keys:
+            row = db.execute(
+                "SELECT not_before FROM events INDEXED BY events_retry_by_key WHERE write_key = ?"
+                " AND not_before > 0 AND lease_until = 0 ORDER BY not_before LIMIT 1",
+                (key,),
+            ).fetchone()
+            if row is not None and (earliest is None or row[0] < earliest):
+                earliest = float(row[0])
+        return earliest
 
     async def stats(self) -> QueueStats:
         assert self._db is not None
