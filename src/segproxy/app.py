@@ -24,7 +24,7 @@ from segproxy.forward.forwarder import Forwarder
 from segproxy.ingest.service import IngestService, cors_headers
 from segproxy.queue import open_queue
 from segproxy.queue.base import Queue
-from segproxy.ratelimit import exempt, rate_limited, table
+from segproxy.ratelimit import client_bucket, exempt, rate_limited, table
 from segproxy.routes import CDN_KINDS, Kind, Reject, match
 from segproxy.upstream import UpstreamPool
 
@@ -101,7 +101,7 @@ class App:
         ip: str | None = None
         if self.ip_limit is not None and req.method != "OPTIONS":
             ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
-            wait = self.ip_limit.allow(ip, time.monotonic())
+            wait = self.ip_limit.allow(client_bucket(ip), time.monotonic())
             # Exemptions are looked up only once a client is over its limit (cheaper).
             if wait is not None and not exempt(ip, self.exempt_ips):
                 if kind in CDN_KINDS:

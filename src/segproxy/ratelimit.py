@@ -8,12 +8,17 @@ The table keeps at most ``max_tracked`` buckets: the least recently used one is 
 room, so a flood of distinct addresses costs bounded memory (a dropped key simply starts again
 with a full bucket). Every call is O(1): one dict lookup and a move to the end of the order.
 
+Client addresses are bucketed by :func:`client_bucket`: an IPv4 address on its own, an IPv6
+address by its /64 (one subscriber or host usually holds a whole /64, so per-address buckets
+would let it rotate addresses past the limit).
+
 A rate of 0 turns a limit off; :func:`table` then returns None so the caller holds None and the
 hot path pays one ``is not None`` check, nothing more.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -97,6 +102,19 @@ def rate_limited(wait: float, what: str, headers: Headers) -> Response:
         f"too many requests {what}; retry after {seconds} s",
         [*headers, (b"retry-after", str(seconds).encode()), (b"cache-control", b"no-store")],
     )
+
+
+def client_bucket(ip: str) -> str:
+    """The per-IP bucket of a client: the IPv4 address, or the /64 of an IPv6 one."""
+    if ":" not in ip:
+        return ip
+    try:
+        addr = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip  # not an address (a unix socket peer, say): its own bucket
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
 
 
 def exempt(ip: str, networks: Sequence[Network]) -> bool:

@@ -149,6 +149,22 @@ def test_forwarded_clients_behind_a_trusted_proxy_are_limited_separately(
     assert ips == ["198.51.100.7"] * 2 + ["198.51.100.8"] * 2 + ["192.0.2.10"] * 5
 
 
+def test_an_ipv6_client_cannot_rotate_addresses_within_its_64_past_the_limit(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    config = base_config(
+        fake, trusted_proxies=["127.0.0.1/32"], rate_limit={"per_ip": 1.0, "per_ip_burst": 2.0}
+    )
+    client = Client(start(config))
+    same_64 = [{"X-Forwarded-For": f"2001:db8:1:2::{n}"} for n in (1, 2, 3)]
+    assert [post(client, **h).status for h in same_64[:2]] == [200, 200]
+    assert_limited(post(client, **same_64[2]))
+    neighbour = {"X-Forwarded-For": "2001:db8:1:3::1"}  # the next /64: someone else
+    assert post(client, **neighbour).status == 200
+    ips = [r.json["context"]["ip"] for r in fake.api_requests]
+    assert ips == ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:3::1"]
+
+
 def test_rejected_requests_never_reach_the_queue(fake: FakeSegment, start: StartProxy) -> None:
     config = base_config(
         fake,

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from segproxy.ratelimit import TokenBuckets, exempt, rate_limited, retry_after, table
+from segproxy.ratelimit import (
+    TokenBuckets,
+    client_bucket,
+    exempt,
+    rate_limited,
+    retry_after,
+    table,
+)
 
 
 def allowed_in_a_row(buckets: TokenBuckets, key: str, now: float, limit: int = 1000) -> int:
@@ -186,3 +193,18 @@ def test_waiting_the_answered_time_is_enough(rate: float, burst: float, gaps: li
         if wait is not None:
             assert b.allow("k", now + wait + 1e-9) is None
             now += wait + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("ip", "bucket"),
+    [
+        ("198.51.100.7", "198.51.100.7"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:198.51.100.7", "198.51.100.7"),
+        ("unix", "unix"),
+    ],
+)
+def test_ipv4_clients_are_limited_per_address_and_ipv6_per_64(ip: str, bucket: str) -> None:
+    assert client_bucket(ip) == bucket
