@@ -14,10 +14,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import brotli
+
+from segproxy.edge.http import Response
 
 COMPRESSIBLE = (b"javascript", b"json", b"text/", b"xml", b"svg")
 MIN_COMPRESS = 256
@@ -33,6 +35,11 @@ class Representation:
     gzip: bytes | None = None
     br: bytes | None = None
     fixed_encoding: bytes | None = None  # upstream-encoded bytes passed through as they are
+    # The service's answers built from this representation, reused while it lives (see
+    # CdnService._serve); they go with it when the cache drops it.
+    answers: dict[tuple[object, ...], Response] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def size(self) -> int:

@@ -282,6 +282,14 @@ class CdnService:
         if route.kind is Kind.SETTINGS:
             assert origin is not None
             rep = self._settings_rep(route, entry, origin)
+        body, encoding, etag = choose(rep, req.header(b"accept-encoding"))
+        not_mod = not_modified(req.header(b"if-none-match"), rep)
+        # The same representation answers alike every time: built once, kept on it (the
+        # edge then keeps its header bytes too).
+        key = (route.kind, status, encoding, not_mod)
+        known = rep.answers.get(key)
+        if known is not None:
+            return known
         headers = [
             (b"content-type", rep.content_type),
             (b"cache-control", self.cache_controls[route.kind]),
@@ -290,13 +298,15 @@ class CdnService:
         ]
         if rep.gzip is not None:
             headers.append((b"vary", b"Accept-Encoding"))
-        body, encoding, etag = choose(rep, req.header(b"accept-encoding"))
         headers.append((b"etag", f'"{etag}"'.encode()))
-        if not_modified(req.header(b"if-none-match"), rep):
-            return Response(304, headers)
-        if encoding is not None:
-            headers.append((b"content-encoding", encoding))
-        return Response(200, headers, body)
+        if not_mod:
+            answer = Response(304, headers)
+        else:
+            if encoding is not None:
+                headers.append((b"content-encoding", encoding))
+            answer = Response(200, headers, body)
+        rep.answers[key] = answer  # a few per representation: kinds x HIT/MISS/STALE x codings
+        return answer
 
     async def close(self) -> None:
         for task in list(self.tasks):

@@ -34,7 +34,7 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
-    """Treat as immutable once answered: the edge keeps its wire bytes (``wire``) for reuse."""
+    """Treat as immutable once answered: the edge keeps its header bytes (``wire``) for reuse."""
 
     status: int
     headers: Headers = field(default_factory=list)

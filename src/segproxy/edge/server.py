@@ -113,8 +113,8 @@ _REFUSED_BODY = (
 )
 
 
-def _wire(response: Response, keep_alive: bool, head: bool) -> bytes:
-    """A response's bytes after its status and Date lines."""
+def _head(response: Response, keep_alive: bool) -> bytes:
+    """A response's header lines after its status and Date lines, through the blank line."""
     status = response.status
     parts = [_SECURITY]
     for k, v in response.headers:
@@ -124,8 +124,6 @@ def _wire(response: Response, keep_alive: bool, head: bool) -> bytes:
     if not keep_alive:
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")
-    if not head and status not in (204, 304):
-        parts.append(response.body)
     return b"".join(parts)
 
 
@@ -660,16 +658,20 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if keep_alive and method != "HEAD":
-            # The usual answer: its bytes after the Date line are built once per Response
-            # (a shared one, like the ingest 200, is reused across requests).
-            wire = response.wire
-            if wire is None:
-                wire = response.wire = _wire(response, keep_alive=True, head=False)
-            transport.write(_status_line(response.status) + _DATE.get() + wire)
-            return
-        wire = _wire(response, keep_alive, method == "HEAD")
-        transport.write(_status_line(response.status) + _DATE.get() + wire)
+        status = response.status
+        if keep_alive:
+            # The usual answer: its header lines are built once per Response (a shared one,
+            # like the ingest 200, is reused across requests); the body is copied once.
+            head = response.wire
+            if head is None:
+                head = response.wire = _head(response, keep_alive=True)
+        else:
+            head = _head(response, keep_alive=False)
+        line = _status_line(status)
+        if method == "HEAD" or status in (204, 304):
+            transport.write(line + _DATE.get() + head)
+        else:
+            transport.write(b"".join((line, _DATE.get(), head, response.body)))
         if not keep_alive:
             self._close()
 
