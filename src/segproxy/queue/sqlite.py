@@ -61,7 +61,6 @@ on disk.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fcntl
 import heapq
@@ -73,7 +72,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
@@ -578,7 +577,7 @@ class SqliteQueue:
         else:
             lines = [handover[key] for key in keys]
             rows = list(itertools.islice(heapq.merge(*lines, key=_row_id), max_rows))
-        taken = collections.Counter(r.write_key for r in rows) if len(keys) > 1 else None
+        taken = Counter(r.write_key for r in rows) if len(keys) > 1 else None
         for key in keys:
             line = handover[key]
             take = len(rows) if taken is None else taken[key]
