@@ -288,14 +288,15 @@ class HttpProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
             if self.timer_phase == "header":  # the headers go on in a later read
-                self._partial_head(data)
+                self._partial_head(data, self.begun_in is data)
         except (_Reject, httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
             self._parse_failed(exc)
 
-    def _partial_head(self, data: bytes) -> None:
+    def _partial_head(self, data: bytes, began_here: bool) -> None:
         """Headers still incomplete after this read: hold the limits now, not at their end
-        (llhttp would buffer a field of any length until it ends)."""
-        if self.begun_in is not data:
+        (llhttp would buffer a field of any length until it ends). A read after the one the
+        request began in is all header bytes, so it counts whole."""
+        if not began_here:
             self.head_fed += len(data)
         if self.head_fed > self.max_header_bytes:
             raise self._too_large()
@@ -320,10 +321,12 @@ class HttpProtocol(asyncio.Protocol):
                     if self._chunk_excess() > 0:
                         raise _bad_framing("chunk extensions are over 1 KB")
             if view and not self.closing:
-                self.read = data = view.tobytes()
-                self.parser.feed_data(data)  # the chunked message ended: back to normal
+                self.read = rest = view.tobytes()
+                self.parser.feed_data(rest)  # the chunked message ended: back to normal
                 if self.timer_phase == "header":
-                    self._partial_head(data)
+                    # (rest holds only bytes after the chunked message: a request that began
+                    # in its last slice counts whole, which is exact, since all of it is head)
+                    self._partial_head(rest, self.begun_in is rest)
         except (_Reject, httptools.HttpParserUpgrade, httptools.HttpParserError) as exc:
             self._parse_failed(exc)
 
