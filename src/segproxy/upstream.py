@@ -80,7 +80,6 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: _Exchange | None = None
         self.headers: dict[bytes, bytes] = {}
-        self.fields: list[tuple[bytes, bytes]] = []  # header fields as parsed, until complete
         self.body: list[bytes] = []
         self.status = 0
         self.got_bytes = False
@@ -129,21 +128,13 @@ class _Conn(asyncio.Protocol):
             self.pool._complete(self, exchange, resp, exc)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields.append((name, value))
+        key = name.lower()
+        old = self.headers.get(key)
+        self.headers[key] = value if old is None else old + b", " + value
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.headers_done = True
-        fields = self.fields
-        self.fields = []
-        headers = {name.lower(): value for name, value in fields}
-        if len(headers) != len(fields):  # a repeated field: joined with ", "
-            headers = {}
-            for name, value in fields:
-                key = name.lower()
-                old = headers.get(key)
-                headers[key] = value if old is None else old + b", " + value
-        self.headers = headers
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -151,7 +142,6 @@ class _Conn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if 100 <= self.status < 200:  # an interim response: wait for the real one
             self.headers = {}
-            self.fields = []
             self.body = []
             self.headers_done = False
             return
@@ -162,7 +152,6 @@ class _Conn(asyncio.Protocol):
     def start(self, exchange: _Exchange) -> None:
         self.exchange = exchange
         self.headers = {}
-        self.fields = []
         self.body = []
         self.status = 0
         self.got_bytes = False

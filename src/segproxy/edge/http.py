@@ -34,12 +34,12 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
-    """Treat as immutable once answered: the edge keeps its header bytes (``wire``) for reuse."""
+    """Treat as immutable once answered: the edge keeps its header bytes (``head``) for reuse."""
 
     status: int
     headers: Headers = field(default_factory=list)
     body: bytes = b""
-    wire: bytes | None = field(default=None, compare=False, repr=False)
+    head: bytes | None = field(default=None, compare=False, repr=False)
 
 
 class Deferred:

@@ -166,8 +166,6 @@ class HttpProtocol(asyncio.Protocol):
         self.head_fed = 0  # bytes of later reads fed while the headers were incomplete
         self.max_header_bytes = server.limits.max_header_bytes
         self.max_header_count = server.limits.max_header_count
-        self.header_timeout = server.limits.header_timeout
-        self.body_timeout = server.limits.body_timeout
         self.body: list[bytes] = []
         self.body_size = 0
         self.expect_body = False
@@ -317,7 +315,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.chunk_wire += len(piece)
                 self.parser.feed_data(piece)
                 if self.odd:
-                    self._check_fields(self.fields)  # trailers count against the limits
+                    if len(self.fields) > self.trailers_from:  # trailers count against the limits
+                        self._check_fields(self.fields)
                     if self._chunk_excess() > 0:
                         raise _bad_framing("chunk extensions are over 1 KB")
             if view and not self.closing:
@@ -369,8 +368,7 @@ class HttpProtocol(asyncio.Protocol):
         self.head_fed = 0
         self.body = []
         self.body_size = 0
-        self.timer_phase = "header"
-        self.deadline = monotonic() + self.header_timeout
+        self._arm("header", self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -446,8 +444,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.expect_body = False
         if self.expect_body:
-            self.timer_phase = "body"
-            self.deadline = monotonic() + self.body_timeout
+            self._arm("body", limits.body_timeout)
             expect = headers.get(b"expect")
             # 100 Continue is only safe to interleave when nothing is being answered ahead.
             if (
@@ -532,9 +529,9 @@ class HttpProtocol(asyncio.Protocol):
                 self._end_chunked()
             self._check_version()
         self.in_message = False
-        self.deadline = 0.0
-        self.timer_phase = ""
+        self._disarm()
         body = self.body
+        self.body = []  # an idle connection keeps no body
         req = Request(
             _METHODS.get(parser.get_method()) or parser.get_method().decode("latin-1"),
             self.url.decode("latin-1"),
@@ -665,9 +662,9 @@ class HttpProtocol(asyncio.Protocol):
         if keep_alive:
             # The usual answer: its header lines are built once per Response (a shared one,
             # like the ingest 200, is reused across requests); the body is copied once.
-            head = response.wire
+            head = response.head
             if head is None:
-                head = response.wire = _head(response, keep_alive=True)
+                head = response.head = _head(response, keep_alive=True)
         else:
             head = _head(response, keep_alive=False)
         line = _status_line(status)

@@ -113,20 +113,18 @@ class IngestService:
         # None when off (the default): then nothing per request.
         self.key_limit = table(rl.per_write_key, rl.per_write_key_burst, rl.max_tracked)
         self.exempt_keys = rl.exempt_write_keys
-        # The 200 for each CORS header set, built once (the edge reuses its wire bytes).
-        self._ok: dict[int, Response] = {}
-        # Passthrough: the upstream request headers per Authorization value, and Segment's
-        # small answers as relayed (keyed by what they carry), each built once.
-        self._upstream_headers: dict[bytes | None, Headers] = {}
-        self._relayed: dict[tuple[object, ...], tuple[Headers, Response]] = {}
+        # The 200 per allowed origin (which decides the CORS headers), built once: the edge
+        # then reuses its header bytes too.
+        self._ok: dict[bytes, Response] = {}
 
     def ok(self, cors: Headers) -> Response:
-        resp = self._ok.get(id(cors))
-        if resp is None or resp.headers[1:] != cors:
+        allow = cors[0][1]  # cors_headers(): access-control-allow-origin comes first
+        resp = self._ok.get(allow)
+        if resp is None:
             resp = Response(200, [(b"content-type", b"application/json"), *cors], SUCCESS)
-            if len(self._ok) >= _SEEN_MAX:
+            if len(self._ok) >= _SEEN_MAX:  # bounded, like the CORS lists themselves
                 self._ok.clear()
-            self._ok[id(cors)] = resp
+            self._ok[allow] = resp
         return resp
 
     def accept(self, req: Request, route: Route, ip: str) -> Payload:
@@ -215,17 +213,12 @@ class IngestService:
 
     def forward(self, payload: Payload, body: bytes, route: Route, cors: Headers) -> Deferred:
         """Send the request on as it is (passthrough); Segment's answer is the client's."""
-        auth = payload.authorization
-        if auth is None and payload.write_key is not None:
-            auth = b"Basic " + base64.b64encode(payload.write_key.encode() + b":")
-        headers = self._upstream_headers.get(auth)
-        if headers is None:
-            headers = [(b"content-type", b"application/json")]
-            if auth is not None:
-                headers.append((b"authorization", auth))
-            if len(self._upstream_headers) >= _SEEN_MAX:
-                self._upstream_headers.clear()
-            self._upstream_headers[auth] = headers
+        headers: Headers = [(b"content-type", b"application/json")]
+        if payload.authorization is not None:
+            headers.append((b"authorization", payload.authorization))
+        elif payload.write_key is not None:
+            token = base64.b64encode(payload.write_key.encode() + b":")
+            headers.append((b"authorization", b"Basic " + token))
         answer = Deferred()
 
         def done(resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
@@ -256,19 +249,9 @@ class IngestService:
                 f"Segment's API answered a redirect ({resp.status})",
                 [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
             )
-        got = resp.headers
-        passed = tuple(got.get(name) for name in PASS_HEADERS)
-        key = (resp.status, resp.body, passed, id(cors))
-        cached = self._relayed.get(key)
-        if cached is not None and cached[0] is cors:
-            return cached[1]  # the same answer as before (Segment's 200, say): built once
         out = list(cors)
-        for name, value in zip(PASS_HEADERS, passed, strict=True):
+        for name in PASS_HEADERS:
+            value = resp.header(name)
             if value is not None:
                 out.append((name, value))
-        answer = Response(resp.status, out, resp.body)
-        if len(resp.body) <= 256:  # small answers repeat; big ones are not kept
-            if len(self._relayed) >= _SEEN_MAX:
-                self._relayed.clear()
-            self._relayed[key] = (cors, answer)
-        return answer
+        return Response(resp.status, out, resp.body)
