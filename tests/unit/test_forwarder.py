@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import itertools
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
@@ -343,6 +344,32 @@ def test_429_retry_after_blocks_only_that_key(fake: FakeSegment) -> None:
     assert later_a
     assert all(r.received_at >= free_at for r in later_a)  # nothing for KEY_A before Retry-After
     assert sorted(ids_of(accepted(fake, KEY_A))) == [f"{KEY_A}-{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_backlog_goes_out_back_to_back_without_max_delay_pauses(
+    fake: FakeSegment, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rounds of 40 rows, one key: the next round is leased while the key's batches are in
+    # flight, and max_delay (long here) is only a batching wait after a lull, never a pause
+    # between the rounds of a backlog (which once capped one key at ~20k events/s).
+    monkeypatch.setattr("segproxy.forward.forwarder.LEASE_ROWS", 40)
+    monkeypatch.setattr("segproxy.forward.forwarder.MAX_WAITING_ROWS", 40)
+    monkeypatch.setattr("segproxy.forward.forwarder.BUSY_ROUND", 20)
+    settings = ForwardConfig(max_delay=5.0, backoff_base=0.05, backoff_cap=0.2)
+    factory = memory() if backend == "memory" else sqlite_at(tmp_path / "q.db")
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, i) for i in range(400)])
+        fwd.start()
+        await until(lambda: len(accepted(fake, KEY_A)) == 400, "the backlog to arrive", 15.0)
+
+    forward(fake, scenario, queue=factory, settings=settings, deadline=30.0)
+    times = sorted(r.received_at for r in batch_requests(fake, KEY_A))
+    assert len(times) >= 10  # one request per round of 40
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) < settings.max_delay / 2, gaps
+    assert sorted(ids_of(accepted(fake, KEY_A))) == sorted(f"{KEY_A}-{i}" for i in range(400))
 
 
 def test_retry_after_is_capped_by_max_retry_after(fake: FakeSegment) -> None:
