@@ -196,7 +196,7 @@ class UpstreamPool:
         )
         self.host_header = b"host: " + upstream.authority.encode("idna") + b"\r\n"
         self.user_agent = user_agent
-        self._heads: dict[tuple[str, str], bytes] = {}  # request line + fixed headers
+        self._heads: dict[tuple[object, ...], bytes] = {}  # request line + headers
         self.closed = False
 
     def _forget(self, conn: _Conn) -> None:
@@ -223,29 +223,25 @@ class UpstreamPool:
     def build(
         self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> bytes:
-        head = self._heads.get((method, path))
+        # The request line and headers repeat (one route, one write key's Authorization):
+        # built once per combination, in a bounded table.
+        key = (method, path, *headers)
+        head = self._heads.get(key)
         if head is None:
-            head = (
-                method.encode()
-                + b" "
-                + path.encode()
-                + b" HTTP/1.1\r\n"
-                + self.host_header
-                + b"user-agent: "
-                + self.user_agent
-                + b"\r\n"
-            )
-            if len(self._heads) >= 1024:  # paths come from routes, but keep it bounded
+            lines = [
+                f"{method} {path} HTTP/1.1\r\n".encode(),
+                self.host_header,
+                b"user-agent: " + self.user_agent + b"\r\n",
+            ]
+            lines += [k + b": " + v + b"\r\n" for k, v in headers]
+            head = b"".join(lines)
+            if len(self._heads) >= 1024:
                 self._heads.clear()
-            self._heads[(method, path)] = head
-        parts = [head]
-        for k, v in headers:
-            parts.append(k + b": " + v + b"\r\n")
+            self._heads[key] = head
         if body or method in ("POST", "PUT", "PATCH"):
-            parts.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
-        parts.append(b"\r\n")
-        parts.append(body)
-        return b"".join(parts)
+            length = str(len(body)).encode()
+            return b"".join((head, b"content-length: ", length, b"\r\n\r\n", body))
+        return head + b"\r\n"
 
     def send_then(
         self,

@@ -116,6 +116,9 @@ class IngestService:
         # The 200 per allowed origin (which decides the CORS headers), built once: the edge
         # then reuses its header bytes too.
         self._ok: dict[bytes, Response] = {}
+        # Passthrough: Segment's small answers (its 200, say) as relayed, per what they carry
+        # and the allowed origin, built once too.
+        self._relayed: dict[tuple[object, ...], Response] = {}
 
     def ok(self, cors: Headers) -> Response:
         allow = cors[0][1]  # cors_headers(): access-control-allow-origin comes first
@@ -249,9 +252,15 @@ class IngestService:
                 f"Segment's API answered a redirect ({resp.status})",
                 [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
             )
-        out = list(cors)
-        for name in PASS_HEADERS:
-            value = resp.header(name)
-            if value is not None:
-                out.append((name, value))
-        return Response(resp.status, out, resp.body)
+        passed = [(name, resp.headers.get(name)) for name in PASS_HEADERS]
+        key = (resp.status, resp.body, cors[0][1], *passed)
+        answer = self._relayed.get(key)
+        if answer is None:
+            out = list(cors)
+            out += [(name, value) for name, value in passed if value is not None]
+            answer = Response(resp.status, out, resp.body)
+            if len(resp.body) <= 256:  # small answers repeat; big ones are not kept
+                if len(self._relayed) >= _SEEN_MAX:
+                    self._relayed.clear()
+                self._relayed[key] = answer
+        return answer
