@@ -56,6 +56,39 @@ def test_single_event_endpoints_reach_the_same_path_with_context_ip(
     assert seen.basic_auth_user == WRITE_KEY
 
 
+@pytest.mark.parametrize("backend", ["none", "sqlite"])
+def test_a_clients_repeated_events_reach_segment_exactly_like_its_first(
+    fake: FakeSegment, start: StartProxy, tmp_path: Any, backend: str
+) -> None:
+    """The first request with a Basic header takes the general path, the next ones the fast
+    lane: Segment cannot tell them apart (same event, same headers), on either backend."""
+    queue = {"backend": backend, "path": str(tmp_path / "q.db")}
+    client = Client(start(base_config(fake, queue=queue, forward={"max_delay": 0.01})))
+    headers = {"Content-Type": "text/plain", "Authorization": BASIC}
+    sent = [
+        event(messageId=f"m-{i}", context={"ip": ""}, sentAt="2026-11-25T12:00:00.100Z")
+        for i in range(3)
+    ]
+    sent[2].pop("type")  # the endpoint names it
+    for doc in sent:
+        assert client.post("/v1/t", body(doc), headers).status == 200
+    got = fake.wait_for_events(3)
+    assert [e.message_id for e in got] == ["m-0", "m-1", "m-2"]
+    for e in got:
+        assert e.data["context"]["ip"] == "127.0.0.1"
+        assert e.data.get("type") == "track" or (backend == "none" and e.message_id == "m-2")
+        assert e.write_key == WRITE_KEY
+    # Each event as Segment received it, but for what tells them apart.
+    strip = ("messageId", "sentAt")
+    first, *rest = [{k: v for k, v in e.data.items() if k not in strip} for e in got[:2]]
+    assert rest == [first]
+    if backend == "none":  # passthrough: the same upstream request, headers included
+        reqs = fake.api_requests
+        assert {r.headers.get("authorization") for r in reqs} == {BASIC}
+        assert {r.headers.get("content-type") for r in reqs} == {"application/json"}
+        assert "type" not in reqs[2].json  # relayed as sent, like the general path does
+
+
 @pytest.mark.parametrize("endpoint", ["b", "batch", "import"])
 def test_batches_get_context_ip_per_event_and_keep_an_existing_one(
     client: Client, fake: FakeSegment, endpoint: str

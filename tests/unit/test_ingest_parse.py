@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segproxy.config import LimitsConfig
-from segproxy.ingest.parse import IngestError, Payload, decode_body, enrich, parse
+from segproxy.ingest.parse import (
+    IngestError,
+    Payload,
+    decode_body,
+    enrich,
+    parse,
+    parse_single,
+    write_key_from_auth,
+)
 
 LIMITS = LimitsConfig()
 KEY = "wk_live_123"
@@ -509,3 +517,60 @@ def test_any_request_is_a_payload_or_a_client_error(
     enrich(payload, "203.0.113.7")
     for event in payload.events:
         assert event["context"]["ip"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast lane: a single event from a client seen before, in one call
+
+
+_CONTEXTS = st.one_of(
+    st.none(),
+    st.just({}),
+    st.fixed_dictionaries({"ip": st.sampled_from(["", None, "198.51.100.4", 0])}),
+    st.fixed_dictionaries({"library": st.just({"name": "analytics.js"})}),
+    st.sampled_from(["not an object", 3, ["ip"]]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    context=_CONTEXTS,
+    with_context=st.booleans(),
+    padding=st.text(max_size=90),
+    auth=st.sampled_from([basic(KEY), basic("other_key"), b"Bearer abc", None]),
+    allowed=st.sampled_from([NO_ALLOW_LIST, frozenset({KEY})]),
+    garbage=st.sampled_from([b"", b"{", b"[1]", b"\xff"]),
+)
+def test_fast_lane_reads_a_single_event_exactly_like_the_general_path(
+    context: object,
+    with_context: bool,
+    padding: str,
+    auth: bytes | None,
+    allowed: frozenset[str],
+    garbage: bytes,
+) -> None:
+    limits = LimitsConfig(max_event_bytes=160)
+    doc = track(properties={"p": padding})
+    if with_context:
+        doc["context"] = context
+    data = garbage or body(doc)
+    if auth is not None and auth.startswith(b"Basic"):
+        write_key_from_auth(auth)  # the header was seen before: the lane knows it
+    lane = parse_single(data, auth, limits, allowed, "203.0.113.7")
+    try:
+        payload = accept("t", data, auth=auth, limits=limits, allowed=allowed)
+        enrich(payload, "203.0.113.7")
+    except IngestError:
+        assert lane is None  # a refusal is always the general path's to name
+        return
+    if lane is None:  # taken only by what the lane leaves to the general path
+        assert auth is None or not auth.startswith(b"Basic") or len(data) > 160
+        return
+    assert lane == (payload.doc, payload.write_key)
+
+
+def test_fast_lane_takes_the_usual_browser_event() -> None:
+    auth = basic(KEY)
+    write_key_from_auth(auth)
+    lane = parse_single(body(track(context={"page": {}})), auth, LIMITS, NO_ALLOW_LIST, "::1")
+    assert lane == (track(context={"page": {}, "ip": "::1"}), KEY)

@@ -194,6 +194,9 @@ class HttpProtocol(asyncio.Protocol):
         # TimerHandle per phase per request on the hot path).
         self.deadline = 0.0
         self.timer_phase = ""
+        self.header_timeout = server.limits.header_timeout
+        self.body_timeout = server.limits.body_timeout
+        self.idle_timeout = server.limits.idle_timeout
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -368,7 +371,9 @@ class HttpProtocol(asyncio.Protocol):
         self.head_fed = 0
         self.body = []
         self.body_size = 0
-        self._arm("header", self.limits.header_timeout)
+        # (the timers inline, here and below: these run once per request)
+        self.timer_phase = "header"
+        self.deadline = monotonic() + self.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -444,7 +449,8 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.expect_body = False
         if self.expect_body:
-            self._arm("body", limits.body_timeout)
+            self.timer_phase = "body"
+            self.deadline = monotonic() + self.body_timeout
             expect = headers.get(b"expect")
             # 100 Continue is only safe to interleave when nothing is being answered ahead.
             if (
@@ -529,7 +535,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._end_chunked()
             self._check_version()
         self.in_message = False
-        self._disarm()
+        self.deadline = 0.0
+        self.timer_phase = ""
         body = self.body
         self.body = []  # an idle connection keeps no body
         req = Request(
@@ -599,7 +606,8 @@ class HttpProtocol(asyncio.Protocol):
         if self.eof:  # half-closed by the client and everything answered
             self._close()
         elif self.transport is not None and not self.closing and not self.in_message:
-            self._arm("idle", self.limits.idle_timeout)
+            self.timer_phase = "idle"
+            self.deadline = monotonic() + self.idle_timeout
 
     def _serve(self, item: Request) -> object:
         """Run the handler for one request: answered (_NEXT or _STOP) or _PENDING."""

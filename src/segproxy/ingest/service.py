@@ -18,13 +18,22 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
 from segproxy.config import Config
 from segproxy.edge.http import Deferred, Headers, Request, Response, error_response
 from segproxy.forward.batcher import prepare_events
-from segproxy.ingest.parse import IngestError, Payload, decode_body, enrich, parse
+from segproxy.ingest.parse import (
+    JSON_SEEN,
+    IngestError,
+    Payload,
+    decode_body,
+    enrich,
+    parse,
+    parse_single,
+)
 from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
 from segproxy.ratelimit import rate_limited, table
 from segproxy.routes import API_ENDPOINTS, Route
@@ -94,6 +103,26 @@ def preflight(origin: bytes | None) -> Response:
 SUCCESS = b'{"success":true}'
 
 
+def event_row(write_key: str, event: dict[str, Any], now: float) -> NewRow:
+    """An event's queue row: its JSON without ``sentAt``, which the row keeps apart."""
+    sent_at = event.get("sentAt")
+    if isinstance(sent_at, str):
+        del event["sentAt"]
+        return NewRow(write_key, "event", now, encode(event), sent_at)
+    return NewRow(write_key, "event", now, encode(event))
+
+
+def upstream_headers(authorization: bytes | None, write_key: str | None) -> Headers:
+    """Passthrough: the client's own Basic header, else one made from the body's write key."""
+    if authorization is not None:
+        return [(b"content-type", b"application/json"), (b"authorization", authorization)]
+    headers: Headers = [(b"content-type", b"application/json")]
+    if write_key is not None:
+        token = base64.b64encode(write_key.encode() + b":")
+        headers.append((b"authorization", b"Basic " + token))
+    return headers
+
+
 class IngestService:
     def __init__(
         self,
@@ -152,6 +181,11 @@ class IngestService:
             return preflight(origin)
         cors = cors_headers(origin)
         try:
+            implied = API_ENDPOINTS.get(route.endpoint)
+            if implied is not None and self.key_limit is None:
+                answer = self._lane(req, route, ip, implied, cors)
+                if answer is not None:
+                    return answer
             payload = self.accept(req, route, ip)
             key = payload.write_key
             if self.key_limit is not None and key is not None and key not in self.exempt_keys:
@@ -166,7 +200,26 @@ class IngestService:
             return error_response(exc.status, exc.code, exc.message, cors)
         if self.queue is not None:
             return self.enqueue(rows, cors)
-        return self.forward(payload, body, route, cors)
+        headers = upstream_headers(payload.authorization, payload.write_key)
+        return self.forward(route, body, headers, cors)
+
+    def _lane(
+        self, req: Request, route: Route, ip: str, implied: str, cors: Headers
+    ) -> Response | Deferred | None:
+        """The usual request (one event, plain JSON, a Basic header seen before) in a few
+        calls, with the same result as the general path; None: take that path."""
+        headers = req.headers
+        if b"content-encoding" in headers or headers.get(b"content-type") not in JSON_SEEN:
+            return None
+        auth = headers.get(b"authorization")
+        single = parse_single(req.body, auth, self.limits, self.allowed, ip)
+        if single is None:
+            return None
+        doc, key = single
+        if self.queue is None:
+            return self.forward(route, encode(doc), upstream_headers(auth, key), cors)
+        prepare_events(doc, [doc], implied)
+        return self.enqueue([event_row(key, doc, time.time())], cors)
 
     def rows(self, payload: Payload) -> list[NewRow]:
         """One queue row per event (or one for a metrics request), as it will be sent."""
@@ -175,15 +228,7 @@ class IngestService:
             return [NewRow("", "metrics", now, encode(payload.doc))]
         key = payload.write_key or ""
         events = prepare_events(payload.doc, payload.events, API_ENDPOINTS.get(payload.endpoint))
-        rows = []
-        for event in events:
-            sent_at = event.get("sentAt")
-            if isinstance(sent_at, str):
-                del event["sentAt"]
-                rows.append(NewRow(key, "event", now, encode(event), sent_at))
-            else:
-                rows.append(NewRow(key, "event", now, encode(event)))
-        return rows
+        return [event_row(key, event, now) for event in events]
 
     def enqueue(self, rows: list[NewRow], cors: Headers) -> Response | Deferred:
         """200 once the rows are committed (the commit resolves the answer), else 503."""
@@ -214,14 +259,8 @@ class IngestService:
             503, "queue_error", "the events could not be stored; retry later", headers
         )
 
-    def forward(self, payload: Payload, body: bytes, route: Route, cors: Headers) -> Deferred:
+    def forward(self, route: Route, body: bytes, headers: Headers, cors: Headers) -> Deferred:
         """Send the request on as it is (passthrough); Segment's answer is the client's."""
-        headers: Headers = [(b"content-type", b"application/json")]
-        if payload.authorization is not None:
-            headers.append((b"authorization", payload.authorization))
-        elif payload.write_key is not None:
-            token = base64.b64encode(payload.write_key.encode() + b":")
-            headers.append((b"authorization", b"Basic " + token))
         answer = Deferred()
 
         def done(resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
