@@ -106,6 +106,15 @@ def shifted(sent_at: str, waited: float) -> str:
     """``sent_at`` moved forward by ``waited`` seconds; unchanged if it does not parse."""
     if waited <= 0:
         return sent_at
+    # analytics.js's form, from a second seen before (so known to parse), moved by a wait that
+    # keeps it within that second, as most are under load: only the milliseconds change.
+    # (The same milliseconds as below: the wait to the microsecond, truncated.)
+    if len(sent_at) == 24 and sent_at[19] == "." and sent_at[23] == "Z":
+        digits = sent_at[20:23]
+        if digits.isdigit() and sent_at[:19] in _EPOCHS:
+            ms = int(digits) + round(waited * 1_000_000) // 1000
+            if ms < 1000:
+                return f"{sent_at[:20]}{ms:03d}Z"
     sent = _epoch(sent_at)
     if sent is None:
         return sent_at
@@ -133,7 +142,11 @@ class Batch:
     size: int = _ENVELOPE
 
     def body(self) -> bytes:
-        return b'{"batch":[' + b",".join(self.parts) + b"]}"
+        """The request body, copied once (a batch is up to 500 KB)."""
+        parts = self.parts
+        if len(parts) < 2:
+            return b'{"batch":[' + b"".join(parts) + b"]}"
+        return b",".join([b'{"batch":[' + parts[0], *parts[1:-1], parts[-1] + b"]}"])
 
     @property
     def ids(self) -> list[int]:
@@ -149,26 +162,24 @@ def build_batches(
     """Group event rows per write key into batches within Segment's limits, oldest first."""
     open_batches: dict[str, Batch] = {}
     done: list[Batch] = []
-    for row in rows:
-        part = row.body
-        waited = now - row.received_at
-        if row.sent_at is not None:
-            part = with_sent_at(part, shifted(row.sent_at, waited))
-        elif waited > 0.001 and b'"sentAt"' in part:  # rows stored with sentAt inside
+    for row in rows:  # (per event, so written for speed: one unpacking, no helper calls)
+        _, key, _, received_at, _, part, sent_at = row
+        if sent_at is not None:
+            part = with_sent_at(part, shifted(sent_at, now - received_at))
+        elif now - received_at > 0.001 and b'"sentAt"' in part:  # stored with sentAt inside
             event = orjson.loads(part)
-            shift_sent_at(event, waited)
+            shift_sent_at(event, now - received_at)
             part = orjson.dumps(event)
-        batch = open_batches.get(row.write_key)
-        if batch is not None and (
-            batch.size + len(part) + (1 if batch.parts else 0) > max_bytes
-            or len(batch.rows) >= max_events
-        ):
-            done.append(batch)
-            batch = None
+        batch = open_batches.get(key)
         if batch is None:
-            batch = Batch(row.write_key)
-            open_batches[row.write_key] = batch
-        batch.size += len(part) + (1 if batch.parts else 0)  # a comma between parts
+            batch = open_batches[key] = Batch(key, [row], [part], _ENVELOPE + len(part))
+            continue
+        size = batch.size + len(part) + 1  # a comma between parts
+        if size > max_bytes or len(batch.rows) >= max_events:
+            done.append(batch)
+            open_batches[key] = Batch(key, [row], [part], _ENVELOPE + len(part))
+            continue
+        batch.size = size
         batch.rows.append(row)
         batch.parts.append(part)
     done.extend(open_batches.values())

@@ -44,6 +44,7 @@ log = logging.getLogger("segproxy.forward")
 IDLE_RECHECK = 2.0
 LEASE_ROWS = 5_000  # per round: two full batches' worth, without long pauses of the loop
 BUSY_ROUND = 500  # a round with fewer rows waits (up to max_delay) before the next one
+INLINE_BUILD_ROWS = 2_500  # a round up to this many rows is built on the loop (~2-3 ms)
 MAX_WAITING_ROWS = LEASE_ROWS  # leased rows waiting for a send slot, all keys together
 
 
@@ -153,11 +154,11 @@ class Forwarder:
             return
         events = [r for r in rows if r.kind == "event"]
         metrics = [r for r in rows if r.kind == "metrics"]
-        # Building batches is CPU work (sentAt shifting per event, ~1-2 us each). A round
-        # under load (up to BUSY_ROUND rows) is built on the loop: a thread would cost more in
+        # Building batches is CPU work (sentAt shifting per event, ~1 us each). A round under
+        # load (up to INLINE_BUILD_ROWS) is built on the loop: a thread would cost more in
         # hand-offs than it saves. A backlog's big rounds are built off it, so the loop keeps
         # answering clients meanwhile (it gets the GIL back every few ms).
-        if len(events) <= BUSY_ROUND:
+        if len(events) <= INLINE_BUILD_ROWS:
             batches = build_batches(events, time.time())
         else:
             loop = asyncio.get_running_loop()
