@@ -355,7 +355,7 @@ class SqliteQueue:
 
     def _checkpoint_loop(self) -> None:
         """Invariant 6: copy the WAL into the file (and fsync both) regularly; in loop mode,
-        also make sure the WAL restarts from its beginning (see _checkpoint_once)."""
+        also make sure the WAL starts over from its beginning (see _restart_wal)."""
         db = connect(self.path, self.synchronous)
         loop_mode = self.synchronous == "NORMAL"
         restart_after = 0.0
