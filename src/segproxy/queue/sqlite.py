@@ -11,7 +11,8 @@ Invariants, in the order things happen (see base.py for the contract):
      each checkpoint (every 0.2 s or so when there are new commits, invariant 6), so a power
      cut or kernel crash can lose at most the last fraction of a second.
    - ``full``: every commit is fsynced before the 200, so it survives a power cut as well, at
-     the price of one fsync per group commit (about 1 ms here, which bounds throughput).
+     the price of one fsync per group commit (0.2 ms on the bench machine, more on many cloud
+     disks), which bounds throughput.
 2. **Delete only on delivery.** A row leaves ``events`` only through ``ack`` (Segment accepted it)
    or ``dead_letter`` (moved, in the same transaction, to ``dead`` with the status and body).
 3. **Leases die with their process.** A leased row carries ``lease_until > 0``. One process owns
