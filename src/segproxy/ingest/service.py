@@ -114,10 +114,10 @@ def event_row(write_key: str, event: dict[str, Any], now: float) -> NewRow:
 
 def upstream_headers(authorization: bytes | None, write_key: str | None) -> Headers:
     """Passthrough: the client's own Basic header, else one made from the body's write key."""
-    if authorization is not None:
-        return [(b"content-type", b"application/json"), (b"authorization", authorization)]
     headers: Headers = [(b"content-type", b"application/json")]
-    if write_key is not None:
+    if authorization is not None:
+        headers.append((b"authorization", authorization))
+    elif write_key is not None:
         token = base64.b64encode(write_key.encode() + b":")
         headers.append((b"authorization", b"Basic " + token))
     return headers
