@@ -1230,6 +1230,10 @@ def _run(
         f"ports: upstream {upstream.port}, nginx {reference.port}, "
         + ", ".join(f"{t.label} {t.port}" for t in targets)
     )
+    build = _version([venv_python(), "-m", "segproxy", "--version"])
+    print(f"build: {build}")
+    if "compiled" not in build:
+        print("warning: segproxy runs as plain Python here (scripts/setup.sh compiles it)")
     queue_fs = fs_type(tmp)
     if durable is not None:
         print(f"{DURABLE}: queue {tmp / DURABLE / 'queue.db'} on {queue_fs}")
@@ -1566,6 +1570,7 @@ def _run(
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "python": platform.python_version(),
+            "segproxy": build,
             "nginx": _version(["nginx", "-v"]),
             "wrk": _version(["wrk", "--version"]),
             "git_head": _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),

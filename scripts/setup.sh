@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent setup: Debian packages, a Python venv with segproxy (+dev tools), npm packages.
+# Idempotent setup: Debian packages, a Python venv with segproxy (+dev tools), the compiled
+# request path (scripts/build_native.py: skipped when up to date), npm packages.
 # Usage: scripts/setup.sh [--runtime-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +8,7 @@ runtime_only=0
 [ "${1:-}" = "--runtime-only" ] && runtime_only=1
 
 need_apt=()
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)  # mypyc's C: the compiled request path
 if [ "$runtime_only" = 0 ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
@@ -33,17 +35,26 @@ if [ -z "$PY" ]; then
   done
 fi
 [ -n "$PY" ] || { echo "setup: Python 3.11+ is required" >&2; exit 1; }
+# Python's C headers, for the compiled request path (Debian's own Python keeps them apart).
+if ! "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(command -v "$PY")" = /usr/bin/"$PY" ]; then
+  echo "setup: installing Debian's python3-dev (C headers)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dev >/dev/null
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.segproxy-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   if [ "$runtime_only" = 1 ]; then
-    .venv/bin/python -m pip install -q -e .
+    .venv/bin/python -m pip install -q -e '.[native]'
   else
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    .venv/bin/python -m pip install -q -e '.[dev,native]'
     touch "$stamp"
   fi
 fi
+# Without a C compiler this warns and segproxy runs as plain Python (same behaviour, slower).
+.venv/bin/python scripts/build_native.py
 
 if [ "$runtime_only" = 0 ] && [ -f package.json ]; then
   if [ ! -d node_modules ] || [ package.json -nt node_modules ] || { [ -f package-lock.json ] && [ package-lock.json -nt node_modules ]; }; then

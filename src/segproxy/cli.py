@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from segproxy import __version__
+from segproxy import __version__, native
 from segproxy.config import ConfigError, load
 from segproxy.redact import mask
 
@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segproxy",
         description="First-party proxy for Segment's CDN and Tracking API.",
     )
-    parser.add_argument("--version", action="version", version=f"segproxy {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"segproxy {__version__} ({native.describe()})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy (embedded defaults without --config)")
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")

@@ -370,11 +370,23 @@ def env_name(key: str) -> str:
     return "SEGPROXY_" + key.upper().replace(".", "_")
 
 
+# SEGPROXY_* variables that are not configuration keys, and the values each takes.
+NOT_CONFIG: dict[str, tuple[str, str]] = {
+    # read by segproxy/native.py, before any configuration
+    "SEGPROXY_NATIVE": ("01", "0 (run as plain Python) or 1 (the compiled build, the default)"),
+}
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, object]:
     by_name = {env_name(k): k for k in KNOWN_KEYS}
     out: dict[str, object] = {}
     for name, value in env.items():
         if not name.startswith("SEGPROXY_"):
+            continue
+        if name in NOT_CONFIG:
+            allowed, what = NOT_CONFIG[name]
+            if len(value) != 1 or value not in allowed:
+                raise ConfigError(name, value, what)
             continue
         if name not in by_name:
             raise ConfigError(

@@ -9,6 +9,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from segproxy import native
 from segproxy.app import App
 from segproxy.config import Config
 from segproxy.edge.server import EdgeServer
@@ -56,6 +57,7 @@ async def serve(config: Config) -> None:
         config.upstream.api.origin,
         config.queue.backend,
     )
+    log.info("segproxy runs %s", native.describe())
     admin: EdgeServer | None = None
     if config.admin.listen is not None:
         admin = EdgeServer(app.admin, config.limits, loop)

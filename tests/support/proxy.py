@@ -108,6 +108,16 @@ class RunningProxy:
         raise RuntimeError("no VmRSS")
 
 
+def operator_env() -> dict[str, str]:
+    """This environment without SEGPROXY_* settings, except SEGPROXY_NATIVE (plain Python or
+    the compiled build: the whole suite runs one or the other)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SEGPROXY_") or k == "SEGPROXY_NATIVE"
+    }
+
+
 def start_proxy(
     config: Mapping[str, Any] | str,
     workdir: Path,
@@ -127,7 +137,7 @@ def start_proxy(
         text = to_toml(merged)
     cfg = workdir / "segproxy.toml"
     cfg.write_text(text)
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SEGPROXY_")}
+    full_env = operator_env()
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "segproxy", "serve", "--config", str(cfg), *(args or [])]
@@ -184,7 +194,7 @@ def run_cli(
     *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
     """``segproxy <args>`` as an operator runs it: no tty, no inherited SEGPROXY_* variables."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SEGPROXY_")}
+    clean = operator_env()
     return subprocess.run(
         [sys.executable, "-m", "segproxy", *args],
         capture_output=True,

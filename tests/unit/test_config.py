@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from segproxy.config import (
     KNOWN_KEYS,
+    NOT_CONFIG,
     CacheConfig,
     Config,
     ConfigError,
@@ -271,6 +272,20 @@ def test_unknown_segproxy_variable_is_rejected_by_name() -> None:
     assert "a known SEGPROXY_* variable" in str(info.value)
 
 
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_SEGPROXY_NATIVE_is_not_a_config_key(value: str) -> None:
+    # it picks plain Python or the compiled build (segproxy/native.py), before any config
+    assert load(env={"SEGPROXY_NATIVE": value}) == Config()
+
+
+@pytest.mark.parametrize("value", ["", "false", "no", "00", "2"])
+def test_SEGPROXY_NATIVE_takes_only_0_or_1(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(env={"SEGPROXY_NATIVE": value})
+    assert "SEGPROXY_NATIVE" in str(info.value)
+    assert "0 (run as plain Python) or 1" in str(info.value)
+
+
 def test_every_key_has_a_distinct_environment_name() -> None:
     names = [env_name(key) for key in KNOWN_KEYS]
     assert len(set(names)) == len(names)
@@ -281,7 +296,7 @@ def test_every_key_has_a_distinct_environment_name() -> None:
 @settings(max_examples=100, deadline=None)
 @given(name=st.from_regex(r"SEGPROXY_[A-Z0-9_]{1,30}", fullmatch=True))
 def test_any_segproxy_variable_that_names_no_key_stops_start_up(name: str) -> None:
-    if name in {env_name(k) for k in KNOWN_KEYS}:
+    if name in {env_name(k) for k in KNOWN_KEYS} or name in NOT_CONFIG:
         return
     with pytest.raises(ConfigError) as info:
         load(env={name: "1"})

@@ -402,19 +402,24 @@ def test_the_lock_file_is_flocked_while_open(db_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_group_commit_shares_transactions(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_group_commit_shares_transactions(db_path: Path) -> None:
     async def main() -> None:
         q = await open_sqlite(db_path)
-        commits: list[int] = []
+        commits: list[int] = []  # rows inserted by each transaction
         threads: set[str] = set()
-        real = q._commit_sync
+        inserted = 0
 
-        def counting(rows: list[NewRow]) -> None:
-            commits.append(len(rows))
-            threads.add(threading.current_thread().name)
-            real(rows)
+        def trace(statement: str) -> None:  # what the queue's own connection runs, and where
+            nonlocal inserted
+            if statement.startswith("INSERT INTO events"):
+                inserted += 1  # (once per row of an executemany)
+            elif statement == "COMMIT":
+                commits.append(inserted)
+                inserted = 0
+                threads.add(threading.current_thread().name)
 
-        monkeypatch.setattr(q, "_commit_sync", counting)
+        assert q._db is not None
+        q._db.set_trace_callback(trace)
         try:
             await asyncio.gather(*(q.put([new(f"wk_{i % 3}", i)]) for i in range(200)))
             assert sum(commits) == 200

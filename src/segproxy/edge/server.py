@@ -735,7 +735,10 @@ class EdgeServer:
                 lambda: HttpProtocol(self), host=host, port=port, reuse_address=True, **kwargs
             )
         self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
-        return self._server.sockets[0].getsockname()
+        # (uvloop's Server.sockets is a list, not the tuple asyncio's is typed as: compiled,
+        # the typed attribute would be checked)
+        server: Any = self._server
+        return server.sockets[0].getsockname()
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, let in-flight requests finish (up to ``grace`` s), close the rest."""

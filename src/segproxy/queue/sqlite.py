@@ -207,13 +207,20 @@ def _nothing(*_: object) -> None:
     pass
 
 
+class _Locked(QueueError):
+    """A commit found the file locked by another connection (SQLITE_BUSY)."""
+
+
 def _is_busy(exc: BaseException) -> bool:
-    """SQLITE_BUSY (the file is locked by another connection), raised as is or wrapped."""
-    for e in (exc, exc.__cause__):
-        if isinstance(e, sqlite3.OperationalError):
-            code = getattr(e, "sqlite_errorcode", None)
-            if code is not None and code & 0xFF == sqlite3.SQLITE_BUSY:
-                return True
+    """SQLITE_BUSY (the file is locked by another connection), raised as is or wrapped.
+
+    (Wrapped by type, not found through ``__cause__``: compiled, ``raise ... from`` does not
+    record the cause.)"""
+    if isinstance(exc, _Locked):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
     return False
 
 
@@ -285,7 +292,7 @@ class SqliteQueue:
         self._checkpointer: threading.Thread | None = None
         # Loop mode (invariant 9): with synchronous = NORMAL, once open, the jobs run on the
         # event loop, in order, one loop callback for all that are queued.
-        self._inline = False
+        self._on_loop = False
         self._inline_jobs: deque[tuple[Callable[..., Any], tuple[Any, ...], _Deliver]] = deque()
         self._inline_scheduled = False
         self._busy_since = 0.0
@@ -304,7 +311,7 @@ class SqliteQueue:
             self._jobs.put(None)  # stop the writer: this queue never opened
             self._writer.join(timeout=10)
             raise
-        self._inline = self.synchronous == "NORMAL"  # invariant 9
+        self._on_loop = self.synchronous == "NORMAL"  # invariant 9
         return self
 
     def _open_sync(self) -> None:
@@ -412,7 +419,7 @@ class SqliteQueue:
     async def recount(self) -> None:
         """Re-read the counters if the CLI may have replayed or purged rows meanwhile (in
         loop mode only then: counting a big backlog takes a while)."""
-        if await self._look_for_other_writers() or not self._inline:
+        if await self._look_for_other_writers() or not self._on_loop:
             await self._run(self._recount_sync)
 
     def _data_version_sync(self) -> int:
@@ -458,9 +465,9 @@ class SqliteQueue:
             return
         # Let the last group commit finish: its callers are waiting for their answer.
         await self._idle.wait()
-        if self._inline:  # the last jobs run on the loop, then closing is the thread's
+        if self._on_loop:  # the last jobs run on the loop, then closing is the thread's
             await self._run(_nothing)
-            self._inline = False
+            self._on_loop = False
         await self._run(self._close_sync)
         self._jobs.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._writer.join, 10)
@@ -496,7 +503,7 @@ class SqliteQueue:
 
     def _submit_job(self, fn: Callable[..., Any], args: tuple[Any, ...], deliver: _Deliver) -> None:
         loop = self._loop or asyncio.get_running_loop()
-        if self._inline:
+        if self._on_loop:
             self._inline_jobs.append((fn, args, deliver))
             if not self._inline_scheduled:
                 self._inline_scheduled = True
@@ -618,7 +625,7 @@ class SqliteQueue:
     def _start_commit(self) -> None:
         self._committing = True
         self._idle.clear()
-        if self._inline:
+        if self._on_loop:
             # Loop mode: the job takes what is pending when it runs, so everything read in
             # this round of the loop shares one transaction.
             self._submit_job(self._commit_pending, (), self._commit_gave_up)
@@ -673,6 +680,8 @@ class SqliteQueue:
                 self._disk_ok = False
                 self._disk_checked = time.monotonic()
                 raise QueueFull(f"the disk holding the queue is full: {exc}") from exc
+            if _is_busy(exc):
+                raise _Locked(f"could not store events: {exc}") from exc
             raise QueueError(f"could not store events: {exc}") from exc
 
     def _commit_done(

@@ -1,0 +1,96 @@
+"""Compile segproxy's request path with mypyc (see src/segproxy/native.py).
+
+Usage: .venv/bin/python scripts/build_native.py [--force] [--require]
+
+Does nothing if the build on disk matches the source. Otherwise compiles the modules listed in
+``segproxy.native.COMPILED`` in a temporary directory, puts the extensions beside their
+sources, and writes the manifest last (a build that stopped half way is never used). If the
+build fails, the old one is removed and segproxy runs as plain Python; ``--require`` makes
+that an error instead (the test command uses it: the suite runs what users run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+sys.path.insert(0, str(SRC))
+
+from segproxy import native  # noqa: E402
+
+
+def remove_build() -> None:
+    native.MANIFEST.unlink(missing_ok=True)  # first: what remains is never taken for whole
+    for f in native.built():
+        f.unlink()
+
+
+def build(work: Path) -> None:
+    """Compile a copy of the package in ``work``, then move the extensions into src/."""
+    shutil.copytree(SRC / "segproxy", work / "segproxy", ignore=shutil.ignore_patterns("*.so"))
+    # mypy's own settings (strict, the untyped imports), then the modules
+    files = [f"--config-file={ROOT / 'pyproject.toml'}"]
+    files += [f"segproxy/{name}" for name in native.COMPILED]
+    script = (
+        "from setuptools import setup\n"
+        "from mypyc.build import mypycify\n"
+        f"setup(name='segproxy-native', ext_modules=mypycify({files!r}, "
+        f"group_name={native.GROUP!r}, opt_level='3'),\n"
+        "      script_args=['build_ext', '--inplace', '--build-temp', 'build'])\n"
+    )
+    (work / "setup_native.py").write_text(script)
+    env = dict(os.environ, MYPY_FORCE_COLOR="0")
+    done = subprocess.run(
+        [sys.executable, "setup_native.py"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"mypyc build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    suffix = native.extension_path("x.py").name[1:]  # ".cpython-311-x86_64-linux-gnu.so"
+    shutil.copy2(work / f"{native.GROUP}__mypyc{suffix}", SRC)
+    for name in native.COMPILED:
+        built = work / "segproxy" / (name.removesuffix(".py") + suffix)
+        shutil.copy2(built, native.extension_path(name))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--require", action="store_true", help="fail if it cannot be built")
+    args = parser.parse_args()
+    digest = native.source_digest()
+    if not args.force and native._matches() == "compiled":
+        return 0
+    remove_build()
+    started = time.monotonic()
+    print("native: compiling the request path with mypyc (a minute or so)...", flush=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="segproxy-native-") as tmp:
+            build(Path(tmp))
+    except (RuntimeError, OSError) as exc:
+        remove_build()
+        print(f"native: {exc}", file=sys.stderr)
+        if args.require:
+            return 1
+        print("native: segproxy will run as plain Python (slower, same behaviour)", file=sys.stderr)
+        return 0
+    native.MANIFEST.write_text(json.dumps({"digest": digest}) + "\n")
+    print(f"native: compiled {len(native.COMPILED)} modules in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
