@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -57,7 +58,10 @@ async def serve(config: Config) -> None:
         config.upstream.api.origin,
         config.queue.backend,
     )
-    log.info("segproxy runs %s", native.describe())
+    how = native.describe()
+    # Plain Python by accident (no compiler, an edit since the build) is worth a warning.
+    quiet = native.compiled() or os.environ.get("SEGPROXY_NATIVE") == "0"
+    log.log(logging.INFO if quiet else logging.WARNING, "segproxy runs %s", how)
     admin: EdgeServer | None = None
     if config.admin.listen is not None:
         admin = EdgeServer(app.admin, config.limits, loop)

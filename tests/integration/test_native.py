@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from segproxy import __version__, native
+from tests.integration.conftest import WRITE_KEY, Client, StartProxy, base_config
+from tests.support.fakes import FakeSegment
+from tests.support.load import basic, track
 from tests.support.proxy import RunningProxy, operator_env
 
 SRC = Path(native.__file__).resolve().parent.parent
@@ -71,6 +75,23 @@ def test_a_source_edited_after_the_build_runs_as_plain_python(src_copy: Path) ->
     assert how == "plain Python: the source changed since it was compiled (run scripts/setup.sh)"
     # all or nothing: the untouched modules do not run compiled either
     assert server.endswith(".py") and queue.endswith(".py")
+
+
+@needs_build
+def test_a_proxy_on_an_edited_source_warns_that_it_runs_plain_python(
+    src_copy: Path, fake: FakeSegment, start: StartProxy
+) -> None:
+    routes = src_copy / "segproxy" / "routes.py"
+    routes.write_text(routes.read_text() + "\n# edited after the build\n")
+    proxy = start(base_config(fake), env={"PYTHONPATH": str(src_copy)})
+    assert (
+        "WARNING segproxy: segproxy runs plain Python: the source changed since it was compiled"
+        in proxy.logs()
+    )
+    event = orjson.dumps(track("native-edited"))
+    answer = Client(proxy).post("/v1/t", event, {"Authorization": basic(WRITE_KEY)})
+    assert answer.status == 200
+    assert [e.message_id for e in fake.wait_for_events(1)] == ["native-edited"]
 
 
 @needs_build
