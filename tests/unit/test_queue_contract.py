@@ -143,7 +143,7 @@ def test_a_leased_row_is_not_leased_again_until_retry_later(make: Factory) -> No
         assert await q.lease(T0 + 10_000, 10) == []
         await q.retry_later([a[0].id], T0)
         again = await q.lease(T0, 10)
-        assert [r.id for r in again] == [a[0].id]
+        assert [r.body for r in again] == [a[0].body]  # the same event (ids may change)
         assert again[0].attempts == 1
 
     run(make, scenario)
@@ -158,11 +158,11 @@ def test_retry_later_respects_not_before(make: Factory) -> None:
         assert await q.next_ready() == T0 + 30
         assert await q.lease(T0 + 29.999, 10) == []
         ready = await q.lease(T0 + 30, 10)
-        assert [r.id for r in ready] == [rows[0].id]
+        assert [r.body for r in ready] == [rows[0].body]
         assert await q.next_ready() == T0 + 60
         assert await q.lease(T0 + 59, 10) == []
         later = await q.lease(T0 + 61, 10)
-        assert [(r.id, r.attempts) for r in later] == [(rows[1].id, 1)]
+        assert [(r.body, r.attempts) for r in later] == [(rows[1].body, 1)]
         await q.retry_later([later[0].id], T0 + 100)
         assert [r.attempts for r in await q.lease(T0 + 100, 10)] == [2]
 
@@ -356,11 +356,12 @@ def test_leases_of_a_dead_process_are_cleared_on_reopen(db_path: Path) -> None:
         q = await open_sqlite(db_path)
         try:
             again = await q.lease(T0, 10)
-            assert [r.id for r in again] == [first[0].id, taken[0].id, taken[1].id]
+            # (the one a pack still held, in flight, comes back after those put back before)
+            assert sorted(r.body for r in again) == [first[0].body, taken[0].body, taken[1].body]
             assert [r.attempts for r in again] == [0, 0, 0]
             assert await q.next_ready() == T0 + 3600  # the retry time survives too
             late = await q.lease(T0 + 3600, 10)
-            assert [(r.id, r.attempts) for r in late] == [(first[1].id, 1)]
+            assert [(r.body, r.attempts) for r in late] == [(first[1].body, 1)]
         finally:
             await q.close()
 
@@ -405,31 +406,28 @@ def test_the_lock_file_is_flocked_while_open(db_path: Path) -> None:
 def test_group_commit_shares_transactions(db_path: Path) -> None:
     async def main() -> None:
         q = await open_sqlite(db_path)
-        commits: list[int] = []  # rows inserted by each transaction
-        threads: set[str] = set()
-        inserted = 0
+        commits: list[str] = []  # the thread of each transaction the queue's connection ran
+        inserts = 0
 
         def trace(statement: str) -> None:  # what the queue's own connection runs, and where
-            nonlocal inserted
-            if statement.startswith("INSERT INTO events"):
-                inserted += 1  # (once per row of an executemany)
+            nonlocal inserts
+            if statement.startswith(("INSERT INTO events", "INSERT INTO packs")):
+                inserts += 1
             elif statement == "COMMIT":
-                commits.append(inserted)
-                inserted = 0
-                threads.add(threading.current_thread().name)
+                commits.append(threading.current_thread().name)
 
         assert q._db is not None
         q._db.set_trace_callback(trace)
         try:
             await asyncio.gather(*(q.put([new(f"wk_{i % 3}", i)]) for i in range(200)))
-            assert sum(commits) == 200
+            assert inserts > 0
             assert len(commits) <= 10, commits
             assert (await q.stats()).rows == 200
             # Invariant 9: with NORMAL, commits run on the loop (they never fsync); with FULL,
             # each commit fsyncs, on the writer thread.
             loop_mode = SYNCHRONOUS[0] == "NORMAL"
             expected = threading.main_thread().name if loop_mode else "segproxy-sqlite"
-            assert threads == {expected}
+            assert set(commits) == {expected}
         finally:
             await q.close()
         q = await open_sqlite(db_path)
@@ -824,7 +822,7 @@ def test_once_caught_up_new_commits_are_leased_in_order_again(db_path: Path) -> 
             await q.put([new("wk_b", 2), new("wk_a", 3)])
             assert bodies(await q.lease(T0, 10)) == [new("wk_b", 2).body, new("wk_a", 3).body]
             late = await q.lease(T0 + 60, 10)
-            assert [(r.id, r.attempts) for r in late] == [(first.id, 1)]
+            assert [(r.body, r.attempts) for r in late] == [(first.body, 1)]
         finally:
             await q.close()
 
@@ -844,7 +842,7 @@ def test_a_commit_right_behind_the_catching_up_lease_is_handed_over(db_path: Pat
             # The lease's job is queued, then the commit's right behind it.
             lease = asyncio.ensure_future(q.lease(T0, 10))
             put = asyncio.ensure_future(q.put([new("wk_a", 1)]))
-            assert [r.id for r in await lease] == [first.id]
+            assert [r.body for r in await lease] == [first.body]
             await put
             assert bodies(await q.lease(T0, 10)) == [new("wk_a", 1).body]
         finally:
@@ -1061,6 +1059,80 @@ def test_random_operations_never_lose_or_double_lease_a_row(
                 await q.ack([r.id for r in batch])
             assert live == set(), f"{len(live)} rows never leased again"
             assert (await q.stats()).rows == 0
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+# Invariant 10: in memory mode a group commit is one pack; events leave it one by one.
+
+
+def test_a_partly_delivered_commit_keeps_exactly_what_is_still_queued(db_path: Path) -> None:
+    # Both modes: a stopped process leaves neither a delivered event nor a lost one behind.
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        await q.put([new("wk_a", i, size=50) for i in range(3)] + [new("wk_b", 9)])
+        sent = await q.lease(T0, 2, exclude_keys=frozenset({"wk_b"}))
+        await q.ack([r.id for r in sent])
+        stats = admin.stats(str(db_path))  # another connection sees the file as it is
+        assert (stats.rows, sorted(stats.per_key)) == (2, ["wk_a", "wk_b"])
+        assert stats.per_key["wk_a"].bytes == len(new("wk_a", 2, size=50).body)
+        in_flight = await q.lease(T0, 10)  # the process stops while sending these
+        left = [new("wk_a", 2, size=50).body, new("wk_b", 9).body]
+        assert sorted(r.body for r in in_flight) == left
+        await q.close()
+
+        q = await open_sqlite(db_path)
+        try:
+            again = await q.lease(T0, 10)
+            assert sorted(r.body for r in again) == sorted(r.body for r in in_flight)
+            assert (await q.stats()).rows == 2
+            await q.ack([r.id for r in again])
+            assert (await q.stats()).rows == 0
+        finally:
+            await q.close()
+        assert admin.stats(str(db_path)).rows == 0
+
+    asyncio.run(main())
+
+
+def test_a_purge_on_a_live_queue_is_not_undone_by_its_hand_over_list(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([new("wk_a", i) for i in range(5)])
+            assert admin.purge(str(db_path)) == (5, 0)
+            await q.recount()  # notices another writer: reads the file again, finds nothing
+            assert await q.lease(T0, 10) == []
+            assert (await q.stats()).rows == 0
+            await q.put([new("wk_a", 7)])
+            assert [r.body for r in await q.lease(T0, 10)] == [new("wk_a", 7).body]
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_retried_and_dead_events_leave_their_commit_and_survive_a_restart(db_path: Path) -> None:
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        await q.put([new("wk_a", i) for i in range(4)])
+        rows = await q.lease(T0, 10)
+        await q.retry_later([rows[0].id], T0 + 60)
+        await q.dead_letter([rows[1].id], 400, "bad event", T0)
+        await q.ack([rows[2].id])
+        await q.close()  # rows[3] was in flight
+
+        q = await open_sqlite(db_path)
+        try:
+            assert [r.body for r in await q.lease(T0, 10)] == [rows[3].body]
+            retried = await q.lease(T0 + 60, 10)
+            assert [(r.body, r.attempts) for r in retried] == [(rows[0].body, 1)]
+            dead = await q.dead_rows()
+            assert [(d.body, d.status, d.reason) for d in dead] == [
+                (rows[1].body, 400, "bad event")
+            ]
         finally:
             await q.close()
 

@@ -108,7 +108,11 @@ def purge(path: str, dead_only: bool = False) -> tuple[int, int]:
     db = open_existing(path)
     try:
         db.execute("BEGIN IMMEDIATE")
-        events = 0 if dead_only else db.execute("DELETE FROM events").rowcount
+        events = 0
+        if not dead_only:
+            packed = db.execute("SELECT coalesce(sum(rows), 0) FROM packs").fetchone()[0]
+            events = db.execute("DELETE FROM events").rowcount + int(packed)
+            db.execute("DELETE FROM packs")
         dead_rows = db.execute("DELETE FROM dead").rowcount
         db.execute("COMMIT")
         return events, dead_rows

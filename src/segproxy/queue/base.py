@@ -12,6 +12,9 @@ Invariants every backend keeps (the SQLite one on disk, see sqlite.py):
 4. ``retry_later`` returns leased rows to the queue, not to be leased before ``not_before``.
 5. ``put`` raises :class:`QueueFull` instead of growing past its caps or the disk's free space;
    nothing is dropped: the client is told to retry (503 + Retry-After).
+6. A row's ``id`` names it from ``lease`` to its ``ack``, ``retry_later`` or ``dead_letter``.
+   An event released by ``retry_later``, or left by a process that stopped, may come back
+   under another id: the event is its body (and Segment's key, its ``messageId``).
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ class Queue(Protocol):
     async def lease(
         self, now: float, max_rows: int, exclude_keys: frozenset[str] = frozenset()
     ) -> list[Row]:
-        """Up to ``max_rows`` ready rows (oldest first) not leased by anyone."""
+        """Up to ``max_rows`` ready rows (oldest first) not leased by anyone. (Events a
+        stopped process was still sending come back after those it had put back.)"""
 
     async def ack(self, ids: list[int]) -> None:
         """Delete delivered rows."""

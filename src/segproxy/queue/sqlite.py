@@ -13,8 +13,10 @@ Invariants, in the order things happen (see base.py for the contract):
    - ``full``: every commit is fsynced before the 200, so it survives a power cut as well, at
      the price of one fsync per group commit (0.2 ms on the bench machine, more on many cloud
      disks), which bounds throughput.
-2. **Delete only on delivery.** A row leaves ``events`` only through ``ack`` (Segment accepted it)
-   or ``dead_letter`` (moved, in the same transaction, to ``dead`` with the status and body).
+2. **Delete only on delivery.** A row leaves ``events`` (or an event its pack, invariant 10)
+   only through ``ack`` (Segment accepted it) or ``dead_letter`` (moved, in the same
+   transaction, to ``dead`` with the status and body); an event leaves its pack also by
+   becoming a row of ``events``, in the transaction that shrinks the pack.
 3. **Leases die with their process.** A leased row carries ``lease_until > 0``. One process owns
    a queue file at a time (an exclusive ``flock`` on ``<path>.lock``), so at open, every lease
    left in the file belongs to a process that is gone: they are all cleared, and those rows are
@@ -73,6 +75,21 @@ Invariants, in the order things happen (see base.py for the contract):
    waiting on SQLite's busy timeout would. Opening and closing (a VACUUM, a checkpoint) run on
    the writer thread, as every job does with ``full``, whose commits fsync.
 
+10. **In memory mode a group commit is one pack.** With ``normal``, a commit in memory mode
+    is one row of ``packs`` holding all its events (a fixed head per event, then its key,
+    sentAt and body), not one row of ``events`` each: the per-row work of an INSERT and its
+    DELETE is most of what SQLite costs per event, and the forwarder reads the events from
+    the hand-over list anyway. A packed event's id is PACK_BASE + pack id * PACK_SPAN +
+    index, above any id of ``events``. A pack always holds exactly its events that are still
+    queued: when some leave (delivered, retried, dead) and others remain, it is rewritten
+    with those (one per batch boundary, in the same job as the ack); when none remain, it
+    is deleted. Leaving memory mode, the packed events in the hand-over list become rows of
+    ``events`` (with new ids, if their pack is still in the file: ``segproxy queue purge``
+    may have deleted it); those in flight stay packed until their outcome. A retry or a
+    dead letter moves the event to ``events`` or ``dead`` from memory. Opening the file
+    turns every pack left into rows first, so everything else (database mode, the CLI's
+    replay) only knows rows; ``stats`` and the counters read both tables.
+
 The SQLite calls of the proxy run serialised on one connection: on the loop (invariant 9) or
 the writer thread; only the checkpointer has its own.
 """
@@ -89,10 +106,11 @@ import os
 import queue
 import shutil
 import sqlite3
+import struct
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -131,6 +149,12 @@ DROP INDEX IF EXISTS events_not_before;
 DROP INDEX IF EXISTS events_retry;
 CREATE INDEX IF NOT EXISTS events_retry_by_key ON events(write_key, not_before)
     WHERE not_before > 0;
+CREATE TABLE IF NOT EXISTS packs (
+    id INTEGER PRIMARY KEY,
+    rows INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     write_key TEXT NOT NULL,
@@ -167,6 +191,123 @@ BUSY_GIVE_UP = 10.0  # and fails after this long (a thread would have waited the
 # Memory mode's hand-over list is bounded; past this the queue reads from the file instead.
 HANDOVER_MAX_ROWS = 20_000
 HANDOVER_MAX_BYTES = 12 * 1024 * 1024
+
+
+# Packs (invariant 10): a memory-mode group commit is one row of ``packs``. Its events get ids
+# PACK_BASE + pack id * PACK_SPAN + index, above any id SQLite gives ``events`` (max + 1).
+PACK_BASE = 1 << 60
+PACK_SPAN = 1 << 24  # events per pack at most (a bigger commit is written as rows)
+_PACK_HEAD = struct.Struct("<dIII?")  # received_at, len(key), len(body), len(sent_at), metrics
+_NO_SENT_AT = 0xFFFFFFFF
+
+
+def pack_of(row_id: int) -> int:
+    """The pack holding a packed event (``row_id >= PACK_BASE``)."""
+    return (row_id - PACK_BASE) // PACK_SPAN
+
+
+def pack_rows(rows: Iterable[NewRow]) -> bytes:
+    """Events as one pack body: per event a fixed head, the key, sentAt and the body."""
+    head = _PACK_HEAD.pack
+    parts: list[bytes] = []
+    for key, kind, received_at, body, sent_at in rows:
+        k = key.encode()
+        sent = b"" if sent_at is None else sent_at.encode()
+        size = _NO_SENT_AT if sent_at is None else len(sent)
+        parts += (head(received_at, len(k), len(body), size, kind == "metrics"), k, sent, body)
+    return b"".join(parts)
+
+
+def unpack_rows(blob: bytes) -> list[NewRow]:
+    """The events of a pack body, in order."""
+    rows: list[NewRow] = []
+    at = 0
+    head = _PACK_HEAD
+    while at < len(blob):
+        received_at, k, b, n, metrics = head.unpack_from(blob, at)
+        at += head.size
+        key = blob[at : at + k].decode()
+        at += k
+        sent_at: str | None = None
+        if n != _NO_SENT_AT:
+            sent_at = blob[at : at + n].decode()
+            at += n
+        rows.append(
+            NewRow(key, "metrics" if metrics else "event", received_at, blob[at : at + b], sent_at)
+        )
+        at += b
+    return rows
+
+
+def _as_new(row: Row) -> NewRow:
+    return NewRow(row.write_key, row.kind, row.received_at, row.body, row.sent_at)
+
+
+# What leaving rows do to their packs: packs now empty (deleted) and packs rewritten with
+# the events they still hold (id, rows, size, body).
+PackChanges = tuple[list[int], list[tuple[int, int, int, bytes]]]
+_NO_PACK_CHANGES: PackChanges = ([], [])
+
+
+def _apply_packs(db: sqlite3.Connection, changes: PackChanges) -> None:
+    """Inside a transaction: delete emptied packs, rewrite the others."""
+    deleted, rewritten = changes
+    if deleted:
+        db.executemany("DELETE FROM packs WHERE id = ?", [(i,) for i in deleted])
+    if rewritten:
+        db.executemany("UPDATE packs SET rows = ?2, size = ?3, body = ?4 WHERE id = ?1", rewritten)
+
+
+_INSERT_ROW = (
+    "INSERT INTO events (write_key, kind, received_at, not_before, attempts, size, body, sent_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _event_values(rows: Iterable[Row], not_before: float, more_attempts: int) -> list[Any]:
+    return [
+        (
+            r.write_key,
+            r.kind,
+            r.received_at,
+            not_before,
+            r.attempts + more_attempts,
+            len(r.body),
+            r.body,
+            r.sent_at,
+        )
+        for r in rows
+    ]
+
+
+def _dead_values(row: Row, died_at: float, status: int, reason: str) -> tuple[Any, ...]:
+    return (
+        row.write_key,
+        row.kind,
+        row.received_at,
+        died_at,
+        row.attempts + 1,
+        status,
+        reason,
+        row.body,
+        row.sent_at,
+    )
+
+
+def _explode(db: sqlite3.Connection) -> int:
+    """At open: the events of packs a previous process left become rows (inside a
+    transaction); returns how many."""
+    count = 0
+    for (body,) in db.execute("SELECT body FROM packs ORDER BY id").fetchall():
+        rows = unpack_rows(body)
+        db.executemany(
+            "INSERT INTO events (write_key, kind, received_at, body, sent_at, size)"
+            " VALUES (?1, ?2, ?3, ?4, ?5, length(?4))",
+            rows,
+        )
+        count += len(rows)
+    db.execute("DELETE FROM packs")
+    return count
 
 
 _Deliver = Callable[[Any, Any], None]
@@ -270,6 +411,8 @@ class SqliteQueue:
         self._handover_rows = 0
         self._handover_bytes = 0
         self._memory_leased: set[int] = set()
+        # Invariant 10: the events of each pack still queued (handed over or leased), by id.
+        self._packs: dict[int, dict[int, Row]] = {}
         self._data_version = 0  # PRAGMA data_version: changes when another process writes
         self._pending: list[tuple[list[NewRow], int, Callable[[BaseException | None], None]]] = []
         self._committing = False
@@ -347,6 +490,15 @@ class SqliteQueue:
         cleared = db.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0").rowcount
         if cleared:
             log.info("re-queued %d events leased by a previous process", cleared)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            unpacked = _explode(db)  # invariant 10: a new process reads rows, not packs
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            db.execute("ROLLBACK")
+            raise
+        if unpacked:
+            log.info("unpacked %d events a previous process committed in packs", unpacked)
         self._recount_sync()
         self._check_disk(force=True)
         self._data_version = self._data_version_sync()
@@ -414,7 +566,10 @@ class SqliteQueue:
         rows, size = self._db.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM events"
         ).fetchone()
-        self.rows, self.bytes = int(rows), int(size)
+        packed, packed_size = self._db.execute(
+            "SELECT coalesce(sum(rows), 0), coalesce(sum(size), 0) FROM packs"
+        ).fetchone()
+        self.rows, self.bytes = int(rows) + int(packed), int(size) + int(packed_size)
 
     async def recount(self) -> None:
         """Re-read the counters if the CLI may have replayed or purged rows meanwhile (in
@@ -435,21 +590,87 @@ class SqliteQueue:
         self._to_database_mode()
         return True
 
-    def _to_database_mode(self) -> None:
-        """Invariant 7: drop the hand-over list; rows leased from it are marked leased."""
+    def _to_database_mode(self, committed: list[Row] | None = None) -> None:
+        """Invariant 7: drop the hand-over list; rows leased from it are marked leased.
+        Invariant 10: packed events in the list (and ``committed``, a commit not handed
+        over) become rows, to be leased from the file; packed events in flight stay packed."""
         if not self._memory:
             return
         self._memory = False
+        moving = [r for line in self._handover.values() for r in line if r.id >= PACK_BASE]
+        if committed is not None:
+            moving += [r for r in committed if r.id >= PACK_BASE]
         self._handover.clear()
         self._handover_rows = self._handover_bytes = 0
-        if self._memory_leased:
-            ids = sorted(self._memory_leased)
-            self._memory_leased.clear()
+        if moving:
+            moving.sort(key=_row_id)
+            changes = self._leave_packs([r.id for r in moving])
+            self._submit_job(self._move_sync, (moving, changes), self._log_failure)
+        leased = sorted(i for i in self._memory_leased if i < PACK_BASE)
+        self._memory_leased.clear()
+        if leased:
             self._submit_job(
                 self._by_ids,
-                ("UPDATE events SET lease_until = ? WHERE id IN ({})", (1.0,), ids),
+                ("UPDATE events SET lease_until = ? WHERE id IN ({})", (1.0,), leased),
                 self._log_failure,
             )
+
+    def _leave_packs(self, ids: Iterable[int]) -> PackChanges:
+        """Packed events leave their packs (delivered, retried, dead or moved): the packs
+        that empties are deleted, the others rewritten with what they still hold."""
+        touched: set[int] = set()
+        for i in ids:
+            if i >= PACK_BASE:
+                pack = pack_of(i)
+                live = self._packs.get(pack)
+                if live is not None and live.pop(i, None) is not None:
+                    touched.add(pack)
+        if not touched:
+            return _NO_PACK_CHANGES
+        deleted: list[int] = []
+        rewritten: list[tuple[int, int, int, bytes]] = []
+        for pack in sorted(touched):
+            rest = self._packs[pack]
+            if not rest:
+                del self._packs[pack]
+                deleted.append(pack)
+            else:
+                rows = [_as_new(r) for r in rest.values()]
+                size = sum(len(r.body) for r in rows)
+                rewritten.append((pack, len(rows), size, pack_rows(rows)))
+        return deleted, rewritten
+
+    def _packed_rows(self, ids: list[int]) -> list[Row]:
+        """The queued packed events among ``ids`` (before they leave their packs)."""
+        out: list[Row] = []
+        for i in ids:
+            if i >= PACK_BASE:
+                row = self._packs.get(pack_of(i), {}).get(i)
+                if row is not None:
+                    out.append(row)
+        return out
+
+    def _move_sync(self, rows: list[Row], changes: PackChanges) -> None:
+        """Packed events become rows of ``events`` (those whose pack is still in the file:
+        ``segproxy queue purge`` may have deleted it meanwhile)."""
+        with self._no_fsync() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                there = {
+                    int(r[0])
+                    for chunk in _chunks(sorted({pack_of(r.id) for r in rows}))
+                    for r in db.execute(
+                        f"SELECT id FROM packs WHERE id IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    ).fetchall()
+                }
+                keep = [r for r in rows if pack_of(r.id) in there]
+                db.executemany(_INSERT_ROW, _event_values(keep, 0.0, 0))
+                _apply_packs(db, changes)
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                db.execute("ROLLBACK")
+                raise
 
     @staticmethod
     def _log_failure(_: object, error: BaseException | None) -> None:
@@ -639,11 +860,16 @@ class SqliteQueue:
         )
 
     def _commit_pending(self) -> None:
-        """Loop mode: commit what is pending now. Locked: it stays pending (and grows)."""
+        """Loop mode: commit what is pending now. Locked: it stays pending (and grows).
+        In memory mode the commit is one pack (invariant 10)."""
         batch = self._pending
         rows = [r for group, _, _ in batch for r in group]
         try:
-            last_id, error = self._commit_sync(rows), None
+            if self._memory and len(rows) < PACK_SPAN:
+                last_id = self._commit_pack(rows, sum(size for _, size, _ in batch))
+            else:
+                last_id = self._commit_sync(rows)
+            error = None
         except BaseException as exc:
             if _is_busy(exc):
                 raise  # _run_inline runs this job again, with what joined meanwhile
@@ -674,15 +900,36 @@ class SqliteQueue:
             db.execute("COMMIT")
             return last_id
         except sqlite3.Error as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
-                self._disk_ok = False
-                self._disk_checked = time.monotonic()
-                raise QueueFull(f"the disk holding the queue is full: {exc}") from exc
-            if _is_busy(exc):
-                raise _Locked(f"could not store events: {exc}") from exc
-            raise QueueError(f"could not store events: {exc}") from exc
+            raise self._not_stored(db, exc) from exc
+
+    def _commit_pack(self, rows: list[NewRow], size: int) -> int:
+        """Memory mode (invariant 10): commit the rows as one pack; returns the last id."""
+        db = self._db
+        if db is None:
+            raise QueueError("the queue is closed")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            pack = db.execute(
+                "INSERT INTO packs (rows, size, body) VALUES (?, ?, ?)",
+                (len(rows), size, pack_rows(rows)),
+            ).lastrowid
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._not_stored(db, exc) from exc
+        assert pack is not None
+        return PACK_BASE + pack * PACK_SPAN + len(rows) - 1
+
+    def _not_stored(self, db: sqlite3.Connection, exc: sqlite3.Error) -> QueueError:
+        """A commit failed: roll it back; the error to raise (full, locked, or other)."""
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
+            self._disk_ok = False
+            self._disk_checked = time.monotonic()
+            return QueueFull(f"the disk holding the queue is full: {exc}")
+        if _is_busy(exc):
+            return _Locked(f"could not store events: {exc}")
+        return QueueError(f"could not store events: {exc}")
 
     def _commit_done(
         self,
@@ -710,21 +957,26 @@ class SqliteQueue:
     def _hand_over(self, rows: list[NewRow], last_id: int) -> None:
         """Memory mode: the committed rows go to the forwarder without a read (invariant 7)."""
         size = sum(len(r.body) for r in rows)
+        row_id = last_id - len(rows)
+        handed: list[Row] = []
+        for r in rows:
+            row_id += 1
+            handed.append(Row(row_id, r.write_key, r.kind, r.received_at, 0, r.body, r.sent_at))
+        if last_id >= PACK_BASE:  # a pack (invariant 10): its events, until each leaves it
+            self._packs[pack_of(last_id)] = {r.id: r for r in handed}
         if (
             self._handover_rows + len(rows) > HANDOVER_MAX_ROWS
             or self._handover_bytes + size > HANDOVER_MAX_BYTES
         ):
             log.debug("queue backlog over the in-memory hand-over bound: leasing from the file")
-            self._to_database_mode()
+            self._to_database_mode(handed)
             return
         handover = self._handover
-        row_id = last_id - len(rows)
-        for r in rows:
-            row_id += 1
-            line = handover.get(r.write_key)
+        for row in handed:
+            line = handover.get(row.write_key)
             if line is None:
-                line = handover[r.write_key] = deque()
-            line.append(Row(row_id, r.write_key, r.kind, r.received_at, 0, r.body, r.sent_at))
+                line = handover[row.write_key] = deque()
+            line.append(row)
         self._handover_rows += len(rows)
         self._handover_bytes += size
 
@@ -843,12 +1095,16 @@ class SqliteQueue:
 
     async def ack(self, ids: list[int]) -> None:
         self._memory_leased.difference_update(ids)
-        await self._run(self._delete_sync, ids, then=lambda _: self._forget(ids))
+        changes = self._leave_packs(ids) if self._packs else _NO_PACK_CHANGES
+        rows = ids if changes is _NO_PACK_CHANGES else [i for i in ids if i < PACK_BASE]
+        await self._run(self._delete_sync, rows, changes, then=lambda _: self._forget(ids))
 
     async def retry_later(self, ids: list[int], not_before: float) -> None:
         # Taken out of the memory leases before the job is queued, so a switch to database
         # mode queued later cannot mark these rows leased again (invariant 7).
         self._memory_leased.difference_update(ids)
+        packed = self._packed_rows(ids)  # invariant 10: they become rows, to retry
+        changes = self._leave_packs(ids)
 
         def released(_: None) -> None:
             for i in ids:
@@ -856,20 +1112,63 @@ class SqliteQueue:
             self._to_database_mode()  # these rows are in the file only
 
         await self._run(
-            self._by_ids,
-            "UPDATE events SET lease_until = 0, not_before = ?, attempts = attempts + 1"
-            " WHERE id IN ({})",
-            (not_before,),
-            ids,
+            self._retry_sync,
+            [i for i in ids if i < PACK_BASE],
+            not_before,
+            packed,
+            changes,
             then=released,
         )
 
+    def _retry_sync(
+        self, ids: list[int], not_before: float, packed: list[Row], changes: PackChanges
+    ) -> None:
+        with self._no_fsync() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for chunk in _chunks(ids):
+                    db.execute(
+                        "UPDATE events SET lease_until = 0, not_before = ?,"
+                        " attempts = attempts + 1"
+                        f" WHERE id IN ({','.join('?' * len(chunk))})",
+                        [not_before, *chunk],
+                    )
+                db.executemany(_INSERT_ROW, _event_values(packed, not_before, 1))
+                _apply_packs(db, changes)
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                db.execute("ROLLBACK")
+                raise
+
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         self._memory_leased.difference_update(ids)
-        await self._run(self._dead_sync, ids, status, reason, now, then=lambda _: self._forget(ids))
+        packed = self._packed_rows(ids)  # invariant 10: moved to dead from memory
+        changes = self._leave_packs(ids)
+        await self._run(
+            self._dead_sync,
+            [i for i in ids if i < PACK_BASE],
+            status,
+            reason,
+            now,
+            packed,
+            changes,
+            then=lambda _: self._forget(ids),
+        )
 
-    def _delete_sync(self, ids: list[int]) -> None:
-        """Delete delivered rows: by id ranges when they run on (the usual batch), else by id."""
+    def _delete_sync(self, ids: list[int], changes: PackChanges = _NO_PACK_CHANGES) -> None:
+        """Delete delivered rows: by id ranges when they run on (the usual batch), else by id;
+        and the packs delivered events leave (invariant 10)."""
+        if changes is not _NO_PACK_CHANGES:
+            with self._no_fsync() as db:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    _apply_packs(db, changes)
+                    db.execute("COMMIT")
+                except sqlite3.Error:
+                    db.execute("ROLLBACK")
+                    raise
+        if not ids:
+            return
         ordered = sorted(ids)
         runs: list[tuple[int, int]] = []
         for i in ordered:
@@ -915,15 +1214,36 @@ class SqliteQueue:
                 db.execute("ROLLBACK")
                 raise
 
-    def _dead_sync(self, ids: list[int], status: int, reason: str, now: float) -> None:
+    def _dead_sync(
+        self,
+        ids: list[int],
+        status: int,
+        reason: str,
+        now: float,
+        packed: list[Row],
+        changes: PackChanges,
+    ) -> None:
         with self._no_fsync() as db:
-            self._dead_txn(db, ids, status, reason, now)
+            self._dead_txn(db, ids, status, reason, now, packed, changes)
 
     def _dead_txn(
-        self, db: sqlite3.Connection, ids: list[int], status: int, reason: str, now: float
+        self,
+        db: sqlite3.Connection,
+        ids: list[int],
+        status: int,
+        reason: str,
+        now: float,
+        packed: list[Row],
+        changes: PackChanges,
     ) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
+            db.executemany(
+                "INSERT INTO dead (write_key, kind, received_at, died_at, attempts, status,"
+                " reason, body, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_dead_values(r, now, status, reason) for r in packed],
+            )
+            _apply_packs(db, changes)
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
                 db.execute(
@@ -990,6 +1310,17 @@ def stats_of(db: sqlite3.Connection) -> QueueStats:
         out.rows += int(rows)
         out.bytes += int(size)
         out.oldest = float(oldest) if out.oldest is None else min(out.oldest, float(oldest))
+    for (body,) in db.execute("SELECT body FROM packs").fetchall():  # invariant 10
+        for row in unpack_rows(body):
+            key = out.per_key.setdefault(row.write_key, KeyStats())
+            key.rows += 1
+            key.bytes += len(row.body)
+            if key.oldest is None or row.received_at < key.oldest:
+                key.oldest = row.received_at
+            out.rows += 1
+            out.bytes += len(row.body)
+            if out.oldest is None or row.received_at < out.oldest:
+                out.oldest = row.received_at
     out.dead = int(db.execute("SELECT count(*) FROM dead").fetchone()[0])
     return out
 
