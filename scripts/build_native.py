@@ -86,10 +86,9 @@ def build(work: Path) -> None:
     )
     if done.returncode != 0:
         raise RuntimeError(f"mypyc build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    suffix = native.extension_path("x.py").name[1:]  # ".cpython-311-x86_64-linux-gnu.so"
-    shutil.copy2(work / f"{native.GROUP}__mypyc{suffix}", SRC)
+    shutil.copy2(work / f"{native.GROUP}__mypyc{native.SUFFIX}", SRC)
     for name in native.COMPILED:
-        built = work / "segproxy" / (name.removesuffix(".py") + suffix)
+        built = work / "segproxy" / (name.removesuffix(".py") + native.SUFFIX)
         shutil.copy2(built, native.extension_path(name))
 
 

@@ -29,6 +29,7 @@ from types import ModuleType
 PACKAGE = Path(__file__).resolve().parent
 MANIFEST = PACKAGE / "native.json"
 GROUP = "segproxy_native"  # the build's shared library: <GROUP>__mypyc.<tag>.so, beside segproxy/
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's: .cpython-311-...so
 
 # The request path (edge, routing, ingest, queue, forwarder, CDN) and what it calls per
 # request. Start-up, configuration and the CLI stay interpreted: nothing to gain there.
@@ -69,15 +70,13 @@ def source_digest() -> str:
 
 def extension_path(name: str) -> Path:
     """Where the compiled form of a module (``edge/server.py``) lives."""
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    return PACKAGE / (name.removesuffix(".py") + suffix)
+    return PACKAGE / (name.removesuffix(".py") + SUFFIX)
 
 
 def built() -> list[Path]:
     """The compiled files present: the modules' and the group's shared library."""
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     files = [extension_path(name) for name in COMPILED]
-    files.append(PACKAGE.parent / (GROUP + "__mypyc" + suffix))
+    files.append(PACKAGE.parent / (GROUP + "__mypyc" + SUFFIX))
     return [f for f in files if f.exists()]
 
 

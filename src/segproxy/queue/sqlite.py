@@ -249,6 +249,18 @@ PackChanges = tuple[list[int], list[tuple[int, int, int, bytes]]]
 _NO_PACK_CHANGES: PackChanges = ([], [])
 
 
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back if a statement fails."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except sqlite3.Error:
+        db.execute("ROLLBACK")
+        raise
+
+
 def _apply_packs(db: sqlite3.Connection, changes: PackChanges) -> None:
     """Inside a transaction: delete emptied packs, rewrite the others."""
     deleted, rewritten = changes
@@ -490,13 +502,8 @@ class SqliteQueue:
         cleared = db.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0").rowcount
         if cleared:
             log.info("re-queued %d events leased by a previous process", cleared)
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             unpacked = _explode(db)  # invariant 10: a new process reads rows, not packs
-            db.execute("COMMIT")
-        except sqlite3.Error:
-            db.execute("ROLLBACK")
-            raise
         if unpacked:
             log.info("unpacked %d events a previous process committed in packs", unpacked)
         self._recount_sync()
@@ -653,24 +660,17 @@ class SqliteQueue:
     def _move_sync(self, rows: list[Row], changes: PackChanges) -> None:
         """Packed events become rows of ``events`` (those whose pack is still in the file:
         ``segproxy queue purge`` may have deleted it meanwhile)."""
-        with self._no_fsync() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                there = {
-                    int(r[0])
-                    for chunk in _chunks(sorted({pack_of(r.id) for r in rows}))
-                    for r in db.execute(
-                        f"SELECT id FROM packs WHERE id IN ({','.join('?' * len(chunk))})",
-                        chunk,
-                    ).fetchall()
-                }
-                keep = [r for r in rows if pack_of(r.id) in there]
-                db.executemany(_INSERT_ROW, _event_values(keep, 0.0, 0))
-                _apply_packs(db, changes)
-                db.execute("COMMIT")
-            except sqlite3.Error:
-                db.execute("ROLLBACK")
-                raise
+        with self._no_fsync() as db, _transaction(db):
+            there = {
+                int(r[0])
+                for chunk in _chunks(sorted({pack_of(r.id) for r in rows}))
+                for r in db.execute(
+                    f"SELECT id FROM packs WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchall()
+            }
+            keep = [r for r in rows if pack_of(r.id) in there]
+            db.executemany(_INSERT_ROW, _event_values(keep, 0.0, 0))
+            _apply_packs(db, changes)
 
     @staticmethod
     def _log_failure(_: object, error: BaseException | None) -> None:
@@ -1123,22 +1123,15 @@ class SqliteQueue:
     def _retry_sync(
         self, ids: list[int], not_before: float, packed: list[Row], changes: PackChanges
     ) -> None:
-        with self._no_fsync() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for chunk in _chunks(ids):
-                    db.execute(
-                        "UPDATE events SET lease_until = 0, not_before = ?,"
-                        " attempts = attempts + 1"
-                        f" WHERE id IN ({','.join('?' * len(chunk))})",
-                        [not_before, *chunk],
-                    )
-                db.executemany(_INSERT_ROW, _event_values(packed, not_before, 1))
-                _apply_packs(db, changes)
-                db.execute("COMMIT")
-            except sqlite3.Error:
-                db.execute("ROLLBACK")
-                raise
+        with self._no_fsync() as db, _transaction(db):
+            for chunk in _chunks(ids):
+                db.execute(
+                    "UPDATE events SET lease_until = 0, not_before = ?, attempts = attempts + 1"
+                    f" WHERE id IN ({','.join('?' * len(chunk))})",
+                    [not_before, *chunk],
+                )
+            db.executemany(_INSERT_ROW, _event_values(packed, not_before, 1))
+            _apply_packs(db, changes)
 
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         self._memory_leased.difference_update(ids)
@@ -1159,14 +1152,8 @@ class SqliteQueue:
         """Delete delivered rows: by id ranges when they run on (the usual batch), else by id;
         and the packs delivered events leave (invariant 10)."""
         if changes is not _NO_PACK_CHANGES:
-            with self._no_fsync() as db:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    _apply_packs(db, changes)
-                    db.execute("COMMIT")
-                except sqlite3.Error:
-                    db.execute("ROLLBACK")
-                    raise
+            with self._no_fsync() as db, _transaction(db):
+                _apply_packs(db, changes)
         if not ids:
             return
         ordered = sorted(ids)
@@ -1223,21 +1210,8 @@ class SqliteQueue:
         packed: list[Row],
         changes: PackChanges,
     ) -> None:
-        with self._no_fsync() as db:
-            self._dead_txn(db, ids, status, reason, now, packed, changes)
-
-    def _dead_txn(
-        self,
-        db: sqlite3.Connection,
-        ids: list[int],
-        status: int,
-        reason: str,
-        now: float,
-        packed: list[Row],
-        changes: PackChanges,
-    ) -> None:
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        """Move rows (by id) and packed events (from memory) to ``dead``, in one transaction."""
+        with self._no_fsync() as db, _transaction(db):
             db.executemany(
                 "INSERT INTO dead (write_key, kind, received_at, died_at, attempts, status,"
                 " reason, body, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1253,10 +1227,6 @@ class SqliteQueue:
                     [now, status, reason, *chunk],
                 )
                 db.execute(f"DELETE FROM events WHERE id IN ({marks})", chunk)
-            db.execute("COMMIT")
-        except sqlite3.Error:
-            db.execute("ROLLBACK")
-            raise
 
     async def next_ready(self, exclude_keys: frozenset[str] = frozenset()) -> float | None:
         if self._memory:
