@@ -15,7 +15,7 @@ import pytest
 from segproxy import __version__, native
 from tests.integration.conftest import WRITE_KEY, Client, StartProxy, base_config
 from tests.support.fakes import FakeSegment
-from tests.support.load import basic, track
+from tests.support.load import basic, track, wait_for
 from tests.support.proxy import RunningProxy, operator_env
 
 SRC = Path(native.__file__).resolve().parent.parent
@@ -42,6 +42,11 @@ def probe(src: Path, **env: str) -> list[str]:
     return done.stdout.splitlines()
 
 
+def said(proxy: RunningProxy, line: str) -> None:
+    """The proxy logs ``line`` (right after it starts listening: poll for it)."""
+    wait_for(lambda: line in proxy.logs(), timeout=10, what=repr(line))
+
+
 @pytest.fixture
 def src_copy(tmp_path: Path) -> Path:
     """A copy of src/ with its build (a digest covers content, not paths: it still matches)."""
@@ -55,7 +60,7 @@ def test_the_suite_runs_the_compiled_build(proxy: RunningProxy) -> None:
     how, server, queue = probe(SRC)
     assert how == "compiled with mypyc"
     assert not server.endswith(".py") and not queue.endswith(".py")
-    assert "segproxy runs compiled with mypyc" in proxy.logs()
+    said(proxy, "INFO segproxy: segproxy runs compiled with mypyc")
 
 
 @pytest.mark.skipif(not PLAIN, reason="only in the plain Python run (SEGPROXY_NATIVE=0)")
@@ -63,7 +68,7 @@ def test_plain_python_runs_when_asked_for(proxy: RunningProxy) -> None:
     how, server, queue = probe(SRC)
     assert how == "plain Python: SEGPROXY_NATIVE=0"
     assert server.endswith(".py") and queue.endswith(".py")
-    assert "segproxy runs plain Python: SEGPROXY_NATIVE=0" in proxy.logs()
+    said(proxy, "INFO segproxy: segproxy runs plain Python: SEGPROXY_NATIVE=0")
 
 
 @needs_build
@@ -84,9 +89,9 @@ def test_a_proxy_on_an_edited_source_warns_that_it_runs_plain_python(
     routes = src_copy / "segproxy" / "routes.py"
     routes.write_text(routes.read_text() + "\n# edited after the build\n")
     proxy = start(base_config(fake), env={"PYTHONPATH": str(src_copy)})
-    assert (
-        "WARNING segproxy: segproxy runs plain Python: the source changed since it was compiled"
-        in proxy.logs()
+    said(
+        proxy,
+        "WARNING segproxy: segproxy runs plain Python: the source changed since it was compiled",
     )
     event = orjson.dumps(track("native-edited"))
     answer = Client(proxy).post("/v1/t", event, {"Authorization": basic(WRITE_KEY)})

@@ -1137,3 +1137,15 @@ def test_retried_and_dead_events_leave_their_commit_and_survive_a_restart(db_pat
             await q.close()
 
     asyncio.run(main())
+
+
+def test_deleted_events_are_cleared_only_where_that_costs_no_extra_write(db_path: Path) -> None:
+    # secure_delete = FAST (2) on every connection to a queue file: ON (Debian's default)
+    # rewrote each delivered pack's freed pages with zeros; OFF would leave deleted events in
+    # pages still in use (docs/threat-model.md, "Queue file in cleartext").
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_queue.connect(db_path)
+    try:
+        assert db.execute("PRAGMA secure_delete").fetchone()[0] == 2
+    finally:
+        db.close()

@@ -342,6 +342,10 @@ def connect(path: str | os.PathLike[str], synchronous: str = "NORMAL") -> sqlite
     db = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA busy_timeout = 10000")
     db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect only on a new file
+    # Deleted events are cleared from the pages that stay in use, but a freed page (a pack's
+    # overflow) is not rewritten with zeros: Debian builds SQLite with secure_delete on, which
+    # wrote every delivered pack a second time (measured: about +4-8% durable req/s).
+    db.execute("PRAGMA secure_delete = FAST")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute(f"PRAGMA synchronous = {synchronous}")
     db.executescript(SCHEMA)
