@@ -132,7 +132,6 @@ def describe() -> str:
 
 
 def compiled() -> bool:
-    """True if this process runs the compiled build (asked of a module it loaded)."""
-    import segproxy.app  # (loaded at the first question, not by select)
-
-    return not (segproxy.app.__file__ or "").endswith(".py")
+    """True if this process runs the compiled build (select() found it whole and exact; an
+    extension that then failed to load would have stopped the import)."""
+    return state == "compiled"

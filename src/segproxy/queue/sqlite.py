@@ -270,6 +270,10 @@ def _apply_packs(db: sqlite3.Connection, changes: PackChanges) -> None:
         db.executemany("UPDATE packs SET rows = ?2, size = ?3, body = ?4 WHERE id = ?1", rewritten)
 
 
+_INSERT_NEW = (  # NewRow's own fields, in order: no tuple built per row
+    "INSERT INTO events (write_key, kind, received_at, body, sent_at, size)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, length(?4))"
+)
 _INSERT_ROW = (
     "INSERT INTO events (write_key, kind, received_at, not_before, attempts, size, body, sent_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -312,11 +316,7 @@ def _explode(db: sqlite3.Connection) -> int:
     count = 0
     for (body,) in db.execute("SELECT body FROM packs ORDER BY id").fetchall():
         rows = unpack_rows(body)
-        db.executemany(
-            "INSERT INTO events (write_key, kind, received_at, body, sent_at, size)"
-            " VALUES (?1, ?2, ?3, ?4, ?5, length(?4))",
-            rows,
-        )
+        db.executemany(_INSERT_NEW, rows)
         count += len(rows)
     db.execute("DELETE FROM packs")
     return count
@@ -615,8 +615,8 @@ class SqliteQueue:
         self._handover_rows = self._handover_bytes = 0
         if moving:
             moving.sort(key=_row_id)
-            changes = self._leave_packs([r.id for r in moving])
-            self._submit_job(self._move_sync, (moving, changes), self._log_failure)
+            _, moved, changes = self._leave_packs([r.id for r in moving])
+            self._submit_job(self._move_sync, (moved, changes), self._log_failure)
         leased = sorted(i for i in self._memory_leased if i < PACK_BASE)
         self._memory_leased.clear()
         if leased:
@@ -626,18 +626,24 @@ class SqliteQueue:
                 self._log_failure,
             )
 
-    def _leave_packs(self, ids: Iterable[int]) -> PackChanges:
-        """Packed events leave their packs (delivered, retried, dead or moved): the packs
-        that empties are deleted, the others rewritten with what they still hold."""
+    def _leave_packs(self, ids: list[int]) -> tuple[list[int], list[Row], PackChanges]:
+        """``ids`` leave the queue (delivered, retried, dead or moved): the ids of rows of
+        ``events`` among them, the packed events among them, and what that does to their
+        packs (emptied ones deleted, the others rewritten with what they still hold)."""
+        if not self._packs:
+            return ids, [], _NO_PACK_CHANGES
+        rows: list[int] = []
+        packed: list[Row] = []
         touched: set[int] = set()
         for i in ids:
-            if i >= PACK_BASE:
-                pack = pack_of(i)
-                live = self._packs.get(pack)
-                if live is not None and live.pop(i, None) is not None:
-                    touched.add(pack)
-        if not touched:
-            return _NO_PACK_CHANGES
+            if i < PACK_BASE:
+                rows.append(i)
+                continue
+            pack = pack_of(i)
+            row = self._packs.get(pack, {}).pop(i, None)
+            if row is not None:
+                packed.append(row)
+                touched.add(pack)
         deleted: list[int] = []
         rewritten: list[tuple[int, int, int, bytes]] = []
         for pack in sorted(touched):
@@ -646,20 +652,10 @@ class SqliteQueue:
                 del self._packs[pack]
                 deleted.append(pack)
             else:
-                rows = [_as_new(r) for r in rest.values()]
-                size = sum(len(r.body) for r in rows)
-                rewritten.append((pack, len(rows), size, pack_rows(rows)))
-        return deleted, rewritten
-
-    def _packed_rows(self, ids: list[int]) -> list[Row]:
-        """The queued packed events among ``ids`` (before they leave their packs)."""
-        out: list[Row] = []
-        for i in ids:
-            if i >= PACK_BASE:
-                row = self._packs.get(pack_of(i), {}).get(i)
-                if row is not None:
-                    out.append(row)
-        return out
+                left = [_as_new(r) for r in rest.values()]
+                size = sum(len(r.body) for r in left)
+                rewritten.append((pack, len(left), size, pack_rows(left)))
+        return rows, packed, (deleted, rewritten) if touched else _NO_PACK_CHANGES
 
     def _move_sync(self, rows: list[Row], changes: PackChanges) -> None:
         """Packed events become rows of ``events`` (those whose pack is still in the file:
@@ -894,11 +890,7 @@ class SqliteQueue:
             raise QueueError("the queue is closed")
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(  # NewRow's own fields, in order: no tuple built per row
-                "INSERT INTO events (write_key, kind, received_at, body, sent_at, size)"
-                " VALUES (?1, ?2, ?3, ?4, ?5, length(?4))",
-                rows,
-            )
+            db.executemany(_INSERT_NEW, rows)
             # One writer holds the lock: each row got max(id) + 1, so the ids run on.
             last_id = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
             db.execute("COMMIT")
@@ -1099,16 +1091,14 @@ class SqliteQueue:
 
     async def ack(self, ids: list[int]) -> None:
         self._memory_leased.difference_update(ids)
-        changes = self._leave_packs(ids) if self._packs else _NO_PACK_CHANGES
-        rows = ids if changes is _NO_PACK_CHANGES else [i for i in ids if i < PACK_BASE]
+        rows, _, changes = self._leave_packs(ids)
         await self._run(self._delete_sync, rows, changes, then=lambda _: self._forget(ids))
 
     async def retry_later(self, ids: list[int], not_before: float) -> None:
         # Taken out of the memory leases before the job is queued, so a switch to database
         # mode queued later cannot mark these rows leased again (invariant 7).
         self._memory_leased.difference_update(ids)
-        packed = self._packed_rows(ids)  # invariant 10: they become rows, to retry
-        changes = self._leave_packs(ids)
+        rows, packed, changes = self._leave_packs(ids)  # packed ones become rows (inv. 10)
 
         def released(_: None) -> None:
             for i in ids:
@@ -1117,7 +1107,7 @@ class SqliteQueue:
 
         await self._run(
             self._retry_sync,
-            [i for i in ids if i < PACK_BASE],
+            rows,
             not_before,
             packed,
             changes,
@@ -1139,11 +1129,10 @@ class SqliteQueue:
 
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         self._memory_leased.difference_update(ids)
-        packed = self._packed_rows(ids)  # invariant 10: moved to dead from memory
-        changes = self._leave_packs(ids)
+        rows, packed, changes = self._leave_packs(ids)  # packed ones: moved from memory
         await self._run(
             self._dead_sync,
-            [i for i in ids if i < PACK_BASE],
+            rows,
             status,
             reason,
             now,
@@ -1153,13 +1142,8 @@ class SqliteQueue:
         )
 
     def _delete_sync(self, ids: list[int], changes: PackChanges = _NO_PACK_CHANGES) -> None:
-        """Delete delivered rows: by id ranges when they run on (the usual batch), else by id;
-        and the packs delivered events leave (invariant 10)."""
-        if changes is not _NO_PACK_CHANGES:
-            with self._no_fsync() as db, _transaction(db):
-                _apply_packs(db, changes)
-        if not ids:
-            return
+        """Delete delivered rows, by id ranges when they run on (the usual batch), else by id,
+        and shrink the packs delivered events leave (invariant 10): one transaction."""
         ordered = sorted(ids)
         runs: list[tuple[int, int]] = []
         for i in ordered:
@@ -1167,17 +1151,13 @@ class SqliteQueue:
                 runs[-1] = (runs[-1][0], i)
             else:
                 runs.append((i, i))
-        if len(runs) > 16:
-            self._by_ids("DELETE FROM events WHERE id IN ({})", (), ordered)
-            return
-        with self._no_fsync() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+        with self._no_fsync() as db, _transaction(db):
+            _apply_packs(db, changes)
+            if len(runs) <= 16:
                 db.executemany("DELETE FROM events WHERE id BETWEEN ? AND ?", runs)
-                db.execute("COMMIT")
-            except sqlite3.Error:
-                db.execute("ROLLBACK")
-                raise
+                return
+            for chunk in _chunks(ordered):
+                db.execute(f"DELETE FROM events WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
     @contextlib.contextmanager
     def _no_fsync(self) -> Iterator[sqlite3.Connection]:
@@ -1195,15 +1175,9 @@ class SqliteQueue:
 
     def _by_ids(self, template: str, leading: tuple[Any, ...], ids: list[int]) -> None:
         """One bookkeeping transaction running ``template`` over ``ids`` in chunks."""
-        with self._no_fsync() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for chunk in _chunks(ids):
-                    db.execute(template.format(",".join("?" * len(chunk))), [*leading, *chunk])
-                db.execute("COMMIT")
-            except sqlite3.Error:
-                db.execute("ROLLBACK")
-                raise
+        with self._no_fsync() as db, _transaction(db):
+            for chunk in _chunks(ids):
+                db.execute(template.format(",".join("?" * len(chunk))), [*leading, *chunk])
 
     def _dead_sync(
         self,
@@ -1286,15 +1260,11 @@ def stats_of(db: sqlite3.Connection) -> QueueStats:
         out.oldest = float(oldest) if out.oldest is None else min(out.oldest, float(oldest))
     for (body,) in db.execute("SELECT body FROM packs").fetchall():  # invariant 10
         for row in unpack_rows(body):
-            key = out.per_key.setdefault(row.write_key, KeyStats())
-            key.rows += 1
-            key.bytes += len(row.body)
-            if key.oldest is None or row.received_at < key.oldest:
-                key.oldest = row.received_at
-            out.rows += 1
-            out.bytes += len(row.body)
-            if out.oldest is None or row.received_at < out.oldest:
-                out.oldest = row.received_at
+            for counts in (out.per_key.setdefault(row.write_key, KeyStats()), out):
+                counts.rows += 1
+                counts.bytes += len(row.body)
+                if counts.oldest is None or row.received_at < counts.oldest:
+                    counts.oldest = row.received_at
     out.dead = int(db.execute("SELECT count(*) FROM dead").fetchone()[0])
     return out
 
