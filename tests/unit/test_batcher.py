@@ -18,6 +18,7 @@ from segproxy.forward.batcher import (
     Batch,
     build_batches,
     prepare_events,
+    sent_at_field,
     shift_sent_at,
     shifted,
     with_sent_at,
@@ -259,6 +260,40 @@ def test_with_sent_at_escapes_the_value() -> None:
 )
 def test_shifted(sent: str, waited: float, expected: str) -> None:
     assert shifted(sent, waited) == expected
+
+
+@given(
+    st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1)),
+    st.floats(min_value=-1.0, max_value=86_400 * 3),
+)
+@settings(max_examples=300)
+def test_the_restored_sent_at_field_holds_the_shifted_value(when: datetime, waited: float) -> None:
+    # The forwarder writes the field from cached halves once a second has been seen: the
+    # first and every later event of that second get what shifted() gives.
+    sent = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    for _ in range(3):
+        field = sent_at_field(sent, waited)
+        assert field.startswith(b',"sentAt":"') and field.endswith(b'"}')
+        assert json.loads(b"{" + field[1:]) == {"sentAt": shifted(sent, waited)}
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "2026-01-01T00:00:00.\u00b2\u00b2\u00b2Z",  # digits str.isdigit() takes, int() refuses
+        "2026-01-01T00:00:01.\u0663\u0663\u0663Z",  # Arabic-Indic digits
+        'x"},"evil":"',
+        "2026-01-01T00:00:00.12Z ",
+    ],
+)
+def test_an_odd_sent_at_is_sent_as_it_came_and_never_stops_a_batch(sent: str) -> None:
+    for received_at in (NOW, NOW - 2):  # twice: once from a second already seen
+        odd = split_row("k", {"messageId": "odd"}, sent, received_at=received_at)
+        fine = split_row("k", {"messageId": "fine"}, "2026-01-01T00:00:00.000Z")
+        (batch,) = build_batches([odd, fine], NOW)
+        events = decoded(batch)
+        assert events[0] == {"messageId": "odd", "sentAt": sent}
+        assert events[1] == {"messageId": "fine", "sentAt": "2026-01-01T00:00:00.000Z"}
 
 
 def test_row_sent_at_is_put_back_shifted_by_the_wait() -> None:

@@ -81,13 +81,18 @@ def format_epoch(t: float) -> str:
     return f"{prefix}.{ms:03d}Z"
 
 
+def _is_ms(digits: str) -> bool:
+    """Three ASCII digits (``str.isdigit`` alone also takes "²", which ``int`` refuses)."""
+    return digits.isascii() and digits.isdigit()
+
+
 _EPOCHS: dict[str, float] = {}  # "YYYY-MM-DDTHH:MM:SS" (UTC) -> unix seconds, bounded
 
 
 def _epoch(value: str) -> float | None:
     """Unix time of an ISO 8601 timestamp; analytics.js's own form without datetime."""
     # "2026-11-25T19:11:13.967Z": what analytics.js and most SDKs send; one per event here.
-    if len(value) == 24 and value[19] == "." and value[23] == "Z" and value[20:23].isdigit():
+    if len(value) == 24 and value[19] == "." and value[23] == "Z" and _is_ms(value[20:23]):
         second = _EPOCHS.get(value[:19])
         if second is None:
             parsed = parse_time(value[:19])
@@ -111,7 +116,7 @@ def shifted(sent_at: str, waited: float) -> str:
     # (The same milliseconds as below: the wait to the microsecond, truncated.)
     if len(sent_at) == 24 and sent_at[19] == "." and sent_at[23] == "Z":
         digits = sent_at[20:23]
-        if digits.isdigit() and sent_at[:19] in _EPOCHS:
+        if _is_ms(digits) and sent_at[:19] in _EPOCHS:
             ms = int(digits) + round(waited * 1_000_000) // 1000
             if ms < 1000:
                 return f"{sent_at[:20]}{ms:03d}Z"
@@ -130,8 +135,39 @@ def shift_sent_at(event: dict[str, Any], waited: float) -> None:
 
 def with_sent_at(body: bytes, sent_at: str) -> bytes:
     """Put ``sentAt`` back into an event serialised without it (a JSON object)."""
-    field = b'"sentAt":' + orjson.dumps(sent_at) + b"}"
-    return body[:-1] + (field if body == b"{}" else b"," + field)
+    return _closed_with(body, b',"sentAt":' + orjson.dumps(sent_at) + b"}")
+
+
+def _closed_with(body: bytes, field: bytes) -> bytes:
+    """``body`` (a JSON object) with ``field`` (``,"name":value}``) as its last member."""
+    return body[:-1] + field if len(body) > 2 else b"{" + field[1:]
+
+
+# The end of an event sent with its sentAt moved forward, in two cached halves (the forwarder
+# writes one per event): b',"sentAt":"YYYY-MM-DDTHH:MM:SS.' per second seen (bounded), and
+# b'mmmZ"}' per millisecond.
+_FIELD_HEADS: dict[str, bytes] = {}
+_FIELD_TAILS = [b'%03dZ"}' % ms for ms in range(1000)]
+
+
+def sent_at_field(sent_at: str, waited: float) -> bytes:
+    """``,"sentAt":"..."}``: the last member of an event kept without its sentAt, that
+    sentAt moved forward by ``waited`` seconds (the same value as :func:`shifted`)."""
+    if len(sent_at) == 24 and sent_at[19] == "." and sent_at[23] == "Z":
+        head = _FIELD_HEADS.get(sent_at[:20])
+        digits = sent_at[20:23]
+        if head is not None and _is_ms(digits):
+            # Moved within its second, as most are under load: only the milliseconds change.
+            ms = int(digits) + (round(waited * 1_000_000) // 1000 if waited > 0 else 0)
+            if ms < 1000:
+                return head + _FIELD_TAILS[ms]
+    value = shifted(sent_at, waited)
+    if len(value) == 24 and value[19] == "." and value[23] == "Z" and value[:19] in _EPOCHS:
+        # analytics.js's form, its second known to parse: cache the head for the next ones.
+        if len(_FIELD_HEADS) >= 4096:
+            _FIELD_HEADS.clear()
+        _FIELD_HEADS[value[:20]] = b',"sentAt":' + orjson.dumps(value[:20])[:-1]
+    return b',"sentAt":' + orjson.dumps(value) + b"}"
 
 
 @dataclass(slots=True)
@@ -165,7 +201,7 @@ def build_batches(
     for row in rows:  # (per event, so written for speed: one unpacking, no helper calls)
         _, key, _, received_at, _, part, sent_at = row
         if sent_at is not None:
-            part = with_sent_at(part, shifted(sent_at, now - received_at))
+            part = _closed_with(part, sent_at_field(sent_at, now - received_at))
         elif now - received_at > 0.001 and b'"sentAt"' in part:  # stored with sentAt inside
             event = orjson.loads(part)
             shift_sent_at(event, now - received_at)
