@@ -20,7 +20,16 @@ import pytest
 
 from segproxy.queue import admin
 from segproxy.queue import sqlite as sqlite_queue
-from segproxy.queue.base import DeadRow, NewRow, Queue, QueueError, QueueFull
+from segproxy.queue.base import (
+    DeadRow,
+    NewRow,
+    Queue,
+    QueueError,
+    QueueFull,
+    Row,
+    new_row,
+    queued_row,
+)
 from segproxy.queue.memory import MemoryQueue
 from segproxy.queue.sqlite import SqliteQueue
 from segproxy.redact import mask
@@ -100,6 +109,18 @@ def bodies(rows: Any) -> list[bytes]:
 
 # ---------------------------------------------------------------------------------------------
 # The contract, both backends
+
+
+def test_rows_made_on_the_hot_path_are_the_named_tuples() -> None:
+    # new_row / queued_row skip the NamedTuple's interpreted constructor, nothing else.
+    made = new_row("k", "event", 1.5, b"{}", "2026-01-01T00:00:00.000Z")
+    assert type(made) is NewRow
+    assert made == NewRow("k", "event", 1.5, b"{}", "2026-01-01T00:00:00.000Z")
+    assert (made.write_key, made.sent_at) == ("k", "2026-01-01T00:00:00.000Z")
+    assert new_row("", "metrics", 2.0, b"{}") == NewRow("", "metrics", 2.0, b"{}")
+    row = queued_row(7, "k", "event", 1.5, 0, b"{}", None)
+    assert type(row) is Row
+    assert row == Row(7, "k", "event", 1.5, 0, b"{}") and row.id == 7 and row.sent_at is None
 
 
 def test_put_then_lease_returns_rows_oldest_first(make: Factory) -> None:

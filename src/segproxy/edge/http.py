@@ -18,15 +18,29 @@ Headers = list[tuple[bytes, bytes]]
 SECURITY_HEADERS: Headers = [(b"x-content-type-options", b"nosniff")]
 
 
-@dataclass(slots=True)
 class Request:
-    method: str
-    target: str
-    headers: dict[bytes, bytes]
-    body: bytes
-    peer: str
-    scheme: str  # "http" or "https": how the client reached us
-    keep_alive: bool = True
+    """One request as the edge read it (a plain class, not a dataclass: compiled, its
+    constructor is native; a dataclass's generated ``__init__`` runs interpreted)."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "peer", "scheme", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: dict[bytes, bytes],
+        body: bytes,
+        peer: str,
+        scheme: str,  # "http" or "https": how the client reached us
+        keep_alive: bool = True,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.peer = peer
+        self.scheme = scheme
+        self.keep_alive = keep_alive
 
     def header(self, name: bytes) -> bytes | None:
         return self.headers.get(name)

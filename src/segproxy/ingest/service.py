@@ -34,7 +34,7 @@ from segproxy.ingest.parse import (
     parse,
     parse_single,
 )
-from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
+from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull, new_row
 from segproxy.ratelimit import rate_limited, table
 from segproxy.routes import API_ENDPOINTS, Route
 from segproxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
@@ -108,8 +108,8 @@ def event_row(write_key: str, event: dict[str, Any], now: float) -> NewRow:
     sent_at = event.get("sentAt")
     if isinstance(sent_at, str):
         del event["sentAt"]
-        return NewRow(write_key, "event", now, encode(event), sent_at)
-    return NewRow(write_key, "event", now, encode(event))
+        return new_row(write_key, "event", now, encode(event), sent_at)
+    return new_row(write_key, "event", now, encode(event))
 
 
 def upstream_headers(authorization: bytes | None, write_key: str | None) -> Headers:

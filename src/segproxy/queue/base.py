@@ -54,6 +54,31 @@ class Row(NamedTuple):
     sent_at: str | None = None
 
 
+# A NamedTuple's own constructor is interpreted Python (its generated ``__new__``), also when
+# the caller is compiled; the hot path makes its rows with tuple.__new__ instead, in C.
+_tuple_new = tuple.__new__
+
+
+def new_row(
+    write_key: str, kind: RowKind, received_at: float, body: bytes, sent_at: str | None = None
+) -> NewRow:
+    """``NewRow(...)``, made without running Python code (once per event accepted)."""
+    return _tuple_new(NewRow, (write_key, kind, received_at, body, sent_at))
+
+
+def queued_row(
+    id: int,
+    write_key: str,
+    kind: RowKind,
+    received_at: float,
+    attempts: int,
+    body: bytes,
+    sent_at: str | None,
+) -> Row:
+    """``Row(...)``, made without running Python code (once per event handed over)."""
+    return _tuple_new(Row, (id, write_key, kind, received_at, attempts, body, sent_at))
+
+
 @dataclass(frozen=True, slots=True)
 class DeadRow:
     id: int

@@ -110,8 +110,9 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import TracebackType
 from typing import Any, NamedTuple, TypeVar, cast
 
 from segproxy.queue.base import (
@@ -123,6 +124,7 @@ from segproxy.queue.base import (
     QueueStats,
     Row,
     RowKind,
+    queued_row,
 )
 
 log = logging.getLogger("segproxy.queue")
@@ -249,16 +251,63 @@ PackChanges = tuple[list[int], list[tuple[int, int, int, bytes]]]
 _NO_PACK_CHANGES: PackChanges = ([], [])
 
 
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back if a statement fails."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except sqlite3.Error:
-        db.execute("ROLLBACK")
-        raise
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT; rolled back if the block or the COMMIT fails.
+
+    A class, not a ``contextlib.contextmanager``: compiled, entering and leaving it are two
+    native calls, where a generator-based one runs contextlib's interpreted frames on each
+    delivery's transaction.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(
+        self,
+        typ: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        db = self.db
+        if typ is None:
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        elif db.in_transaction:
+            db.execute("ROLLBACK")
+
+
+class _NoFsync:
+    """``with queue._no_fsync() as db``: the connection, with ``synchronous = OFF`` inside
+    the block unless it is NORMAL already (a WAL commit is not fsynced then anyway)."""
+
+    __slots__ = ("db", "synchronous")
+
+    def __init__(self, db: sqlite3.Connection, synchronous: str) -> None:
+        self.db = db
+        self.synchronous = synchronous
+
+    def __enter__(self) -> sqlite3.Connection:
+        if self.synchronous != "NORMAL":
+            self.db.execute("PRAGMA synchronous = OFF")
+        return self.db
+
+    def __exit__(
+        self,
+        typ: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.synchronous != "NORMAL":
+            self.db.execute(f"PRAGMA synchronous = {self.synchronous}")
 
 
 def _apply_packs(db: sqlite3.Connection, changes: PackChanges) -> None:
@@ -506,7 +555,7 @@ class SqliteQueue:
         cleared = db.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0").rowcount
         if cleared:
             log.info("re-queued %d events leased by a previous process", cleared)
-        with _transaction(db):
+        with _Transaction(db):
             unpacked = _explode(db)  # invariant 10: a new process reads rows, not packs
         if unpacked:
             log.info("unpacked %d events a previous process committed in packs", unpacked)
@@ -660,7 +709,7 @@ class SqliteQueue:
     def _move_sync(self, rows: list[Row], changes: PackChanges) -> None:
         """Packed events become rows of ``events`` (those whose pack is still in the file:
         ``segproxy queue purge`` may have deleted it meanwhile)."""
-        with self._no_fsync() as db, _transaction(db):
+        with self._no_fsync() as db, _Transaction(db):
             there = {
                 int(r[0])
                 for chunk in _chunks(sorted({pack_of(r.id) for r in rows}))
@@ -955,9 +1004,9 @@ class SqliteQueue:
         size = sum(len(r.body) for r in rows)
         row_id = last_id - len(rows)
         handed: list[Row] = []
-        for r in rows:
+        for key, kind, received_at, body, sent_at in rows:
             row_id += 1
-            handed.append(Row(row_id, r.write_key, r.kind, r.received_at, 0, r.body, r.sent_at))
+            handed.append(queued_row(row_id, key, kind, received_at, 0, body, sent_at))
         if last_id >= PACK_BASE:  # a pack (invariant 10): its events, until each leaves it
             self._packs[pack_of(last_id)] = {r.id: r for r in handed}
         if (
@@ -1117,7 +1166,7 @@ class SqliteQueue:
     def _retry_sync(
         self, ids: list[int], not_before: float, packed: list[Row], changes: PackChanges
     ) -> None:
-        with self._no_fsync() as db, _transaction(db):
+        with self._no_fsync() as db, _Transaction(db):
             for chunk in _chunks(ids):
                 db.execute(
                     "UPDATE events SET lease_until = 0, not_before = ?, attempts = attempts + 1"
@@ -1151,7 +1200,7 @@ class SqliteQueue:
                 runs[-1] = (runs[-1][0], i)
             else:
                 runs.append((i, i))
-        with self._no_fsync() as db, _transaction(db):
+        with self._no_fsync() as db, _Transaction(db):
             _apply_packs(db, changes)
             if len(runs) <= 16:
                 db.executemany("DELETE FROM events WHERE id BETWEEN ? AND ?", runs)
@@ -1159,23 +1208,15 @@ class SqliteQueue:
             for chunk in _chunks(ordered):
                 db.execute(f"DELETE FROM events WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
-    @contextlib.contextmanager
-    def _no_fsync(self) -> Iterator[sqlite3.Connection]:
+    def _no_fsync(self) -> _NoFsync:
         """A bookkeeping transaction: atomic, but not fsynced (invariant 5)."""
         db = self._db
         assert db is not None
-        if self.synchronous == "NORMAL":  # a WAL commit is not fsynced anyway
-            yield db
-            return
-        db.execute("PRAGMA synchronous = OFF")
-        try:
-            yield db
-        finally:
-            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        return _NoFsync(db, self.synchronous)
 
     def _by_ids(self, template: str, leading: tuple[Any, ...], ids: list[int]) -> None:
         """One bookkeeping transaction running ``template`` over ``ids`` in chunks."""
-        with self._no_fsync() as db, _transaction(db):
+        with self._no_fsync() as db, _Transaction(db):
             for chunk in _chunks(ids):
                 db.execute(template.format(",".join("?" * len(chunk))), [*leading, *chunk])
 
@@ -1189,7 +1230,7 @@ class SqliteQueue:
         changes: PackChanges,
     ) -> None:
         """Move rows (by id) and packed events (from memory) to ``dead``, in one transaction."""
-        with self._no_fsync() as db, _transaction(db):
+        with self._no_fsync() as db, _Transaction(db):
             db.executemany(
                 "INSERT INTO dead (write_key, kind, received_at, died_at, attempts, status,"
                 " reason, body, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
