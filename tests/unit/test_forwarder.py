@@ -303,6 +303,35 @@ def test_400_is_dead_lettered_with_status_and_body(fake: FakeSegment, tmp_path: 
     assert fake.api_events() == []
 
 
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_row_that_cannot_be_prepared_is_a_dead_letter_and_the_others_go(
+    fake: FakeSegment, tmp_path: Path, backend: str
+) -> None:
+    # Not valid JSON, with a sentAt inside to move: building its batch raises. (Ingest never
+    # stores one; a damaged queue file could hold one.) It must not hold back the others.
+    damaged = NewRow(KEY_A, "event", time.time() - 5, b'{"sentAt":"2026-01-01T00:00:00Z",', None)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0), damaged, queued(KEY_A, 1), queued(KEY_B, 2)])
+        fwd.start()
+        await until(lambda: len(accepted(fake)) == 3, "the three other events")
+        await until(empty(q), "an empty queue")
+        assert fwd.counters.events_dead == 1
+        assert (await q.stats()).dead == 1
+        if isinstance(q, SqliteQueue):
+            (dead,) = await q.dead_rows()
+        else:
+            assert isinstance(q, MemoryQueue)
+            (dead,) = q.dead
+        assert dead.status == 0
+        assert dead.reason.startswith("segproxy could not prepare the event for sending: ")
+        assert dead.body == damaged.body
+
+    queue = memory() if backend == "memory" else sqlite_at(tmp_path / "q.db")
+    forward(fake, scenario, queue=queue)
+    assert sorted(ids_of(accepted(fake))) == [f"{KEY_A}-0", f"{KEY_A}-1", f"{KEY_B}-2"]
+
+
 @pytest.mark.parametrize("status", [401, 403, 404, 413, 422, 501])
 def test_final_statuses_are_dead_lettered_at_once(fake: FakeSegment, status: int) -> None:
     fake.api_status(status)

@@ -154,15 +154,7 @@ class Forwarder:
             return
         events = [r for r in rows if r.kind == "event"]
         metrics = [r for r in rows if r.kind == "metrics"]
-        # Building batches is CPU work (sentAt shifting per event, ~1 us each). A round under
-        # load (up to INLINE_BUILD_ROWS) is built on the loop: a thread would cost more in
-        # hand-offs than it saves. A backlog's big rounds are built off it, so the loop keeps
-        # answering clients meanwhile (it gets the GIL back every few ms).
-        if len(events) <= INLINE_BUILD_ROWS:
-            batches = build_batches(events, time.time())
-        else:
-            loop = asyncio.get_running_loop()
-            batches = await loop.run_in_executor(None, build_batches, events, time.time())
+        batches = await self._build(events)
         for batch in batches:
             send = functools.partial(self._send_batch, batch)
             self._enqueue(batch.write_key, len(batch.rows), send)
@@ -174,6 +166,42 @@ class Forwarder:
             # each commit). Under load, rounds follow each other and each takes what arrived
             # during the one before.
             await self._collect()
+
+    async def _build(self, events: list[Row]) -> list[Batch]:
+        """The round's batches. A row that cannot be prepared for sending (not expected: a
+        damaged queue file, say) becomes a dead letter naming why, with status 0, instead of
+        failing the round, which would strand every row leased with it until a restart."""
+        now = time.time()
+        try:
+            # Building batches is CPU work (~1 us per event). A round under load (up to
+            # INLINE_BUILD_ROWS) is built on the loop: a thread would cost more in hand-offs
+            # than it saves. A backlog's big rounds are built off it, so the loop keeps
+            # answering clients meanwhile (it gets the GIL back every few ms).
+            if len(events) <= INLINE_BUILD_ROWS:
+                return build_batches(events, now)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, build_batches, events, now)
+        except Exception:
+            log.exception(
+                "could not prepare a round of %d events; looking for the ones at fault", len(events)
+            )
+        good: list[Row] = []
+        bad: dict[str, list[int]] = {}
+        for row in events:
+            try:
+                build_batches([row], now)
+            except Exception as exc:
+                reason = (
+                    f"segproxy could not prepare the event for sending: {type(exc).__name__}: {exc}"
+                )
+                bad.setdefault(reason[:1000], []).append(row.id)
+            else:
+                good.append(row)
+        for reason, ids in bad.items():
+            log.error("%d events kept as dead letters: %s", len(ids), reason)
+            await self.queue.dead_letter(ids, 0, reason, time.time())
+            self.counters.events_dead += len(ids)
+        return build_batches(good, now)
 
     def _enqueue(self, key: str, rows: int, send: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self.waiting_rows += rows
