@@ -8,6 +8,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from tests.integration.conftest import Client, StartProxy, base_config
 from tests.support.fakes import FakeSegment
 from tests.support.proxy import RunningProxy
@@ -101,6 +103,31 @@ def test_expect_100_continue_with_a_too_large_body_is_refused_before_it_is_sent(
         assert resp.status == 413
         assert resp.json()["code"] == "body_too_large"
         assert conn.closed_by_peer()
+
+
+@pytest.mark.parametrize(
+    ("declared", "refused"),
+    [
+        (str(512 * 1024 + 1), True),  # as many digits as the limit, one byte over
+        ("0" * 30 + str(512 * 1024 + 1), True),  # leading zeros do not hide it
+        ("0" * 30 + "5", False),  # many digits, a small value
+    ],
+)
+def test_a_declared_body_length_is_held_to_the_limit_by_value(
+    proxy: RunningProxy, declared: str, refused: bool
+) -> None:
+    head = (
+        f"POST /v1/batch HTTP/1.1\r\nHost: {proxy.authority}\r\nExpect: 100-continue\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    ).encode()
+    with Conn(proxy.host, proxy.port) as conn:
+        conn.send(head)
+        resp = conn.read_response()
+        if refused:
+            assert resp.status == 413
+            assert resp.json()["code"] == "body_too_large"
+        else:
+            assert resp.status == 100  # go on: within the limit
 
 
 def test_too_many_or_too_large_headers_get_431(fake: FakeSegment, start: StartProxy) -> None:

@@ -166,6 +166,7 @@ class HttpProtocol(asyncio.Protocol):
         self.head_fed = 0  # bytes of later reads fed while the headers were incomplete
         self.max_header_bytes = server.limits.max_header_bytes
         self.max_header_count = server.limits.max_header_count
+        self.max_body_digits = len(str(server.limits.max_body_bytes))
         self.body: list[bytes] = []
         self.body_size = 0
         self.expect_body = False
@@ -433,8 +434,9 @@ class HttpProtocol(asyncio.Protocol):
         self.headers = headers
         clen = headers.get(b"content-length")
         if clen is not None:
-            # llhttp has refused it with Transfer-Encoding, repeated, or not all digits.
-            if int(clen) > limits.max_body_bytes:
+            # llhttp has refused it with Transfer-Encoding, repeated, or not all digits; with
+            # fewer digits than the limit has, it is within it (no int() per request).
+            if len(clen) >= self.max_body_digits and int(clen) > limits.max_body_bytes:
                 raise _Reject(
                     error_response(
                         413,
