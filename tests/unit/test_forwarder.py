@@ -181,6 +181,28 @@ def test_events_go_as_one_batch_per_key_with_basic_auth(
     )
 
 
+def test_a_batch_of_hundreds_of_kilobytes_arrives_whole(fake: FakeSegment) -> None:
+    # Big bodies go out as head + body in one writev, each event a view of its stored JSON.
+    pad = "x" * 2000
+    rows = [
+        NewRow(KEY_A, "event", time.time(), orjson.dumps(event(KEY_A, i, pad=pad)), SENT_AT)
+        for i in range(150)
+    ]
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put(rows)
+        fwd.start()
+        await until(empty(q), "the queue to drain")
+
+    forward(fake, scenario)
+    (req,) = batch_requests(fake)
+    assert len(req.body) > 300_000
+    assert int(req.headers["content-length"]) == len(req.body)
+    sent = req.json["batch"]
+    assert [e["messageId"] for e in sent] == [f"{KEY_A}-{i}" for i in range(150)]
+    assert all(e["pad"] == pad and e["sentAt"] >= SENT_AT for e in sent)
+
+
 def test_sent_at_is_moved_forward_by_the_time_spent_queued(fake: FakeSegment) -> None:
     async def scenario(q: Queue, fwd: Forwarder) -> None:
         now = time.time()
