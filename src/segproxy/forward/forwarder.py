@@ -71,6 +71,7 @@ class Forwarder:
         self.waiting: dict[str, deque[tuple[int, Callable[[], Coroutine[Any, Any, None]]]]] = {}
         self.waiting_rows = 0
         self.wake = asyncio.Event()
+        self.woken = False
         # Collecting a round: rows committed since, and the count that ends the wait early.
         self.arrived = 0
         self.want = 0
@@ -83,12 +84,19 @@ class Forwarder:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     def notify(self, rows: int = 1) -> None:
-        """``rows`` new rows were committed: wake the loop."""
-        self.wake.set()
+        """``rows`` new rows were committed: wake the loop (called once per request)."""
+        if not self.woken:
+            self._wake()
         if self.want:
             self.arrived += rows
             if self.arrived >= self.want:
                 self.enough.set()
+
+    def _wake(self) -> None:
+        # ``woken`` mirrors ``wake`` (an asyncio.Event, whose methods run interpreted) so
+        # that a busy notify() costs one attribute read; only _round clears both.
+        self.woken = True
+        self.wake.set()
 
     async def _collect(self) -> None:
         """Wait up to max_delay for a round's worth of rows to arrive (batching)."""
@@ -134,6 +142,7 @@ class Forwarder:
     async def _round(self) -> None:
         now = time.time()
         self.wake.clear()
+        self.woken = False
         excluded = self._excluded(now)
         if self.waiting_rows >= MAX_WAITING_ROWS:
             rows: list[Row] = []  # enough leased already: wait for a send to finish
@@ -238,7 +247,7 @@ class Forwarder:
             if self.inflight[key] <= 0:
                 del self.inflight[key]
             self._dispatch()
-            self.wake.set()
+            self._wake()
 
         task.add_done_callback(done)
 
@@ -308,7 +317,7 @@ class Forwarder:
 
     async def stop(self, grace: float) -> None:
         self.stopping = True
-        self.wake.set()
+        self._wake()
         self.waiting.clear()  # leased but not started: the leases die with this process
         self.waiting_rows = 0
         if self._loop_task is not None:
