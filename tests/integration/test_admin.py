@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from segproxy.config import ConfigError, build
@@ -16,9 +14,7 @@ TOKEN = "s3cret-operator-token-0123"
 
 
 def admin_port(proxy: RunningProxy) -> int:
-    m = re.search(r"segproxy admin listening on http://127\.0\.0\.1:(\d+)", proxy.logs())
-    assert m, proxy.logs()
-    return int(m.group(1))
+    return int(proxy.logged(r"segproxy admin listening on http://127\.0\.0\.1:(\d+)").group(1))
 
 
 def test_readiness_needs_the_token_when_one_is_set(fake: FakeSegment, start: StartProxy) -> None:

@@ -4,6 +4,7 @@ on disk ever runs; otherwise segproxy runs as plain Python, with the reason in i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from segproxy import __version__, native
 from tests.integration.conftest import WRITE_KEY, Client, StartProxy, base_config
 from tests.support.fakes import FakeSegment
-from tests.support.load import basic, track, wait_for
+from tests.support.load import basic, track
 from tests.support.proxy import RunningProxy, operator_env
 
 SRC = Path(native.__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def probe(src: Path, **env: str) -> list[str]:
 
 def said(proxy: RunningProxy, line: str) -> None:
     """The proxy logs ``line`` (right after it starts listening: poll for it)."""
-    wait_for(lambda: line in proxy.logs(), timeout=10, what=repr(line))
+    proxy.logged(re.escape(line))
 
 
 @pytest.fixture

@@ -72,6 +72,18 @@ class RunningProxy:
         with self._log_lock:
             return "".join(self._log)
 
+    def logged(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """The first match of ``pattern`` in the log, polled for: a line the proxy has
+        written may not have been read from its pipe yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.logs())
+            if m is not None:
+                return m
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"no {pattern!r} in the log after {timeout}s:\n{self.logs()}")
+            time.sleep(0.02)
+
     def _append_log(self, line: str) -> None:
         with self._log_lock:
             self._log.append(line)
