@@ -75,13 +75,18 @@ def test_chunked_request_bodies_are_reassembled(proxy: RunningProxy, fake: FakeS
     assert fake.api_requests[0].json["event"] == "e"
 
 
+def expect_continue_head(proxy: RunningProxy, path: str, content_length: str) -> bytes:
+    """A POST's head that asks for 100 Continue before its body."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {proxy.authority}\r\nExpect: 100-continue\r\n"
+        f"Content-Length: {content_length}\r\n\r\n"
+    ).encode()
+
+
 def test_expect_100_continue_gets_an_interim_response(
     proxy: RunningProxy, fake: FakeSegment
 ) -> None:
-    head = (
-        f"POST /v1/t HTTP/1.1\r\nHost: {proxy.authority}\r\nExpect: 100-continue\r\n"
-        f"Content-Length: {len(EVENT)}\r\n\r\n"
-    ).encode()
+    head = expect_continue_head(proxy, "/v1/t", str(len(EVENT)))
     with Conn(proxy.host, proxy.port) as conn:
         conn.send(head)
         assert conn.read_response().status == 100
@@ -93,10 +98,7 @@ def test_expect_100_continue_gets_an_interim_response(
 def test_expect_100_continue_with_a_too_large_body_is_refused_before_it_is_sent(
     proxy: RunningProxy,
 ) -> None:
-    head = (
-        f"POST /v1/batch HTTP/1.1\r\nHost: {proxy.authority}\r\nExpect: 100-continue\r\n"
-        "Content-Length: 99999999\r\n\r\n"
-    ).encode()
+    head = expect_continue_head(proxy, "/v1/batch", "99999999")
     with Conn(proxy.host, proxy.port) as conn:
         conn.send(head)
         resp = conn.read_response()
@@ -116,10 +118,7 @@ def test_expect_100_continue_with_a_too_large_body_is_refused_before_it_is_sent(
 def test_a_declared_body_length_is_held_to_the_limit_by_value(
     proxy: RunningProxy, declared: str, refused: bool
 ) -> None:
-    head = (
-        f"POST /v1/batch HTTP/1.1\r\nHost: {proxy.authority}\r\nExpect: 100-continue\r\n"
-        f"Content-Length: {declared}\r\n\r\n"
-    ).encode()
+    head = expect_continue_head(proxy, "/v1/batch", declared)
     with Conn(proxy.host, proxy.port) as conn:
         conn.send(head)
         resp = conn.read_response()

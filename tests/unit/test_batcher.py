@@ -21,7 +21,6 @@ from segproxy.forward.batcher import (
     sent_at_field,
     shift_sent_at,
     shifted,
-    with_sent_at,
 )
 from segproxy.queue.base import Row
 
@@ -239,14 +238,16 @@ def split_row(
         (b'{"a":{"b":[]}}', b'{"a":{"b":[]},"sentAt":"2026-01-01T00:00:00Z"}'),
     ],
 )
-def test_with_sent_at_appends_the_field(body: bytes, expected: bytes) -> None:
-    assert with_sent_at(body, "2026-01-01T00:00:00Z") == expected
-    assert json.loads(with_sent_at(body, "2026-01-01T00:00:00Z")) == json.loads(expected)
+def test_the_restored_sent_at_closes_the_stored_event(body: bytes, expected: bytes) -> None:
+    stored = Row(next(_ids), "k", "event", NOW, 0, body, "2026-01-01T00:00:00Z")
+    (batch,) = build_batches([stored], NOW)  # no wait: sentAt as it came
+    assert batch.body() == b'{"batch":[' + expected + b"]}"
 
 
-def test_with_sent_at_escapes_the_value() -> None:
-    out = with_sent_at(b'{"a":1}', 'x"},"evil":"')
-    assert json.loads(out) == {"a": 1, "sentAt": 'x"},"evil":"'}
+def test_the_restored_sent_at_is_escaped() -> None:
+    stored = Row(next(_ids), "k", "event", NOW - 5, 0, b'{"a":1}', 'x"},"evil":"')
+    (batch,) = build_batches([stored], NOW)
+    assert decoded(batch) == [{"a": 1, "sentAt": 'x"},"evil":"'}]
 
 
 @pytest.mark.parametrize(
@@ -320,7 +321,7 @@ def test_row_sent_at_is_put_back_shifted_by_the_wait() -> None:
 def test_batch_size_counts_the_restored_sent_at() -> None:
     sent = "2026-01-01T00:00:00.000Z"
     rows = [split_row("k", {"messageId": f"m{i}"}, sent) for i in range(10)]
-    one = len(with_sent_at(rows[0].body, sent))
+    one = len(build_batches(rows[:1], NOW)[0].body()) - ENVELOPE  # one restored event
     limit = ENVELOPE + 3 * one + 2 + 1  # room for exactly three restored events
     batches = build_batches(rows, NOW, max_bytes=limit)
     assert [len(b.rows) for b in batches] == [3, 3, 3, 1]

@@ -133,11 +133,6 @@ def shift_sent_at(event: dict[str, Any], waited: float) -> None:
         event["sentAt"] = shifted(value, waited)
 
 
-def with_sent_at(body: bytes, sent_at: str) -> bytes:
-    """Put ``sentAt`` back into an event serialised without it (a JSON object)."""
-    return _closed_with(body, b',"sentAt":' + orjson.dumps(sent_at) + b"}")
-
-
 def _closed_with(body: bytes, field: bytes) -> bytes:
     """``body`` (a JSON object) with ``field`` (``,"name":value}``) as its last member."""
     return body[:-1] + field if len(body) > 2 else b"{" + field[1:]
