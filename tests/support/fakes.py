@@ -50,6 +50,9 @@ _SINGLE_EVENT_PATHS = frozenset(
     + ["/v1/" + p for p in ("track", "identify", "page", "screen", "group", "alias")]
 )
 _BATCH_PATHS = frozenset(["/v1/b", "/v1/batch", "/v1/import"])
+# Segment's limits on what it accepts (an event as sent, a whole request body).
+MAX_EVENT_BYTES = 32 * 1024
+MAX_REQUEST_BYTES = 500 * 1024
 
 _SCRIPT_PATH = re.compile(
     r"^/analytics\.js/v1/([^/]+)/(analytics\.min\.js|analytics\.classic\.js)$"
@@ -549,6 +552,10 @@ class FakeSegment:
         self.settings: dict[str, dict[str, Any]] = {k: default_settings(k) for k in keys}
         # the JSON body the fake API answers accepted requests with
         self.api_response_body: Any = {"success": True}
+        # Events the fake API refuses, like Segment refusing an invalid event: a request that
+        # holds one is answered ``refuse_status`` whole (see ``api_refuse``).
+        self.refuse: Callable[[dict[str, Any]], bool] | None = None
+        self.refuse_status = 400
         self._standalone: bytes | None = None
         self.cdn = FakeServer("cdn", self._cdn_handler)
         self.api = FakeServer("api", self._api_handler)
@@ -654,6 +661,16 @@ class FakeSegment:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.cdn.set_mode(_status_mode(code, retry_after, body, times, headers))
+
+    def api_refuse(
+        self, predicate: Callable[[dict[str, Any]], bool] | None, status: int = 400
+    ) -> None:
+        """Refuse (``status``, a JSON body naming the first bad event's messageId) every event
+        request holding an event for which ``predicate`` is true, as Segment refuses a whole
+        batch for one invalid event. ``None`` stops refusing. Segment's 32 KB per-event and
+        500 KB per-request limits are always enforced (400), whatever the predicate."""
+        self.refuse = predicate
+        self.refuse_status = status
 
     def api_hang(self, times: int | None = None) -> None:
         self.api.set_mode(Mode(kind="hang", times=times))
@@ -848,10 +865,37 @@ class FakeSegment:
             return _json_response(405, {"success": False, "message": "Method Not Allowed"})
         if req.body and req.json is None:
             response = _json_response(400, {"success": False, "message": "Invalid JSON"})
+        elif refused := self._refused(req):
+            response = refused
         else:
             response = _json_response(200, self.api_response_body)
         response.headers.extend(cors)
         return response
+
+    def _refused(self, req: RecordedRequest) -> Response | None:
+        """Segment's own refusals of what a request holds (None: accepted)."""
+        if len(req.decoded) > MAX_REQUEST_BYTES:
+            return _json_response(
+                400, {"success": False, "message": f"request over {MAX_REQUEST_BYTES} bytes"}
+            )
+        if not isinstance(req.json, dict):
+            return None
+        if req.path in _BATCH_PATHS:
+            batch = req.json.get("batch")
+            items = [e for e in batch if isinstance(e, dict)] if isinstance(batch, list) else []
+        elif req.path in _SINGLE_EVENT_PATHS:
+            items = [req.json]
+        else:
+            return None
+        for event in items:
+            size = len(json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode())
+            if size > MAX_EVENT_BYTES:
+                message = f"event {event.get('messageId')} is {size} bytes, over {MAX_EVENT_BYTES}"
+                return _json_response(400, {"success": False, "message": message})
+            if self.refuse is not None and self.refuse(event):
+                message = f"event {event.get('messageId')} is invalid"
+                return _json_response(self.refuse_status, {"success": False, "message": message})
+        return None
 
 
 def _status_mode(

@@ -209,6 +209,26 @@ def test_api_records_and_flattens_events(fake: FakeSegment) -> None:
     assert len(fake.api_requests) == 4
 
 
+def test_api_refuses_a_whole_batch_for_one_bad_or_oversize_event(fake: FakeSegment) -> None:
+    good = {"type": "track", "messageId": "good", "event": "A"}
+    bad = {"type": "track", "messageId": "bad", "event": "refuse me"}
+    huge = {"type": "track", "messageId": "huge", "properties": {"x": "y" * 33_000}}
+    fake.api_refuse(lambda e: e.get("event") == "refuse me", status=422)
+
+    status, body = post(fake.api_url, "/v1/batch", json.dumps({"batch": [good, bad]}).encode())
+    assert status == 422
+    assert "bad" in json.loads(body)["message"]
+    status, body = post(fake.api_url, "/v1/batch", json.dumps({"batch": [good, huge]}).encode())
+    assert status == 400
+    assert "huge" in json.loads(body)["message"]
+    assert post(fake.api_url, "/v1/t", json.dumps(bad).encode())[0] == 422
+    assert post(fake.api_url, "/v1/batch", json.dumps({"batch": [good]}).encode())[0] == 200
+
+    fake.api_refuse(None)
+    assert post(fake.api_url, "/v1/t", json.dumps(bad).encode())[0] == 200
+    assert [e.message_id for e in fake.api_events()] == ["good", "bad"]
+
+
 def test_chunked_request_body(fake: FakeSegment) -> None:
     payload = json.dumps({"type": "track", "messageId": "chunked"}).encode()
     with socket.create_connection(("127.0.0.1", fake.api.port), timeout=5) as s:

@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
-RowKind = Literal["event", "metrics"]
+# "replay": an event put back from the dead letters by ``segproxy queue replay``; the forwarder
+# sends it in a batch of its own, so Segment's answer is about it alone.
+RowKind = Literal["event", "metrics", "replay"]
 
 
 class QueueError(Exception):
@@ -123,8 +125,9 @@ class Queue(Protocol):
     async def ack(self, ids: list[int]) -> None:
         """Delete delivered rows."""
 
-    async def retry_later(self, ids: list[int], not_before: float) -> None:
-        """Release leased rows, not to be leased again before ``not_before``."""
+    async def retry_later(self, ids: list[int], not_before: float, fault: str = "") -> None:
+        """Release leased rows, not to be leased again before ``not_before``. ``fault`` says
+        why the delivery failed (e.g. "HTTP 301 redirect"), for ``segproxy queue stats``."""
 
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         """Move rows Segment refused for good to the dead-letter store."""

@@ -67,7 +67,7 @@ class MemoryQueue:
     async def ack(self, ids: list[int]) -> None:
         self._remove(ids)
 
-    async def retry_later(self, ids: list[int], not_before: float) -> None:
+    async def retry_later(self, ids: list[int], not_before: float, fault: str = "") -> None:
         for i in ids:
             s = self.slots.get(i)
             if s is not None:

@@ -1143,7 +1143,7 @@ class SqliteQueue:
         rows, _, changes = self._leave_packs(ids)
         await self._run(self._delete_sync, rows, changes, then=lambda _: self._forget(ids))
 
-    async def retry_later(self, ids: list[int], not_before: float) -> None:
+    async def retry_later(self, ids: list[int], not_before: float, fault: str = "") -> None:
         # Taken out of the memory leases before the job is queued, so a switch to database
         # mode queued later cannot mark these rows leased again (invariant 7).
         self._memory_leased.difference_update(ids)
