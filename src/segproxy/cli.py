@@ -64,10 +64,15 @@ def _queue_stats(args: argparse.Namespace) -> int:
     print(
         f"queued events: {s.rows} ({s.bytes} bytes), oldest {admin.age(data['oldest_age_seconds'])}"
     )
-    print(f"dead letters:  {s.dead}")
+    print(f"dead letters:  {s.dead} ({s.dead_bytes} bytes)")
+    if s.dead_evicted:
+        print(f"dead letters evicted (oldest first, over queue.max_dead_bytes): {s.dead_evicted}")
     for key, v in data["per_key"].items():
         oldest = admin.age(v["oldest_age_seconds"])
         print(f"  {key:12} {v['rows']:>9} events {v['bytes']:>12} bytes  oldest {oldest}")
+        if v["last_fault"]:
+            ago = admin.age(v["last_fault_age_seconds"])
+            print(f"  {'':12} last fault {ago} ago: {v['last_fault']}")
     return 0
 
 
@@ -83,7 +88,7 @@ def _queue_dead(args: argparse.Namespace) -> int:
                 "status": r.status,
                 "reason": r.reason,
                 "died_at": r.died_at,
-                "event": json.loads(r.body),
+                "event": admin.masked_event(r.body),
             }
             for r in rows
         ]
@@ -92,7 +97,7 @@ def _queue_dead(args: argparse.Namespace) -> int:
     if not rows:
         print("no dead letters")
     for r in rows:
-        event = json.loads(r.body)
+        event = admin.masked_event(r.body)
         when = datetime.fromtimestamp(r.died_at, UTC).isoformat(timespec="seconds")
         print(
             f"#{r.id} {when} key {mask(r.write_key)} status {r.status} "

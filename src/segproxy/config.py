@@ -87,9 +87,12 @@ class SourcesConfig:
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
     backend: QueueBackend = "sqlite"
-    path: str = "./segproxy-data/queue.db"
+    # A relative path is under ``data_dir`` (resolved by ``build``: Config.queue.path is the
+    # path to open, wherever the process runs, the CLI included).
+    path: str = "queue.db"
     max_rows: int = 5_000_000
-    max_bytes: int = 2 * 1024**3
+    max_bytes: int = 2 * 1024**3  # every byte stored: key, body, sentAt, per-row overhead
+    max_dead_bytes: int = 64 * 1024**2  # dead letters, apart; the oldest go past it
     min_free_disk_bytes: int = 64 * 1024**2
     synchronous: Literal["full", "normal"] = "normal"
 
@@ -451,7 +454,10 @@ def build(flat: Mapping[str, object]) -> Config:
     sync = _choice("queue.synchronous", get("queue.synchronous", "normal"), ("full", "normal"))
     queue = QueueConfig(
         backend=backend,
-        path=_str("queue.path", get("queue.path", QueueConfig().path)),
+        path=queue_path(
+            _str("data_dir", get("data_dir", Config().data_dir)),
+            _str("queue.path", get("queue.path", QueueConfig().path)),
+        ),
         synchronous=cast(Literal["full", "normal"], sync),
         **_numbers(
             "queue",
@@ -514,6 +520,12 @@ def build(flat: Mapping[str, object]) -> Config:
         cache=cache,
         **top,
     )
+
+
+def queue_path(data_dir: str, path: str) -> str:
+    """``queue.path``, relative to ``data_dir`` unless absolute (``~`` is the home directory)."""
+    p = os.path.expanduser(path)
+    return p if os.path.isabs(p) else os.path.join(os.path.expanduser(data_dir), p)
 
 
 def _numbers(

@@ -8,12 +8,12 @@ import os
 import signal
 import ssl
 import sys
-from pathlib import Path
 
 from segproxy import native
 from segproxy.app import App
 from segproxy.config import Config
 from segproxy.edge.server import EdgeServer
+from segproxy.queue.files import private_dir
 
 log = logging.getLogger("segproxy")
 
@@ -83,7 +83,7 @@ async def serve(config: Config) -> None:
 
 def run(config: Config) -> None:
     setup_logging(config.log_level)
-    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    private_dir(config.data_dir)  # 0700 when segproxy makes it: it holds events
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep a plain fallback

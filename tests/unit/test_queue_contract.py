@@ -29,6 +29,7 @@ from segproxy.queue.base import (
     Row,
     new_row,
     queued_row,
+    stored_size,
 )
 from segproxy.queue.memory import MemoryQueue
 from segproxy.queue.sqlite import SqliteQueue
@@ -105,6 +106,11 @@ async def dead_rows(q: Queue) -> list[DeadRow]:
 
 def bodies(rows: Any) -> list[bytes]:
     return [r.body for r in rows]
+
+
+def cost(*rows: NewRow | Row) -> int:
+    """What rows count against the caps: every byte stored (base.stored_size)."""
+    return sum(stored_size(r.write_key, r.body, r.sent_at) for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +202,7 @@ def test_ack_deletes(make: Factory) -> None:
         rows = await q.lease(T0, 10)
         await q.ack([rows[0].id])
         s = await q.stats()
-        assert (s.rows, s.bytes, s.dead) == (1, len(rows[1].body), 0)
+        assert (s.rows, s.bytes, s.dead) == (1, cost(rows[1]), 0)
         await q.ack([rows[1].id])
         s = await q.stats()
         assert (s.rows, s.bytes, s.oldest, s.per_key) == (0, 0, None, {})
@@ -252,14 +258,14 @@ def test_stats_per_key(make: Factory) -> None:
         await q.put(rows)
         s = await q.stats()
         assert s.rows == 4
-        assert s.bytes == sum(len(r.body) for r in rows)
+        assert s.bytes == cost(*rows)
         assert s.oldest == T0 + 1
         assert s.dead == 0
         assert set(s.per_key) == {"wk_a", "wk_b", ""}
         a = s.per_key["wk_a"]
-        assert (a.rows, a.bytes, a.oldest) == (2, len(rows[0].body) + len(rows[2].body), T0 + 2)
+        assert (a.rows, a.bytes, a.oldest) == (2, cost(rows[0], rows[2]), T0 + 2)
         b = s.per_key["wk_b"]
-        assert (b.rows, b.bytes, b.oldest) == (1, len(rows[1].body), T0 + 1)
+        assert (b.rows, b.bytes, b.oldest) == (1, cost(rows[1]), T0 + 1)
         # leased rows are still queued rows
         await q.lease(T0, 10)
         assert (await q.stats()).rows == 4
@@ -284,7 +290,7 @@ def test_row_cap_raises_queue_full_and_stores_nothing(make: Factory) -> None:
 
 
 def test_byte_cap_raises_queue_full_and_stores_nothing(make: Factory) -> None:
-    size = len(new("wk_a", 0, size=40).body)
+    size = cost(new("wk_a", 0, size=40))
 
     async def scenario(q: Queue) -> None:
         await q.put([new("wk_a", 0, size=40)])
@@ -356,7 +362,7 @@ def test_rows_survive_close_and_reopen(db_path: Path) -> None:
         q = await open_sqlite(db_path)
         try:
             s = await q.stats()
-            assert (s.rows, s.bytes) == (2, len(new("wk_a", 1).body) * 2)
+            assert (s.rows, s.bytes) == (2, cost(new("wk_a", 1)) * 2)
             assert bodies(await q.lease(T0, 10)) == [new("wk_a", 1).body, new("wk_a", 2).body]
         finally:
             await q.close()
@@ -1098,7 +1104,7 @@ def test_a_partly_delivered_commit_keeps_exactly_what_is_still_queued(db_path: P
         await q.ack([r.id for r in sent])
         stats = admin.stats(str(db_path))  # another connection sees the file as it is
         assert (stats.rows, sorted(stats.per_key)) == (2, ["wk_a", "wk_b"])
-        assert stats.per_key["wk_a"].bytes == len(new("wk_a", 2, size=50).body)
+        assert stats.per_key["wk_a"].bytes == cost(new("wk_a", 2, size=50))
         in_flight = await q.lease(T0, 10)  # the process stops while sending these
         left = [new("wk_a", 2, size=50).body, new("wk_b", 9).body]
         assert sorted(r.body for r in in_flight) == left
@@ -1170,3 +1176,75 @@ def test_deleted_events_are_cleared_only_where_that_costs_no_extra_write(db_path
         assert db.execute("PRAGMA secure_delete").fetchone()[0] == 2
     finally:
         db.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Write, then remember: a failed write leaves memory as it was (issue 11, item 5). The faults
+# are real SQLite errors: a trigger in the queue file makes the next write of one kind to one
+# table fail (RAISE(ABORT)), for whichever connection writes it (the proxy's or the CLI's).
+
+
+def fail_writes(db: sqlite3.Connection, op: str, table: str) -> None:
+    """From now on, every ``op`` (INSERT, UPDATE or DELETE) on ``table`` fails."""
+    db.execute(
+        f"CREATE TRIGGER IF NOT EXISTS fault_{op}_{table} BEFORE {op} ON {table}"
+        " BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+    )
+
+
+def heal(db: sqlite3.Connection) -> None:
+    for (name,) in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'fault_%'"
+    ).fetchall():
+        db.execute(f"DROP TRIGGER {name}")
+
+
+async def inject(q: SqliteQueue, op: str, table: str) -> None:
+    """The fault, set on the queue's own connection, in job order (not seen as another
+    process writing the file)."""
+    db = q._db
+    assert db is not None
+    await q._run(fail_writes, db, op, table)
+
+
+async def healed(q: SqliteQueue) -> None:
+    db = q._db
+    assert db is not None
+    await q._run(heal, db)
+
+
+async def queued_after_restart(path: Path) -> list[bytes]:
+    """Every event the file holds for sending, after a restart (a new process)."""
+    q = await open_sqlite(path)
+    try:
+        out: list[bytes] = []
+        clock = T0 + 1e9  # every retry is due
+        while batch := await q.lease(clock, 1000):
+            out += bodies(batch)
+            await q.ack([r.id for r in batch])
+        return sorted(out)
+    finally:
+        await q.close()
+
+
+def test_a_failed_retry_write_never_loses_the_events_of_its_commit(db_path: Path) -> None:
+    # The reproduction: one commit (one pack in memory mode) of 4 events; releasing 3 of them
+    # for a retry fails to write; the 4th is then delivered. Rewriting the commit from a
+    # memory copy already changed by the failed retry dropped the 3 for good.
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        try:
+            await q.put([new("wk_a", i) for i in range(4)])
+            rows = await q.lease(T0, 10)
+            await inject(q, "INSERT", "events")
+            await inject(q, "UPDATE", "events")
+            await inject(q, "UPDATE", "packs")
+            with pytest.raises(sqlite3.Error, match="injected"):
+                await q.retry_later([r.id for r in rows[:3]], T0 + 5, "HTTP 503")
+            await healed(q)
+            await q.ack([rows[3].id])
+        finally:
+            await q.close()
+        assert await queued_after_restart(db_path) == sorted(bodies(rows[:3]))
+
+    asyncio.run(main())

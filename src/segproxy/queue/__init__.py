@@ -14,7 +14,9 @@ async def open_queue(config: Config) -> Queue | None:
     if q.backend == "memory":
         from segproxy.queue.memory import MemoryQueue
 
-        return MemoryQueue(max_rows=q.max_rows, max_bytes=q.max_bytes)
+        return MemoryQueue(
+            max_rows=q.max_rows, max_bytes=q.max_bytes, max_dead_bytes=q.max_dead_bytes
+        )
     from segproxy.queue.sqlite import SqliteQueue
 
     return await SqliteQueue(
@@ -22,6 +24,7 @@ async def open_queue(config: Config) -> Queue | None:
         max_rows=q.max_rows,
         max_bytes=q.max_bytes,
         min_free_disk_bytes=q.min_free_disk_bytes,
+        max_dead_bytes=q.max_dead_bytes,
         synchronous=q.synchronous.upper(),
         lease_seconds=max(120.0, config.upstream.timeout * 4),
     ).open()

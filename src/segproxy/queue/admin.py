@@ -7,13 +7,14 @@ re-reads its counters every few seconds, so caps stay true after a purge or repl
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from segproxy.queue.base import DeadRow, QueueStats
+from segproxy.queue.base import ROW_OVERHEAD, DeadRow, QueueStats
 from segproxy.queue.sqlite import CHUNK, connect, dead_of, stats_of
 from segproxy.redact import mask
 
@@ -42,11 +43,17 @@ def stats_json(s: QueueStats, now: float) -> dict[str, Any]:
         "bytes": s.bytes,
         "oldest_age_seconds": None if s.oldest is None else round(now - s.oldest, 3),
         "dead": s.dead,
+        "dead_bytes": s.dead_bytes,
+        "dead_evicted": s.dead_evicted,
         "per_key": {
             mask(k): {
                 "rows": v.rows,
                 "bytes": v.bytes,
                 "oldest_age_seconds": None if v.oldest is None else round(now - v.oldest, 3),
+                "last_fault": v.last_fault or None,
+                "last_fault_age_seconds": (
+                    None if v.last_fault_at is None else round(now - v.last_fault_at, 3)
+                ),
             }
             for k, v in sorted(s.per_key.items())
         },
@@ -61,10 +68,23 @@ def dead(path: str, limit: int) -> list[DeadRow]:
         db.close()
 
 
+def masked_event(body: bytes) -> Any:
+    """A dead letter's event for the operator's screen: a ``writeKey`` in it (a client may
+    send the key in the body) is masked like every other write key shown."""
+    event = json.loads(body)
+    if isinstance(event, dict) and isinstance(event.get("writeKey"), str):
+        event["writeKey"] = mask(event["writeKey"])
+    return event
+
+
 def replay(
     path: str, ids: list[int] | None = None, progress: Callable[[int, int], None] | None = None
 ) -> int:
-    """Move dead letters (all, or ``ids``) back into the queue; returns how many moved."""
+    """Move dead letters (all, or ``ids``) back into the queue; returns how many moved.
+
+    They come back as rows of kind "replay" (metrics stay "metrics"): the forwarder sends
+    each alone, so Segment's answer is about that event only; one that dies again is a dead
+    letter again, still of kind "replay"."""
     db = open_existing(path)
     try:
         if ids is None:
@@ -86,9 +106,11 @@ def replay(
             try:
                 db.execute(
                     "INSERT INTO events (write_key, kind, received_at, size, body, sent_at)"
-                    " SELECT write_key, kind, received_at, length(body), body, sent_at FROM dead"
+                    " SELECT write_key, CASE kind WHEN 'metrics' THEN 'metrics' ELSE 'replay' END,"
+                    " received_at, length(write_key) + length(body)"
+                    " + coalesce(length(sent_at), 0) + ?, body, sent_at FROM dead"
                     f" WHERE id IN ({marks}) ORDER BY id",
-                    chunk,
+                    [ROW_OVERHEAD, *chunk],
                 )
                 db.execute(f"DELETE FROM dead WHERE id IN ({marks})", chunk)
                 db.execute("COMMIT")
@@ -108,13 +130,18 @@ def purge(path: str, dead_only: bool = False) -> tuple[int, int]:
     db = open_existing(path)
     try:
         db.execute("BEGIN IMMEDIATE")
-        events = 0
-        if not dead_only:
-            packed = db.execute("SELECT coalesce(sum(rows), 0) FROM packs").fetchone()[0]
-            events = db.execute("DELETE FROM events").rowcount + int(packed)
-            db.execute("DELETE FROM packs")
-        dead_rows = db.execute("DELETE FROM dead").rowcount
-        db.execute("COMMIT")
+        try:
+            events = 0
+            if not dead_only:
+                packed = db.execute("SELECT coalesce(sum(rows), 0) FROM packs").fetchone()[0]
+                events = db.execute("DELETE FROM events").rowcount + int(packed)
+                db.execute("DELETE FROM packs")
+                db.execute("DELETE FROM faults")  # about events no longer queued
+            dead_rows = db.execute("DELETE FROM dead").rowcount
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            db.execute("ROLLBACK")
+            raise
         return events, dead_rows
     finally:
         db.close()

@@ -11,10 +11,16 @@ Invariants every backend keeps (the SQLite one on disk, see sqlite.py):
    the same data re-sends those rows (at-least-once; Segment de-duplicates on ``messageId``).
 4. ``retry_later`` returns leased rows to the queue, not to be leased before ``not_before``.
 5. ``put`` raises :class:`QueueFull` instead of growing past its caps or the disk's free space;
-   nothing is dropped: the client is told to retry (503 + Retry-After).
+   nothing is dropped: the client is told to retry (503 + Retry-After). Every byte stored
+   counts against the caps (:func:`stored_size`: the write key and sentAt too, not only the
+   body). Dead letters have a cap of their own: past it the oldest are evicted, counted and
+   logged (never silently), so they never block the queue.
 6. A row's ``id`` names it from ``lease`` to its ``ack``, ``retry_later`` or ``dead_letter``.
    An event released by ``retry_later``, or left by a process that stopped, may come back
    under another id: the event is its body (and Segment's key, its ``messageId``).
+7. Write, then remember: what a backend holds in memory about stored rows changes only after
+   the write that mirrors it committed; a write that fails raises and leaves memory as it
+   was (nothing acknowledged is lost, nothing delivered comes back).
 """
 
 from __future__ import annotations
@@ -54,6 +60,18 @@ class Row(NamedTuple):
     attempts: int
     body: bytes
     sent_at: str | None = None
+
+
+# Per stored row, beyond its key, body and sentAt: the pack head or the SQLite row (ids,
+# times, counters, record header), rounded up.
+ROW_OVERHEAD = 64
+
+
+def stored_size(write_key: str, body: bytes, sent_at: str | None) -> int:
+    """What one row costs in the queue's caps: every byte stored, not only the body (a
+    100 KB write key on 200 events is 20 MB). (Characters for the strings, as SQLite's
+    length() counts them in the file's ``size`` columns.)"""
+    return ROW_OVERHEAD + len(write_key) + len(body) + (0 if sent_at is None else len(sent_at))
 
 
 # A NamedTuple's own constructor is interpreted Python (its generated ``__new__``), also when
@@ -97,6 +115,10 @@ class KeyStats:
     rows: int = 0
     bytes: int = 0
     oldest: float | None = None
+    # The last reason a delivery of this key failed ("HTTP 503", "HTTP 301 redirect to ...")
+    # and when (unix seconds); kept until the key's events are all out of the queue.
+    last_fault: str = ""
+    last_fault_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +127,8 @@ class QueueStats:
     bytes: int = 0
     oldest: float | None = None  # received_at of the oldest queued row
     dead: int = 0
+    dead_bytes: int = 0
+    dead_evicted: int = 0  # dead letters deleted, oldest first, to stay under their cap
     per_key: dict[str, KeyStats] = field(default_factory=dict)
 
 

@@ -116,6 +116,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, TypeVar, cast
 
 from segproxy.queue.base import (
+    ROW_OVERHEAD,
     DeadRow,
     KeyStats,
     NewRow,
@@ -125,6 +126,18 @@ from segproxy.queue.base import (
     Row,
     RowKind,
     queued_row,
+    stored_size,
+)
+from segproxy.queue.files import private_dir, private_file
+from segproxy.queue.ledger import (
+    LEDGER_SCHEMA,
+    dead_bytes,
+    dead_evicted,
+    evict_dead,
+    faults,
+    fill_dead_sizes,
+    record_faults,
+    record_faults_of_rows,
 )
 
 log = logging.getLogger("segproxy.queue")
@@ -134,7 +147,8 @@ T = TypeVar("T")
 # events.id: max(id) + 1 (no AUTOINCREMENT: a sqlite_sequence write per commit costs more than
 # it is worth). An id can come back after its row was deleted; nothing refers to a deleted row
 # by then (the forwarder's bookkeeping for it ends before any later commit is handed over).
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     write_key TEXT NOT NULL,
@@ -170,6 +184,8 @@ CREATE TABLE IF NOT EXISTS dead (
     sent_at TEXT
 );
 """
+    + LEDGER_SCHEMA
+)
 
 CHUNK = 500  # ids per statement
 # Database mode's index of fresh rows per key: built on entering it, dropped on leaving, so
@@ -199,7 +215,8 @@ HANDOVER_MAX_BYTES = 12 * 1024 * 1024
 # PACK_BASE + pack id * PACK_SPAN + index, above any id SQLite gives ``events`` (max + 1).
 PACK_BASE = 1 << 60
 PACK_SPAN = 1 << 24  # events per pack at most (a bigger commit is written as rows)
-_PACK_HEAD = struct.Struct("<dIII?")  # received_at, len(key), len(body), len(sent_at), metrics
+_PACK_HEAD = struct.Struct("<dIIIB")  # received_at, len(key), len(body), len(sent_at), kind
+_KINDS: tuple[RowKind, ...] = ("event", "metrics", "replay")  # by their number in a pack head
 _NO_SENT_AT = 0xFFFFFFFF
 
 
@@ -216,7 +233,7 @@ def pack_rows(rows: Iterable[NewRow]) -> bytes:
         k = key.encode()
         sent = b"" if sent_at is None else sent_at.encode()
         size = _NO_SENT_AT if sent_at is None else len(sent)
-        parts += (head(received_at, len(k), len(body), size, kind == "metrics"), k, sent, body)
+        parts += (head(received_at, len(k), len(body), size, _KINDS.index(kind)), k, sent, body)
     return b"".join(parts)
 
 
@@ -226,7 +243,7 @@ def unpack_rows(blob: bytes) -> list[NewRow]:
     at = 0
     head = _PACK_HEAD
     while at < len(blob):
-        received_at, k, b, n, metrics = head.unpack_from(blob, at)
+        received_at, k, b, n, kind = head.unpack_from(blob, at)
         at += head.size
         key = blob[at : at + k].decode()
         at += k
@@ -234,9 +251,7 @@ def unpack_rows(blob: bytes) -> list[NewRow]:
         if n != _NO_SENT_AT:
             sent_at = blob[at : at + n].decode()
             at += n
-        rows.append(
-            NewRow(key, "metrics" if metrics else "event", received_at, blob[at : at + b], sent_at)
-        )
+        rows.append(NewRow(key, _KINDS[kind], received_at, blob[at : at + b], sent_at))
         at += b
     return rows
 
@@ -249,6 +264,15 @@ def _as_new(row: Row) -> NewRow:
 # the events they still hold (id, rows, size, body).
 PackChanges = tuple[list[int], list[tuple[int, int, int, bytes]]]
 _NO_PACK_CHANGES: PackChanges = ([], [])
+
+
+class _Leaving(NamedTuple):
+    """Events leaving the queue, as planned by the job that writes it (write, then remember)."""
+
+    rows: list[int]  # ids of rows of ``events``
+    packed: list[Row]  # packed events (invariant 10)
+    changes: PackChanges  # what their leaving does to their packs in the file
+    gone: dict[int, set[int]]  # pack id -> its events leaving, to forget once committed
 
 
 class _Transaction:
@@ -321,7 +345,8 @@ def _apply_packs(db: sqlite3.Connection, changes: PackChanges) -> None:
 
 _INSERT_NEW = (  # NewRow's own fields, in order: no tuple built per row
     "INSERT INTO events (write_key, kind, received_at, body, sent_at, size)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, length(?4))"
+    " VALUES (?1, ?2, ?3, ?4, ?5,"
+    f" length(?4) + length(?1) + coalesce(length(?5), 0) + {ROW_OVERHEAD})"
 )
 _INSERT_ROW = (
     "INSERT INTO events (write_key, kind, received_at, not_before, attempts, size, body, sent_at)"
@@ -337,7 +362,7 @@ def _event_values(rows: Iterable[Row], not_before: float, more_attempts: int) ->
             r.received_at,
             not_before,
             r.attempts + more_attempts,
-            len(r.body),
+            stored_size(r.write_key, r.body, r.sent_at),
             r.body,
             r.sent_at,
         )
@@ -356,6 +381,7 @@ def _dead_values(row: Row, died_at: float, status: int, reason: str) -> tuple[An
         reason,
         row.body,
         row.sent_at,
+        stored_size(row.write_key, row.body, row.sent_at) + len(reason),
     )
 
 
@@ -383,6 +409,7 @@ class _Reply(NamedTuple):
 MIGRATIONS = (
     ("events", "sent_at", "TEXT"),
     ("dead", "sent_at", "TEXT"),
+    ("dead", "size", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -460,8 +487,11 @@ class SqliteQueue:
         min_free_disk_bytes: int,
         synchronous: str = "NORMAL",
         lease_seconds: float = 120.0,
+        max_dead_bytes: int = 64 * 1024**2,
     ) -> None:
         self.path = path
+        self.max_dead_bytes = max_dead_bytes
+        self.dead_bytes = 0  # bytes of dead letters (stale after the CLI's replay or purge)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.min_free_disk = min_free_disk_bytes
@@ -523,7 +553,7 @@ class SqliteQueue:
         return self
 
     def _open_sync(self) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(self.path).parent)  # user data: see files.py
         fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -534,6 +564,7 @@ class SqliteQueue:
                 "give each process its own [queue] path"
             ) from exc
         self._lock_fd = fd
+        private_file(self.path)  # before SQLite makes it (and its -wal, -shm) 0644
         db = connect(self.path, self.synchronous)
         page = int(db.execute("PRAGMA page_size").fetchone()[0])
         if page != PAGE_SIZE and os.path.getsize(self.path) <= 16 * 1024 * 1024:
@@ -557,6 +588,7 @@ class SqliteQueue:
             log.info("re-queued %d events leased by a previous process", cleared)
         with _Transaction(db):
             unpacked = _explode(db)  # invariant 10: a new process reads rows, not packs
+            fill_dead_sizes(db)  # dead letters from before their size was kept
         if unpacked:
             log.info("unpacked %d events a previous process committed in packs", unpacked)
         self._recount_sync()
@@ -630,6 +662,7 @@ class SqliteQueue:
             "SELECT coalesce(sum(rows), 0), coalesce(sum(size), 0) FROM packs"
         ).fetchone()
         self.rows, self.bytes = int(rows) + int(packed), int(size) + int(packed_size)
+        self.dead_bytes = dead_bytes(self._db)
 
     async def recount(self) -> None:
         """Re-read the counters if the CLI may have replayed or purged rows meanwhile (in
@@ -664,8 +697,7 @@ class SqliteQueue:
         self._handover_rows = self._handover_bytes = 0
         if moving:
             moving.sort(key=_row_id)
-            _, moved, changes = self._leave_packs([r.id for r in moving])
-            self._submit_job(self._move_sync, (moved, changes), self._log_failure)
+            self._submit_job(self._move_job, ([r.id for r in moving],), self._log_failure)
         leased = sorted(i for i in self._memory_leased if i < PACK_BASE)
         self._memory_leased.clear()
         if leased:
@@ -675,36 +707,60 @@ class SqliteQueue:
                 self._log_failure,
             )
 
-    def _leave_packs(self, ids: list[int]) -> tuple[list[int], list[Row], PackChanges]:
-        """``ids`` leave the queue (delivered, retried, dead or moved): the ids of rows of
-        ``events`` among them, the packed events among them, and what that does to their
-        packs (emptied ones deleted, the others rewritten with what they still hold)."""
+    def _plan_leaving(self, ids: list[int]) -> _Leaving:
+        """What ``ids`` leaving the queue (delivered, retried, dead or moved) do, changing
+        nothing: the ids of rows of ``events`` among them, the packed events among them, and
+        what that does to their packs (emptied ones deleted, the others rewritten with what
+        they still hold). Called by the job that writes it, when it runs: jobs run in order,
+        so it sees what every job before it committed (in FULL mode, on the writer thread,
+        there are no packs: they are made in loop mode only)."""
         if not self._packs:
-            return ids, [], _NO_PACK_CHANGES
+            return _Leaving(ids, [], _NO_PACK_CHANGES, {})
         rows: list[int] = []
         packed: list[Row] = []
-        touched: set[int] = set()
+        gone: dict[int, set[int]] = {}
         for i in ids:
             if i < PACK_BASE:
                 rows.append(i)
                 continue
             pack = pack_of(i)
-            row = self._packs.get(pack, {}).pop(i, None)
-            if row is not None:
+            held = self._packs.get(pack)
+            row = None if held is None else held.get(i)
+            if row is not None and i not in gone.get(pack, ()):
                 packed.append(row)
-                touched.add(pack)
+                gone.setdefault(pack, set()).add(i)
+        if not gone:
+            return _Leaving(rows, packed, _NO_PACK_CHANGES, gone)
         deleted: list[int] = []
         rewritten: list[tuple[int, int, int, bytes]] = []
-        for pack in sorted(touched):
-            rest = self._packs[pack]
-            if not rest:
-                del self._packs[pack]
+        for pack in sorted(gone):
+            held = self._packs[pack]
+            leaving = gone[pack]
+            if len(leaving) == len(held):
                 deleted.append(pack)
             else:
-                left = [_as_new(r) for r in rest.values()]
-                size = sum(len(r.body) for r in left)
+                left = [_as_new(r) for i, r in held.items() if i not in leaving]
+                size = sum(stored_size(r[0], r[3], r[4]) for r in left)
                 rewritten.append((pack, len(left), size, pack_rows(left)))
-        return rows, packed, (deleted, rewritten) if touched else _NO_PACK_CHANGES
+        return _Leaving(rows, packed, (deleted, rewritten), gone)
+
+    def _remember_leaving(self, leaving: _Leaving) -> None:
+        """After the write that mirrors it committed: the events left their packs."""
+        for pack, ids in leaving.gone.items():
+            held = self._packs.get(pack)
+            if held is None:
+                continue
+            for i in ids:
+                held.pop(i, None)
+            if not held:
+                del self._packs[pack]
+
+    def _move_job(self, ids: list[int]) -> None:
+        """Leaving memory mode: packed events become rows of ``events`` (write, then
+        remember: if the write fails they stay in their pack, sent again after a restart)."""
+        leaving = self._plan_leaving(ids)
+        self._move_sync(leaving.packed, leaving.changes)
+        self._remember_leaving(leaving)
 
     def _move_sync(self, rows: list[Row], changes: PackChanges) -> None:
         """Packed events become rows of ``events`` (those whose pack is still in the file:
@@ -881,7 +937,11 @@ class SqliteQueue:
     def submit_then(self, rows: list[NewRow], done: Callable[[BaseException | None], None]) -> None:
         if self._closed:
             raise QueueError("the queue is closed")
-        size = sum(len(r.body) for r in rows)
+        # Every byte stored counts (base.stored_size, inlined: once per event accepted).
+        size = ROW_OVERHEAD * len(rows) + sum(
+            len(r.write_key) + len(r.body) + (0 if r.sent_at is None else len(r.sent_at))
+            for r in rows
+        )
         if self.rows + len(rows) > self.max_rows or self.bytes + size > self.max_bytes:
             raise QueueFull(f"the queue is full ({self.rows} events, {self.bytes} bytes queued)")
         if not self._check_disk():
@@ -1041,7 +1101,7 @@ class SqliteQueue:
             rows, _ = await self._run(
                 self._lease_sync, now, max_rows, exclude_keys, then=self._caught_up
             )
-        self._sizes.update((r.id, len(r.body)) for r in rows)
+        self._sizes.update((r.id, stored_size(r.write_key, r.body, r.sent_at)) for r in rows)
         return rows
 
     def _caught_up(self, leased: tuple[list[Row], bool]) -> None:
@@ -1140,55 +1200,98 @@ class SqliteQueue:
 
     async def ack(self, ids: list[int]) -> None:
         self._memory_leased.difference_update(ids)
-        rows, _, changes = self._leave_packs(ids)
-        await self._run(self._delete_sync, rows, changes, then=lambda _: self._forget(ids))
+        await self._run(self._ack_job, ids, then=lambda _: self._forget(ids))
+
+    def _ack_job(self, ids: list[int]) -> None:
+        leaving = self._plan_leaving(ids)
+        self._delete_sync(leaving.rows, leaving.changes)
+        self._remember_leaving(leaving)
 
     async def retry_later(self, ids: list[int], not_before: float, fault: str = "") -> None:
         # Taken out of the memory leases before the job is queued, so a switch to database
         # mode queued later cannot mark these rows leased again (invariant 7).
         self._memory_leased.difference_update(ids)
-        rows, packed, changes = self._leave_packs(ids)  # packed ones become rows (inv. 10)
 
         def released(_: None) -> None:
             for i in ids:
                 self._sizes.pop(i, None)  # still queued: the counters keep it
             self._to_database_mode()  # these rows are in the file only
 
-        await self._run(
-            self._retry_sync,
-            rows,
-            not_before,
-            packed,
-            changes,
-            then=released,
-        )
+        await self._run(self._retry_job, ids, not_before, fault, time.time(), then=released)
 
-    def _retry_sync(
-        self, ids: list[int], not_before: float, packed: list[Row], changes: PackChanges
-    ) -> None:
+    def _retry_job(self, ids: list[int], not_before: float, fault: str, now: float) -> None:
+        leaving = self._plan_leaving(ids)  # packed events become rows (invariant 10)
         with self._no_fsync() as db, _Transaction(db):
-            for chunk in _chunks(ids):
+            for chunk in _chunks(leaving.rows):
+                marks = ",".join("?" * len(chunk))
+                if fault:
+                    record_faults_of_rows(db, chunk, fault, now)
                 db.execute(
                     "UPDATE events SET lease_until = 0, not_before = ?, attempts = attempts + 1"
-                    f" WHERE id IN ({','.join('?' * len(chunk))})",
+                    f" WHERE id IN ({marks})",
                     [not_before, *chunk],
                 )
-            db.executemany(_INSERT_ROW, _event_values(packed, not_before, 1))
-            _apply_packs(db, changes)
+            if fault and leaving.packed:
+                record_faults(db, (r.write_key for r in leaving.packed), fault, now)
+            db.executemany(_INSERT_ROW, _event_values(leaving.packed, not_before, 1))
+            _apply_packs(db, leaving.changes)
+        self._remember_leaving(leaving)
 
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         self._memory_leased.difference_update(ids)
-        rows, packed, changes = self._leave_packs(ids)  # packed ones: moved from memory
-        await self._run(
-            self._dead_sync,
-            rows,
-            status,
-            reason,
-            now,
-            packed,
-            changes,
-            then=lambda _: self._forget(ids),
-        )
+
+        def moved(result: tuple[int, int, int, int]) -> None:
+            added, evicted, freed, total = result
+            self._forget(ids)
+            self.dead_bytes = total if total >= 0 else self.dead_bytes + added
+            if evicted:
+                log.warning(
+                    "dead letters over queue.max_dead_bytes (%d): evicted the %d oldest"
+                    " (%d bytes); see segproxy queue stats",
+                    self.max_dead_bytes,
+                    evicted,
+                    freed,
+                )
+
+        await self._run(self._dead_job, ids, status, reason, now, then=moved)
+
+    def _dead_job(
+        self, ids: list[int], status: int, reason: str, now: float
+    ) -> tuple[int, int, int, int]:
+        """Move rows (by id) and packed events (from memory) to ``dead``, in one transaction,
+        evicting the oldest dead letters past their cap; returns the bytes added, how many
+        were evicted with their bytes, and the dead letters' bytes (-1: not counted)."""
+        leaving = self._plan_leaving(ids)
+        with self._no_fsync() as db, _Transaction(db):
+            before = int(db.execute("SELECT coalesce(max(id), 0) FROM dead").fetchone()[0])
+            db.executemany(
+                "INSERT INTO dead (write_key, kind, received_at, died_at, attempts, status,"
+                " reason, body, sent_at, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_dead_values(r, now, status, reason) for r in leaving.packed],
+            )
+            _apply_packs(db, leaving.changes)
+            for chunk in _chunks(leaving.rows):
+                marks = ",".join("?" * len(chunk))
+                db.execute(
+                    "INSERT INTO dead (write_key, kind, received_at, died_at, attempts, status,"
+                    " reason, body, sent_at, size) SELECT write_key, kind, received_at, ?,"
+                    " attempts + 1, ?, ?, body, sent_at, size + length(?)"
+                    f" FROM events WHERE id IN ({marks})",
+                    [now, status, reason, reason, *chunk],
+                )
+                db.execute(f"DELETE FROM events WHERE id IN ({marks})", chunk)
+            added = int(
+                db.execute(
+                    "SELECT coalesce(sum(size), 0) FROM dead WHERE id > ?", (before,)
+                ).fetchone()[0]
+            )
+            # The counter says when to look (no scan per dead letter); the file decides (the
+            # CLI may have replayed or purged meanwhile).
+            evicted, freed, total = 0, 0, -1
+            if self.dead_bytes + added > self.max_dead_bytes:
+                evicted, freed, total = evict_dead(db, self.max_dead_bytes)
+        self._remember_leaving(leaving)
+        return added, evicted, freed, total
 
     def _delete_sync(self, ids: list[int], changes: PackChanges = _NO_PACK_CHANGES) -> None:
         """Delete delivered rows, by id ranges when they run on (the usual batch), else by id,
@@ -1219,33 +1322,6 @@ class SqliteQueue:
         with self._no_fsync() as db, _Transaction(db):
             for chunk in _chunks(ids):
                 db.execute(template.format(",".join("?" * len(chunk))), [*leading, *chunk])
-
-    def _dead_sync(
-        self,
-        ids: list[int],
-        status: int,
-        reason: str,
-        now: float,
-        packed: list[Row],
-        changes: PackChanges,
-    ) -> None:
-        """Move rows (by id) and packed events (from memory) to ``dead``, in one transaction."""
-        with self._no_fsync() as db, _Transaction(db):
-            db.executemany(
-                "INSERT INTO dead (write_key, kind, received_at, died_at, attempts, status,"
-                " reason, body, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_dead_values(r, now, status, reason) for r in packed],
-            )
-            _apply_packs(db, changes)
-            for chunk in _chunks(ids):
-                marks = ",".join("?" * len(chunk))
-                db.execute(
-                    "INSERT INTO dead (write_key, kind, received_at, died_at, attempts, status,"
-                    " reason, body, sent_at) SELECT write_key, kind, received_at, ?,"
-                    f" attempts + 1, ?, ?, body, sent_at FROM events WHERE id IN ({marks})",
-                    [now, status, reason, *chunk],
-                )
-                db.execute(f"DELETE FROM events WHERE id IN ({marks})", chunk)
 
     async def next_ready(self, exclude_keys: frozenset[str] = frozenset()) -> float | None:
         if self._memory:
@@ -1301,12 +1377,19 @@ def stats_of(db: sqlite3.Connection) -> QueueStats:
         out.oldest = float(oldest) if out.oldest is None else min(out.oldest, float(oldest))
     for (body,) in db.execute("SELECT body FROM packs").fetchall():  # invariant 10
         for row in unpack_rows(body):
+            size = stored_size(row.write_key, row.body, row.sent_at)
             for counts in (out.per_key.setdefault(row.write_key, KeyStats()), out):
                 counts.rows += 1
-                counts.bytes += len(row.body)
+                counts.bytes += size
                 if counts.oldest is None or row.received_at < counts.oldest:
                     counts.oldest = row.received_at
-    out.dead = int(db.execute("SELECT count(*) FROM dead").fetchone()[0])
+    for key, (fault, at) in faults(db).items():  # shown for the keys still queued
+        if key in out.per_key:
+            out.per_key[key].last_fault, out.per_key[key].last_fault_at = fault, at
+    out.dead, out.dead_bytes = (
+        int(v) for v in db.execute("SELECT count(*), coalesce(sum(size), 0) FROM dead").fetchone()
+    )
+    out.dead_evicted = dead_evicted(db)
     return out
 
 

@@ -1,0 +1,50 @@
+"""The queue's files hold user data (events: ids, traits, IPs): readable by nobody else.
+
+Directories segproxy creates (``data_dir``, the queue's directory) are made ``0700``; the queue
+file is created ``0600`` before SQLite opens it, and SQLite gives its ``-wal`` and ``-shm``
+files the mode of the database file, so they are ``0600`` too, whatever the umask. A directory
+or file that already exists is the operator's: its mode is left as it is, with a warning when
+others may read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+log = logging.getLogger("segproxy.queue")
+
+
+def private_dir(path: str | os.PathLike[str]) -> None:
+    """Make ``path`` and its missing parents, each ``0700`` (an existing one is left alone)."""
+    missing: list[Path] = []
+    p = Path(path).absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:  # made meanwhile by another process: theirs
+            continue
+        os.chmod(d, 0o700)  # the umask may have taken bits away, never added: exact anyway
+
+
+def private_file(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` ``0600`` if it does not exist; warn if an existing one is readable by
+    others than its owner."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            log.warning(
+                "%s is readable by others than its owner (mode %o): it holds events;"
+                " chmod 600 it (and its -wal and -shm files) unless that is intended",
+                path,
+                mode,
+            )
+        return
+    os.close(fd)
