@@ -27,6 +27,7 @@ from segproxy.queue.base import (
     QueueError,
     QueueFull,
     Row,
+    RowKind,
     new_row,
     queued_row,
     stored_size,
@@ -1555,11 +1556,11 @@ def test_the_last_fault_is_read_by_another_process_from_the_file(db_path: Path) 
 
 
 def test_every_row_kind_comes_back_as_it_was_put_also_after_a_restart(db_path: Path) -> None:
-    kinds = ["event", "metrics", "replay"]
+    kinds: list[RowKind] = ["event", "metrics", "replay"]
 
     async def main() -> None:
         q = await open_sqlite(db_path)
-        await q.put([NewRow("wk_a", kind, T0, b"{}") for kind in kinds])  # type: ignore[misc]
+        await q.put([NewRow("wk_a", kind, T0, b"{}") for kind in kinds])
         assert [r.kind for r in await q.lease(T0, 10)] == kinds
         await q.close()  # in flight: a commit (a pack in memory mode) read again at open
         q = await open_sqlite(db_path)
