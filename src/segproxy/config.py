@@ -84,12 +84,16 @@ class SourcesConfig:
     write_keys: frozenset[str] = frozenset()
 
 
+QUEUE_FILE = "queue.db"  # queue.path's default, under data_dir
+
+
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
     backend: QueueBackend = "sqlite"
-    # A relative path is under ``data_dir`` (resolved by ``build``: Config.queue.path is the
-    # path to open, wherever the process runs, the CLI included).
-    path: str = "queue.db"
+    # The path to open, wherever the process runs (the CLI included): ``build`` resolves a
+    # relative ``queue.path`` (default QUEUE_FILE) under ``data_dir``; this default is that for
+    # the default data_dir.
+    path: str = "./segproxy-data/queue.db"
     max_rows: int = 5_000_000
     max_bytes: int = 2 * 1024**3  # every byte stored: key, body, sentAt, per-row overhead
     max_dead_bytes: int = 64 * 1024**2  # dead letters, apart; the oldest go past it
@@ -456,7 +460,7 @@ def build(flat: Mapping[str, object]) -> Config:
         backend=backend,
         path=queue_path(
             _str("data_dir", get("data_dir", Config().data_dir)),
-            _str("queue.path", get("queue.path", QueueConfig().path)),
+            _str("queue.path", get("queue.path", QUEUE_FILE)),
         ),
         synchronous=cast(Literal["full", "normal"], sync),
         **_numbers(

@@ -7,6 +7,8 @@ every wait is a poll with a deadline.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import time
 from collections import Counter
@@ -195,3 +197,134 @@ def test_stats_per_key_keeps_keys_sharing_a_prefix_apart(
     assert stats["rows"] == 5
     assert sum(v["rows"] for v in stats["per_key"].values()) == 5
     assert len(stats["per_key"]) == 2
+
+
+def test_dead_letters_never_show_a_write_key_sent_in_the_event_body(
+    fake: FakeSegment, live: LiveQueue
+) -> None:
+    # Clients without Basic auth send the key in the body; the event stored (and dead) holds it.
+    fake.api_status(400, body=REFUSAL)
+    client = live.client()
+    event = {**track("key-in-body"), "writeKey": OTHER_KEY}
+    resp = client.post("/v1/t", json.dumps(event).encode(), {"Content-Type": "text/plain"})
+    assert resp.status == 200, resp.body
+    client.close()
+    wait_for(lambda: live.stats()["dead"] == 1, timeout=15, what="the dead letter")
+    listed = live.cli("queue", "dead", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (dead,) = json.loads(listed.stdout)
+    assert dead["event"]["messageId"] == "key-in-body"
+    assert dead["write_key"] == dead["event"]["writeKey"] == mask(OTHER_KEY)
+    text = live.cli("queue", "dead")
+    assert text.returncode == 0, text.stderr
+    assert "key-in-body" in text.stdout
+    for out in (listed.stdout, text.stdout):
+        assert OTHER_KEY not in out, "write keys are secrets: never printed whole"
+
+
+def test_dead_letters_over_their_cap_are_evicted_oldest_first_and_counted_in_stats(
+    fake: FakeSegment, start: StartProxy, tmp_path: Path
+) -> None:
+    config = base_config(
+        fake,
+        queue={"backend": "sqlite", "path": str(tmp_path / "q.db"), "max_dead_bytes": 4000},
+    )
+    config_file = tmp_path / "segproxy.toml"
+    config_file.write_text(to_toml({"listen": "127.0.0.1:0", **config}))
+    live = LiveQueue(start(config), config_file)
+    fake.api_status(400, body=REFUSAL)
+    client = live.client()
+    for i in range(12):  # each dead letter is ~400 bytes (event, key, Segment's reason)
+        post(client, f"dead-{i}")
+        n = i + 1
+        wait_for(lambda: (s := live.stats())["dead"] + s["dead_evicted"] == n, timeout=15)  # noqa: B023
+    client.close()
+    stats = live.stats()
+    assert stats["dead_evicted"] > 0
+    assert stats["dead"] + stats["dead_evicted"] == 12
+    assert 0 < stats["dead_bytes"] <= 4000
+    kept = [d["event"]["messageId"] for d in json.loads(live.cli("queue", "dead", "--json").stdout)]
+    assert kept == [f"dead-{i}" for i in range(12 - len(kept), 12)], "the newest are kept"
+    text = live.cli("queue", "stats")
+    assert (
+        f"dead letters evicted (oldest first, over queue.max_dead_bytes): {stats['dead_evicted']}"
+        in text.stdout
+    )
+    live.proxy.logged(r"WARNING .*evicted the \d+ oldest")
+    # The queue itself is not blocked by dead letters: Segment takes events again.
+    fake.api_ok()
+    client = live.client()
+    post(client, "after")
+    client.close()
+    wait_for(lambda: "after" in delivered(fake), timeout=10, what="a new event delivered")
+
+
+def test_queue_stats_shows_the_last_fault_of_each_key_with_its_age(tmp_path: Path) -> None:
+    # The proxy records why deliveries of a key fail; `queue stats`, another process, shows it.
+    import asyncio
+
+    from segproxy.queue.base import NewRow
+    from segproxy.queue.sqlite import SqliteQueue
+
+    path = tmp_path / "data" / "queue.db"
+
+    async def fail_once() -> None:
+        q = await SqliteQueue(
+            str(path), max_rows=100, max_bytes=1 << 30, min_free_disk_bytes=0
+        ).open()
+        try:
+            await q.put([NewRow(WRITE_KEY, "event", time.time(), b'{"messageId":"m"}')])
+            rows = await q.lease(time.time(), 10)
+            fault = "HTTP 301 redirect to https://api.segment.io/v1/batch"
+            await q.retry_later([r.id for r in rows], time.time() + 60, fault)
+        finally:
+            await q.close()
+
+    asyncio.run(fail_once())
+    config_file = tmp_path / "segproxy.toml"
+    config_file.write_text(to_toml({"queue": {"path": str(path)}}))
+    out = run_cli("queue", "stats", "--json", "--config", str(config_file))
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)["per_key"][mask(WRITE_KEY)]
+    assert shown["last_fault"] == "HTTP 301 redirect to https://api.segment.io/v1/batch"
+    assert shown["last_fault_age_seconds"] >= 0
+    text = run_cli("queue", "stats", "--config", str(config_file))
+    assert "last fault" in text.stdout
+    assert "HTTP 301 redirect to https://api.segment.io/v1/batch" in text.stdout
+    assert WRITE_KEY not in text.stdout
+
+
+def test_with_only_data_dir_set_the_queue_is_there_readable_by_its_owner_only(
+    fake: FakeSegment, start: StartProxy, tmp_path: Path
+) -> None:
+    # The proxy runs in one directory, the operator's CLI in another: both find the queue in
+    # data_dir. segproxy makes the directories 0700 and the files 0600 whatever the umask.
+    data = tmp_path / "var" / "lib" / "segproxy"  # none of it exists yet
+    config = base_config(
+        fake, queue={"backend": "sqlite"}, data_dir=str(data), forward={"backoff_base": 0.05}
+    )
+    config_file = tmp_path / "segproxy.toml"
+    config_file.write_text(to_toml({"listen": "127.0.0.1:0", **config}))
+    fake.api_status(503)  # the event stays queued
+    old_umask = os.umask(0)  # the most permissive: the modes must not come from it
+    try:
+        live = LiveQueue(start(config), config_file)
+    finally:
+        os.umask(old_umask)
+    client = live.client()
+    post(client, "kept-1")
+    client.close()
+    assert live.stats()["rows"] == 1  # the CLI runs from the test's directory, not the proxy's
+    modes = {
+        p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in [tmp_path / "var", tmp_path / "var" / "lib", data, *data.iterdir()]
+    }
+    assert modes == {
+        "var": 0o700,
+        "var/lib": 0o700,
+        "var/lib/segproxy": 0o700,
+        "var/lib/segproxy/queue.db": 0o600,
+        "var/lib/segproxy/queue.db-wal": 0o600,
+        "var/lib/segproxy/queue.db-shm": 0o600,
+        "var/lib/segproxy/queue.db.lock": 0o600,
+    }
