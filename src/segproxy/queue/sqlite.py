@@ -22,7 +22,8 @@ Invariants, in the order things happen (see base.py for the contract):
    left in the file belongs to a process that is gone: they are all cleared, and those rows are
    sent again (at-least-once; Segment de-duplicates on ``messageId``).
 4. **Full means 503, never a drop.** ``put`` refuses (``QueueFull``) when the queued rows or bytes
-   would pass their caps, when the disk's free space is under its floor, or when SQLite itself
+   (every byte stored: key, body, sentAt and a per-row overhead, base.stored_size) would pass
+   their caps, when the disk's free space is under its floor, or when SQLite itself
    reports the disk full; the failed transaction is rolled back, the file stays consistent.
 
 5. **Only acknowledgements pay for fsync.** The forwarder's bookkeeping (lease, retry, ack,
@@ -89,6 +90,17 @@ Invariants, in the order things happen (see base.py for the contract):
     dead letter moves the event to ``events`` or ``dead`` from memory. Opening the file
     turns every pack left into rows first, so everything else (database mode, the CLI's
     replay) only knows rows; ``stats`` and the counters read both tables.
+
+11. **Write, then remember.** What this object holds about stored rows (the packs' events,
+    the counters, the dead letters' bytes) changes only after the write that mirrors it has
+    committed. A bookkeeping job (ack, retry, dead letter, the move to the file) works out
+    what to write from memory when it runs (jobs run in order, so it sees every earlier
+    job's outcome), writes it, and only then changes memory; if the write fails, the call
+    raises (the move to the file logs) and memory stays as the file is. Otherwise a failed
+    retry, say, left the pack in memory without its events while the file still held them,
+    and acknowledging a sibling later rewrote the pack without them: lost for good. A row
+    whose bookkeeping failed stays where it was in the file and is sent again at the latest
+    after a restart (at-least-once).
 
 The SQLite calls of the proxy run serialised on one connection: on the loop (invariant 9) or
 the writer thread; only the checkpointer has its own.
