@@ -46,6 +46,8 @@ COMPILED = (
     "ingest/service.py",
     "queue/base.py",
     "queue/memory.py",
+    "queue/packs.py",
+    "queue/ledger.py",
     "queue/sqlite.py",
     "forward/batcher.py",
     "forward/retry.py",

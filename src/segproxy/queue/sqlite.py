@@ -118,7 +118,6 @@ import os
 import queue
 import shutil
 import sqlite3
-import struct
 import threading
 import time
 from collections import Counter, deque
@@ -150,6 +149,17 @@ from segproxy.queue.ledger import (
     fill_dead_sizes,
     record_faults,
     record_faults_of_rows,
+)
+from segproxy.queue.packs import (
+    NO_PACK_CHANGES,
+    PACK_BASE,
+    PACK_SPAN,
+    PackBook,
+    PackChanges,
+    apply_packs,
+    pack_of,
+    pack_rows,
+    unpack_rows,
 )
 
 log = logging.getLogger("segproxy.queue")
@@ -223,70 +233,6 @@ HANDOVER_MAX_ROWS = 20_000
 HANDOVER_MAX_BYTES = 12 * 1024 * 1024
 
 
-# Packs (invariant 10): a memory-mode group commit is one row of ``packs``. Its events get ids
-# PACK_BASE + pack id * PACK_SPAN + index, above any id SQLite gives ``events`` (max + 1).
-PACK_BASE = 1 << 60
-PACK_SPAN = 1 << 24  # events per pack at most (a bigger commit is written as rows)
-_PACK_HEAD = struct.Struct("<dIIIB")  # received_at, len(key), len(body), len(sent_at), kind
-_KINDS: tuple[RowKind, ...] = ("event", "metrics", "replay")  # by their number in a pack head
-_NO_SENT_AT = 0xFFFFFFFF
-
-
-def pack_of(row_id: int) -> int:
-    """The pack holding a packed event (``row_id >= PACK_BASE``)."""
-    return (row_id - PACK_BASE) // PACK_SPAN
-
-
-def pack_rows(rows: Iterable[NewRow]) -> bytes:
-    """Events as one pack body: per event a fixed head, the key, sentAt and the body."""
-    head = _PACK_HEAD.pack
-    parts: list[bytes] = []
-    for key, kind, received_at, body, sent_at in rows:
-        k = key.encode()
-        sent = b"" if sent_at is None else sent_at.encode()
-        size = _NO_SENT_AT if sent_at is None else len(sent)
-        parts += (head(received_at, len(k), len(body), size, _KINDS.index(kind)), k, sent, body)
-    return b"".join(parts)
-
-
-def unpack_rows(blob: bytes) -> list[NewRow]:
-    """The events of a pack body, in order."""
-    rows: list[NewRow] = []
-    at = 0
-    head = _PACK_HEAD
-    while at < len(blob):
-        received_at, k, b, n, kind = head.unpack_from(blob, at)
-        at += head.size
-        key = blob[at : at + k].decode()
-        at += k
-        sent_at: str | None = None
-        if n != _NO_SENT_AT:
-            sent_at = blob[at : at + n].decode()
-            at += n
-        rows.append(NewRow(key, _KINDS[kind], received_at, blob[at : at + b], sent_at))
-        at += b
-    return rows
-
-
-def _as_new(row: Row) -> NewRow:
-    return NewRow(row.write_key, row.kind, row.received_at, row.body, row.sent_at)
-
-
-# What leaving rows do to their packs: packs now empty (deleted) and packs rewritten with
-# the events they still hold (id, rows, size, body).
-PackChanges = tuple[list[int], list[tuple[int, int, int, bytes]]]
-_NO_PACK_CHANGES: PackChanges = ([], [])
-
-
-class _Leaving(NamedTuple):
-    """Events leaving the queue, as planned by the job that writes it (write, then remember)."""
-
-    rows: list[int]  # ids of rows of ``events``
-    packed: list[Row]  # packed events (invariant 10)
-    changes: PackChanges  # what their leaving does to their packs in the file
-    gone: dict[int, set[int]]  # pack id -> its events leaving, to forget once committed
-
-
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT; rolled back if the block or the COMMIT fails.
 
@@ -344,15 +290,6 @@ class _NoFsync:
     ) -> None:
         if self.synchronous != "NORMAL":
             self.db.execute(f"PRAGMA synchronous = {self.synchronous}")
-
-
-def _apply_packs(db: sqlite3.Connection, changes: PackChanges) -> None:
-    """Inside a transaction: delete emptied packs, rewrite the others."""
-    deleted, rewritten = changes
-    if deleted:
-        db.executemany("DELETE FROM packs WHERE id = ?", [(i,) for i in deleted])
-    if rewritten:
-        db.executemany("UPDATE packs SET rows = ?2, size = ?3, body = ?4 WHERE id = ?1", rewritten)
 
 
 _INSERT_NEW = (  # NewRow's own fields, in order: no tuple built per row
@@ -519,7 +456,7 @@ class SqliteQueue:
         self._handover_bytes = 0
         self._memory_leased: set[int] = set()
         # Invariant 10: the events of each pack still queued (handed over or leased), by id.
-        self._packs: dict[int, dict[int, Row]] = {}
+        self._packs = PackBook()
         self._data_version = 0  # PRAGMA data_version: changes when another process writes
         self._pending: list[tuple[list[NewRow], int, Callable[[BaseException | None], None]]] = []
         self._committing = False
@@ -719,60 +656,12 @@ class SqliteQueue:
                 self._log_failure,
             )
 
-    def _plan_leaving(self, ids: list[int]) -> _Leaving:
-        """What ``ids`` leaving the queue (delivered, retried, dead or moved) do, changing
-        nothing: the ids of rows of ``events`` among them, the packed events among them, and
-        what that does to their packs (emptied ones deleted, the others rewritten with what
-        they still hold). Called by the job that writes it, when it runs: jobs run in order,
-        so it sees what every job before it committed (in FULL mode, on the writer thread,
-        there are no packs: they are made in loop mode only)."""
-        if not self._packs:
-            return _Leaving(ids, [], _NO_PACK_CHANGES, {})
-        rows: list[int] = []
-        packed: list[Row] = []
-        gone: dict[int, set[int]] = {}
-        for i in ids:
-            if i < PACK_BASE:
-                rows.append(i)
-                continue
-            pack = pack_of(i)
-            held = self._packs.get(pack)
-            row = None if held is None else held.get(i)
-            if row is not None and i not in gone.get(pack, ()):
-                packed.append(row)
-                gone.setdefault(pack, set()).add(i)
-        if not gone:
-            return _Leaving(rows, packed, _NO_PACK_CHANGES, gone)
-        deleted: list[int] = []
-        rewritten: list[tuple[int, int, int, bytes]] = []
-        for pack in sorted(gone):
-            held = self._packs[pack]
-            leaving = gone[pack]
-            if len(leaving) == len(held):
-                deleted.append(pack)
-            else:
-                left = [_as_new(r) for i, r in held.items() if i not in leaving]
-                size = sum(stored_size(r[0], r[3], r[4]) for r in left)
-                rewritten.append((pack, len(left), size, pack_rows(left)))
-        return _Leaving(rows, packed, (deleted, rewritten), gone)
-
-    def _remember_leaving(self, leaving: _Leaving) -> None:
-        """After the write that mirrors it committed: the events left their packs."""
-        for pack, ids in leaving.gone.items():
-            held = self._packs.get(pack)
-            if held is None:
-                continue
-            for i in ids:
-                held.pop(i, None)
-            if not held:
-                del self._packs[pack]
-
     def _move_job(self, ids: list[int]) -> None:
         """Leaving memory mode: packed events become rows of ``events`` (write, then
         remember: if the write fails they stay in their pack, sent again after a restart)."""
-        leaving = self._plan_leaving(ids)
+        leaving = self._packs.plan(ids)
         self._move_sync(leaving.packed, leaving.changes)
-        self._remember_leaving(leaving)
+        self._packs.remember(leaving)
 
     def _move_sync(self, rows: list[Row], changes: PackChanges) -> None:
         """Packed events become rows of ``events`` (those whose pack is still in the file:
@@ -787,7 +676,7 @@ class SqliteQueue:
             }
             keep = [r for r in rows if pack_of(r.id) in there]
             db.executemany(_INSERT_ROW, _event_values(keep, 0.0, 0))
-            _apply_packs(db, changes)
+            apply_packs(db, changes)
 
     @staticmethod
     def _log_failure(_: object, error: BaseException | None) -> None:
@@ -1080,7 +969,7 @@ class SqliteQueue:
             row_id += 1
             handed.append(queued_row(row_id, key, kind, received_at, 0, body, sent_at))
         if last_id >= PACK_BASE:  # a pack (invariant 10): its events, until each leaves it
-            self._packs[pack_of(last_id)] = {r.id: r for r in handed}
+            self._packs.add(last_id, handed)
         if (
             self._handover_rows + len(rows) > HANDOVER_MAX_ROWS
             or self._handover_bytes + size > HANDOVER_MAX_BYTES
@@ -1215,9 +1104,9 @@ class SqliteQueue:
         await self._run(self._ack_job, ids, then=lambda _: self._forget(ids))
 
     def _ack_job(self, ids: list[int]) -> None:
-        leaving = self._plan_leaving(ids)
+        leaving = self._packs.plan(ids)
         self._delete_sync(leaving.rows, leaving.changes)
-        self._remember_leaving(leaving)
+        self._packs.remember(leaving)
 
     async def retry_later(self, ids: list[int], not_before: float, fault: str = "") -> None:
         # Taken out of the memory leases before the job is queued, so a switch to database
@@ -1232,7 +1121,7 @@ class SqliteQueue:
         await self._run(self._retry_job, ids, not_before, fault, time.time(), then=released)
 
     def _retry_job(self, ids: list[int], not_before: float, fault: str, now: float) -> None:
-        leaving = self._plan_leaving(ids)  # packed events become rows (invariant 10)
+        leaving = self._packs.plan(ids)  # packed events become rows (invariant 10)
         with self._no_fsync() as db, _Transaction(db):
             for chunk in _chunks(leaving.rows):
                 marks = ",".join("?" * len(chunk))
@@ -1246,8 +1135,8 @@ class SqliteQueue:
             if fault and leaving.packed:
                 record_faults(db, (r.write_key for r in leaving.packed), fault, now)
             db.executemany(_INSERT_ROW, _event_values(leaving.packed, not_before, 1))
-            _apply_packs(db, leaving.changes)
-        self._remember_leaving(leaving)
+            apply_packs(db, leaving.changes)
+        self._packs.remember(leaving)
 
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         self._memory_leased.difference_update(ids)
@@ -1273,7 +1162,7 @@ class SqliteQueue:
         """Move rows (by id) and packed events (from memory) to ``dead``, in one transaction,
         evicting the oldest dead letters past their cap; returns the bytes added, how many
         were evicted with their bytes, and the dead letters' bytes (-1: not counted)."""
-        leaving = self._plan_leaving(ids)
+        leaving = self._packs.plan(ids)
         with self._no_fsync() as db, _Transaction(db):
             before = int(db.execute("SELECT coalesce(max(id), 0) FROM dead").fetchone()[0])
             db.executemany(
@@ -1281,7 +1170,7 @@ class SqliteQueue:
                 " reason, body, sent_at, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [_dead_values(r, now, status, reason) for r in leaving.packed],
             )
-            _apply_packs(db, leaving.changes)
+            apply_packs(db, leaving.changes)
             for chunk in _chunks(leaving.rows):
                 marks = ",".join("?" * len(chunk))
                 db.execute(
@@ -1302,10 +1191,10 @@ class SqliteQueue:
             evicted, freed, total = 0, 0, -1
             if self.dead_bytes + added > self.max_dead_bytes:
                 evicted, freed, total = evict_dead(db, self.max_dead_bytes)
-        self._remember_leaving(leaving)
+        self._packs.remember(leaving)
         return added, evicted, freed, total
 
-    def _delete_sync(self, ids: list[int], changes: PackChanges = _NO_PACK_CHANGES) -> None:
+    def _delete_sync(self, ids: list[int], changes: PackChanges = NO_PACK_CHANGES) -> None:
         """Delete delivered rows, by id ranges when they run on (the usual batch), else by id,
         and shrink the packs delivered events leave (invariant 10): one transaction."""
         ordered = sorted(ids)
@@ -1316,7 +1205,7 @@ class SqliteQueue:
             else:
                 runs.append((i, i))
         with self._no_fsync() as db, _Transaction(db):
-            _apply_packs(db, changes)
+            apply_packs(db, changes)
             if len(runs) <= 16:
                 db.executemany("DELETE FROM events WHERE id BETWEEN ? AND ?", runs)
                 return
@@ -1398,9 +1287,8 @@ def stats_of(db: sqlite3.Connection) -> QueueStats:
     for key, (fault, at) in faults(db).items():  # shown for the keys still queued
         if key in out.per_key:
             out.per_key[key].last_fault, out.per_key[key].last_fault_at = fault, at
-    out.dead, out.dead_bytes = (
-        int(v) for v in db.execute("SELECT count(*), coalesce(sum(size), 0) FROM dead").fetchone()
-    )
+    dead, dead_size = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM dead").fetchone()
+    out.dead, out.dead_bytes = int(dead), int(dead_size)
     out.dead_evicted = dead_evicted(db)
     return out
 
