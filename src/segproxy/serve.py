@@ -12,7 +12,7 @@ from pathlib import Path
 
 from segproxy import native
 from segproxy.app import App
-from segproxy.config import Config
+from segproxy.config import Config, env_warnings
 from segproxy.edge.server import EdgeServer
 
 log = logging.getLogger("segproxy")
@@ -38,6 +38,8 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 async def serve(config: Config) -> None:
+    for warning in env_warnings(os.environ):  # never fatal: see config.env_warnings
+        log.warning("%s", warning)
     loop = asyncio.get_running_loop()
     if not config.sources.write_keys:
         log.warning(
