@@ -107,7 +107,7 @@ class Clients:
         *,
         threads: int = 4,
         max_events: int = 6000,
-        seconds: float = 60.0,
+        seconds: float = 120.0,
         pace: float = 0.08,
         seed: int = 0,
     ) -> None:
@@ -315,6 +315,15 @@ def per_step(fake: FakeSegment, posted: Posted) -> list[str]:
     return lines
 
 
+def reach(fake: FakeSegment, step: int, timeout: float = 60.0) -> None:
+    """Poll until the fake's cycle reaches ``step`` (upstream requests drive it)."""
+    if not fake.api.state.wait_until(lambda: (fake.api.step or 0) >= step, timeout):
+        raise AssertionError(
+            f"the fake's cycle stopped at step {fake.api.step} of {len(SCHEDULE)} "
+            f"(waiting for {step}) for {timeout} s: no upstream requests?"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # The drill
 
@@ -337,11 +346,11 @@ def test_fault_drill_no_acknowledged_event_lost_and_only_bad_ones_dead(
 
     clients = Clients(port, step, cycled, seed=11).start()
     try:
-        wait_for(lambda: (step() or 0) >= KILL_AT_STEP, timeout=40, what="the first cycle")
+        reach(fake, KILL_AT_STEP)
         proxy.kill()  # SIGKILL: no shutdown, whatever was in flight stays in flight
         killed_at = time.time()
         proxy = proxies.start(config)  # same port, same queue file
-        wait_for(cycled, timeout=40, what=f"the fake's cycle to end (at step {step()})")
+        reach(fake, len(SCHEDULE))
     finally:
         clients.stop()
     posted = clients.posted
