@@ -167,6 +167,40 @@ def test_the_batch_context_and_integrations_merge_under_each_events_own() -> Non
     assert c["integrations"] == {"All": False, "Mixpanel": True}
 
 
+def test_each_event_gets_its_own_copy_of_the_batch_context() -> None:
+    doc = {"context": {"locale": "de-DE"}, "batch": [{"type": "track"}, {"type": "page"}]}
+    data = orjson.dumps(doc)
+    payload = parse("batch", data, AUTH, LIMITS, frozenset())
+    enrich(payload, IP)
+    prepare.rows(payload, NOW, LIMITS)
+    a, b = payload.events
+    assert a["context"] is not b["context"]
+    assert payload.doc["context"] == {"locale": "de-DE"}  # the batch's own is not changed
+
+
+@pytest.mark.parametrize("shared", [["nope"], "x", 3])
+def test_a_batch_context_that_is_not_an_object_is_not_folded(shared: object) -> None:
+    (row,) = stored("batch", {"context": shared, "batch": [{"type": "track"}]})
+    assert orjson.loads(row.body)["context"] == {"ip": IP}
+
+
+def test_a_batch_context_ip_stands_for_its_events_and_an_events_own_wins() -> None:
+    """The client's stated address, as on an event; the connection's only when neither has
+    one. The same on both backends (Segment would merge the batch's into each event)."""
+    doc = {
+        "context": {"ip": "198.51.100.1"},
+        "batch": [
+            {"type": "track"},
+            {"type": "track", "context": {"locale": "fr"}},
+            {"type": "track", "context": {"ip": "198.51.100.2"}},
+        ],
+    }
+    ips = [orjson.loads(r.body)["context"]["ip"] for r in stored("batch", doc)]
+    assert ips == ["198.51.100.1", "198.51.100.1", "198.51.100.2"]
+    sent = orjson.loads(forwarded("batch", doc))["batch"]
+    assert [e["context"]["ip"] for e in sent] == ips
+
+
 def test_a_single_event_gets_its_endpoints_type_unless_it_names_one() -> None:
     (implied,) = stored("t", {"messageId": "a"})
     assert orjson.loads(implied.body)["type"] == "track"

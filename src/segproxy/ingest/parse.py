@@ -354,18 +354,24 @@ def check_sent_at(value: object, where: str) -> None:
 
 
 def enrich(payload: Payload, ip: str) -> None:
-    """Set ``context.ip`` from the real client on every event that has none, and a messageId.
+    """Set ``context.ip`` from the real client on every event that has none (nor its batch),
+    and a messageId.
 
     An event without a ``messageId`` (or with an empty or non-string one) gets a random one
     here, at accept time: it is stored with the event, so every retry and a resend after a
     crash carry the same one, and Segment de-duplicates on it.
     """
+    # A batch's own context.ip stands for its events, as an event's own does: the client
+    # said where they came from (and Segment would merge it into each).
+    shared = payload.doc.get("context") if payload.doc.get("batch") is payload.events else None
+    batch_ip = shared.get("ip") if isinstance(shared, dict) else None
+    fill = batch_ip if batch_ip else ip
     for event in payload.events:
         ctx = event.get("context")
         if ctx is None:
-            event["context"] = {"ip": ip}
+            event["context"] = {"ip": fill}
         elif not ctx.get("ip"):
-            ctx["ip"] = ip
+            ctx["ip"] = fill
         mid = event.get("messageId")
         if not isinstance(mid, str) or not mid:
             event["messageId"] = str(uuid.uuid4())
