@@ -4,16 +4,16 @@ Segment refuses a whole request for one event over 32 KB, so that limit is check
 event as it will reach Segment, after everything the proxy adds to it: ``context.ip`` and a
 ``messageId`` (parse.enrich), the batch's ``sentAt``, ``context`` and ``integrations`` folded
 into each event, the type its endpoint implies, and the ``sentAt`` the forwarder puts back
-when it sends the event (its longest form: ``queue.base.SENT_AT_*``). Each event is encoded
-once, into the bytes that are stored, and measured on those: nothing is encoded twice.
+when it sends the event (its longest form: ``queue.base.SENT_AT_*``). On the queue path each
+event is encoded once, into the bytes that are stored, and measured on those.
 
 What one batch may store is bounded by what it sent (docs/architecture.md, "What a request
 may cost"): the events as they will be sent, each with its write key, total at most
 ``STORE_FACTOR`` times the decompressed body plus ``STORE_PER_EVENT`` bytes per event (a
-single event is bounded by the 32 KB check). Real
-clients stay far below it (they send no batch-level context, or a small one); a large
-batch-level context copied into thousands of events does not. Encoding stops at the first
-event past the bound, so a refused request costs about the bound's bytes of work.
+single event is bounded by the 32 KB check). Real clients stay far below it (they send no
+batch-level context, or a small one); a large batch-level context copied into thousands of
+events does not. Encoding stops at the first event past the bound, so a refused request
+costs about the bound's bytes of work.
 
 Errors (all :class:`IngestError`, 400): ``event_too_large``, ``merged_too_large``,
 ``request_too_large`` (passthrough: the body as it will be forwarded), ``bad_event`` (an event
