@@ -18,13 +18,10 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
-
-import orjson
 
 from segproxy.config import Config
 from segproxy.edge.http import Deferred, Headers, Request, Response, error_response
-from segproxy.forward.batcher import prepare_events
+from segproxy.ingest import prepare
 from segproxy.ingest.parse import (
     JSON_SEEN,
     IngestError,
@@ -34,7 +31,8 @@ from segproxy.ingest.parse import (
     parse,
     parse_single,
 )
-from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull, new_row
+from segproxy.ingest.prepare import encode, single_body_checked, single_row
+from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
 from segproxy.ratelimit import rate_limited, table
 from segproxy.routes import API_ENDPOINTS, Route
 from segproxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
@@ -46,14 +44,6 @@ EXPOSE_HEADERS = b"Retry-After, X-RateLimit-Reset"
 _ORIGIN_RE = re.compile(rb"^(?:null|https?://[A-Za-z0-9.:\[\]-]{1,260})$")
 PASS_HEADERS = (b"retry-after", b"x-ratelimit-reset", b"content-type")
 RETRY_AFTER_SECONDS = b"5"
-
-
-def encode(obj: object) -> bytes:
-    """Serialise what we forward; a body orjson cannot write (nested > 255 deep) is a 400."""
-    try:
-        return orjson.dumps(obj)
-    except orjson.JSONEncodeError as exc:
-        raise IngestError(400, "bad_event", f"the event cannot be re-encoded: {exc}") from exc
 
 
 def cors_headers(origin: bytes | None) -> Headers:
@@ -101,15 +91,6 @@ def preflight(origin: bytes | None) -> Response:
 
 
 SUCCESS = b'{"success":true}'
-
-
-def event_row(write_key: str, event: dict[str, Any], now: float) -> NewRow:
-    """An event's queue row: its JSON without ``sentAt``, which the row keeps apart."""
-    sent_at = event.get("sentAt")
-    if isinstance(sent_at, str):
-        del event["sentAt"]
-        return new_row(write_key, "event", now, encode(event), sent_at)
-    return new_row(write_key, "event", now, encode(event))
 
 
 def upstream_headers(authorization: bytes | None, write_key: str | None) -> Headers:
@@ -193,9 +174,9 @@ class IngestService:
                 if wait is not None:
                     return rate_limited(wait, "for this write key", cors)
             if self.queue is not None:
-                rows = self.rows(payload)
+                rows = prepare.rows(payload, time.time(), self.limits)
             else:
-                body = encode(payload.doc)
+                body = prepare.forwarded_body(payload, self.limits)
         except IngestError as exc:
             return error_response(exc.status, exc.code, exc.message, cors)
         if self.queue is not None:
@@ -217,18 +198,9 @@ class IngestService:
             return None
         doc, key = single
         if self.queue is None:
-            return self.forward(route, encode(doc), upstream_headers(auth, key), cors)
-        prepare_events(doc, [doc], implied)
-        return self.enqueue([event_row(key, doc, time.time())], cors)
-
-    def rows(self, payload: Payload) -> list[NewRow]:
-        """One queue row per event (or one for a metrics request), as it will be sent."""
-        now = time.time()
-        if payload.endpoint == "m":
-            return [NewRow("", "metrics", now, encode(payload.doc))]
-        key = payload.write_key or ""
-        events = prepare_events(payload.doc, payload.events, API_ENDPOINTS.get(payload.endpoint))
-        return [event_row(key, event, now) for event in events]
+            body = single_body_checked(encode(doc), self.limits)
+            return self.forward(route, body, upstream_headers(auth, key), cors)
+        return self.enqueue([single_row(key, doc, implied, time.time(), self.limits)], cors)
 
     def enqueue(self, rows: list[NewRow], cors: Headers) -> Response | Deferred:
         """200 once the rows are committed (the commit resolves the answer), else 503."""
