@@ -195,11 +195,16 @@ def build_batches(
     max_bytes: int = MAX_BATCH_BYTES,
     max_events: int = MAX_BATCH_EVENTS,
 ) -> list[Batch]:
-    """Group event rows per write key into batches within Segment's limits, oldest first."""
+    """Group event rows per write key into batches within Segment's limits, oldest first.
+
+    A row of kind "replay" (a dead letter put back by ``segproxy queue replay``) goes in a
+    batch of its own, so that Segment's answer is about it alone: refused again, it does not
+    take good events with it, nor need a split to be found.
+    """
     open_batches: dict[str, Batch] = {}
     done: list[Batch] = []
     for row in rows:  # (per event, so written for speed: one unpacking, no helper calls)
-        _, key, _, received_at, _, part, sent_at = row
+        _, key, kind, received_at, _, part, sent_at = row
         tail: bytes | None = None
         if sent_at is not None:
             tail = sent_at_field(sent_at, now - received_at)
@@ -214,20 +219,26 @@ def build_batches(
                 shift_sent_at(event, now - received_at)
                 part = orjson.dumps(event)
             size = len(part)
-        batch = open_batches.get(key)
-        if batch is not None and (
-            batch.size + size + 1 > max_bytes or len(batch.rows) >= max_events
-        ):
+        batch: Batch | None
+        if kind == "replay":  # alone (see above); other rows go on as if it were not there
+            batch = Batch(key, [row], [_OPEN], _ENVELOPE + size)
             done.append(batch)
-            batch = None
-        if batch is None:
-            batch = open_batches[key] = Batch(key, [row], [_OPEN], _ENVELOPE + size)
             parts = batch.parts
         else:
-            batch.size += size + 1  # a comma between events
-            batch.rows.append(row)
-            parts = batch.parts
-            parts.append(_COMMA)
+            batch = open_batches.get(key)
+            if batch is not None and (
+                batch.size + size + 1 > max_bytes or len(batch.rows) >= max_events
+            ):
+                done.append(batch)
+                batch = None
+            if batch is None:
+                batch = open_batches[key] = Batch(key, [row], [_OPEN], _ENVELOPE + size)
+                parts = batch.parts
+            else:
+                batch.size += size + 1  # a comma between events
+                batch.rows.append(row)
+                parts = batch.parts
+                parts.append(_COMMA)
         if tail is None:
             parts.append(part)
         else:
