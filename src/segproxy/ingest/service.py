@@ -8,7 +8,12 @@ events and retry: nothing is dropped.
 Delivery with ``[queue] backend = "none"``: each request is forwarded synchronously to the one
 configured API upstream and Segment's answer (status, body, ``Retry-After``) is passed back, so
 clients keep their own retry behaviour. If the upstream cannot be reached, the client gets a
-502/503 with ``Retry-After`` and keeps the events.
+502/503 with ``Retry-After`` and keeps the events. A redirect (or any other answer below 400
+that is not a 2xx) is not a delivery and is never relayed (a browser would follow it with the
+event, or drop it; Segment's server libraries fail on any 3xx): the client gets a 502
+``upstream_redirect`` with ``Retry-After`` and retries, and the log names the status and
+``Location`` as the proxy's configuration fault (the client is told nothing about the upstream),
+like the forwarder does in durable mode (forward/retry.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable
 
 from segproxy.config import Config
 from segproxy.edge.http import Deferred, Headers, Request, Response, error_response
+from segproxy.forward.retry import MISDIRECTED, Throttle, fault, held_back
 from segproxy.ingest import prepare
 from segproxy.ingest.parse import (
     JSON_SEEN,
@@ -129,6 +135,7 @@ class IngestService:
         # Passthrough: Segment's small answers (its 200, say) as relayed, per what they carry
         # and the allowed origin, built once too.
         self._relayed: dict[tuple[object, ...], Response] = {}
+        self.reports = Throttle()  # redirect warnings: one per fault every 10 s
 
     def ok(self, cors: Headers) -> Response:
         allow = cors[0][1]  # cors_headers(): access-control-allow-origin comes first
@@ -256,13 +263,8 @@ class IngestService:
                 "Segment's API could not be reached; retry later",
                 [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
             )
-        if 300 <= resp.status < 400:
-            return error_response(
-                502,
-                "upstream_redirect",
-                f"Segment's API answered a redirect ({resp.status})",
-                [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
-            )
+        if not 200 <= resp.status < 300 and resp.status < 400:
+            return self._not_delivered(resp, route, cors)
         passed = [(name, resp.headers.get(name)) for name in PASS_HEADERS]
         key = (resp.status, resp.body, cors[0][1], *passed)
         answer = self._relayed.get(key)
@@ -275,3 +277,24 @@ class IngestService:
                     self._relayed.clear()
                 self._relayed[key] = answer
         return answer
+
+    def _not_delivered(self, resp: UpstreamResponse, route: Route, cors: Headers) -> Response:
+        """A redirect from the API upstream: 502 for the client (who keeps the events and
+        retries), the status and Location in the log (not for the client: internal address)."""
+        why = fault(resp.status, resp.header(b"location"))
+        held = self.reports.due(why, time.time())
+        if held is not None:
+            log.warning(
+                "Segment's API answered %s for %s: %s: the client is answered 502 and retries%s",
+                why,
+                route.upstream_path,
+                MISDIRECTED,
+                held_back(held),
+            )
+        return error_response(
+            502,
+            "upstream_redirect",
+            f"the proxy's upstream answered {resp.status} instead of accepting the events:"
+            " a proxy configuration fault; retry later",
+            [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
+        )
