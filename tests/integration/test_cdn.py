@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -403,3 +406,67 @@ def test_settings_without_trusted_proxies_vary_on_host_only(client: Client) -> N
     assert resp.header("cache-control") == "private, max-age=60"
     vary = {v.strip().lower() for v in (resp.header("vary") or "").split(",")}
     assert vary == {"host", "accept-encoding"}
+
+
+class _ResettingCdn:
+    """A CDN that answers 200 with a body delimited by the connection's end (no length, not
+    chunked), sends part of it, then resets the connection: an abnormal end, not the end of
+    the body. The fake CDN always sends a Content-Length, so this one is a raw socket."""
+
+    def __init__(self, partial: bytes) -> None:
+        self.partial = partial
+        self.requests = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                self.requests += 1
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/javascript\r\n\r\n"
+                    + self.partial
+                )
+                # SO_LINGER 0: close() sends a reset instead of an orderly end
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+def test_a_body_cut_by_a_connection_reset_is_not_a_body(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    cdn = _ResettingCdn(fake.expected_script()[:5000])
+    try:
+        config = base_config(fake)
+        config["upstream"]["cdn"] = f"http://127.0.0.1:{cdn.port}"
+        proxy = start(config)
+        client = Client(proxy)
+        for _ in range(2):  # not cached: the second visitor does not get the partial body
+            resp = client.get(SCRIPT)
+            assert resp.status == 502
+            assert resp.json()["code"] == "cdn_invalid_answer"
+        assert cdn.requests == 2
+    finally:
+        cdn.close()
