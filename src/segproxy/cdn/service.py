@@ -198,8 +198,8 @@ class CdnService:
             prepared = await self.loop.run_in_executor(
                 None, _prepare, kind, resp.body, encoding, ctype
             )
-        except BrokenBody as exc:
-            log.warning("CDN fetch %s: invalid body, not stored: %s", path, exc)
+        except BrokenBody as broken:  # not `exc`: mypyc gives a name one type per function
+            log.warning("CDN fetch %s: invalid body, not stored: %s", path, broken)
             return _Failure(502, "cdn_invalid_answer", INVALID, True)
         if prepared.not_rewritable is not None:
             log.warning(
