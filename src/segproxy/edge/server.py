@@ -25,7 +25,10 @@ through, on paths a plain Content-Length request never takes:
     where in a read a callback happened. So the read that holds the headers is searched for a
     chunk line with an extension over 1 KB, and later reads of the body are fed in slices and
     the bytes beyond the chunk data counted;
-  - trailer fields are read (within the header limits) and dropped, never merged into headers.
+  - trailer fields are read (within the header limits) and dropped, never merged into headers;
+  - a request asking to switch protocols (``Upgrade`` with ``Connection: upgrade``, or
+    ``CONNECT``) is answered once as plain HTTP and the connection closed, reading nothing after
+    it; one that declares a body is refused (llhttp stops before the body).
 
 Connections: past ``limits.max_connections`` open ones, a new connection is answered 503 and
 closed at once (counted in ``EdgeServer.refused``).
@@ -336,7 +339,10 @@ class HttpProtocol(asyncio.Protocol):
     def _parse_failed(self, exc: Exception) -> None:
         """Answer what stopped the parser (then close: the framing is no longer trusted)."""
         if isinstance(exc, httptools.HttpParserUpgrade):
-            self._on_upgrade()
+            # llhttp stops after a message that asks to switch protocols; on_message_complete
+            # has already seen it (``_refuse_upgrade``), and its answer closes the connection.
+            if not self.closing:  # (llhttp never stops so otherwise; if it did: refuse)
+                self._queue_final(error_response(400, "bad_request", "unexpected upgrade"))
             return
         cause = exc if isinstance(exc, _Reject) else exc.__context__
         if isinstance(cause, _Reject):
@@ -344,25 +350,16 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._queue_final(error_response(400, "bad_request", f"malformed HTTP request: {exc}"))
 
-    def _on_upgrade(self) -> None:
-        method = self.parser.get_method().decode("latin-1", "replace")
-        if method == "CONNECT":
-            self._queue_final(
-                error_response(
-                    405, "method_not_allowed", "CONNECT is not supported: this is not a proxy"
-                )
-            )
-        else:
-            # An Upgrade request was read whole (on_message_complete queued it); we do not
-            # switch protocols, so answer it as plain HTTP and close afterwards.
-            self.closing_after_pipeline()
-
-    def closing_after_pipeline(self) -> None:
-        for item in self.pipeline:
-            if isinstance(item, Request):
-                item.keep_alive = False
-        if not self.pipeline and not self.busy:
-            self._queue_final(error_response(400, "bad_request", "protocol upgrades are refused"))
+    def _refuse_upgrade(self) -> None:
+        """A request asking to switch protocols (``Upgrade``, ``CONNECT``): we never switch, so
+        it is answered once as plain HTTP (a CONNECT gets the router's 405), with
+        ``Connection: close``, after what is queued ahead of it. Nothing after it is read:
+        those bytes belong to the other protocol, and an extra answer on this connection could
+        reach the next client of a front proxy that reuses connections."""
+        self.closing = self.slow = True
+        if self.transport is not None and not self.reading_paused:
+            self.transport.pause_reading()
+            self.reading_paused = True
 
     def on_message_begin(self) -> None:
         self.in_message = True
@@ -529,20 +526,28 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         parser = self.parser
         keep_alive = parser.should_keep_alive()
+        method = _METHODS.get(parser.get_method())
         # llhttp keeps alive HTTP/1.1 unless "Connection: close"; any other version only with
         # a Connection header: the version needs a look only then. A chunked message comes
-        # here too.
-        if not keep_alive or self.odd or b"connection" in self.headers:
+        # here too, and so does an upgrade (it needs "Connection: upgrade", or is a CONNECT).
+        if not keep_alive or self.odd or method is None or b"connection" in self.headers:
             if self.odd:
                 self._end_chunked()
             self._check_version()
+            if parser.should_upgrade():
+                if self.expect_body:  # llhttp leaves the body unread: it is not this request
+                    raise _bad_framing("a request that asks to switch protocols cannot have a body")
+                keep_alive = False
+                self._refuse_upgrade()
+            if method is None:
+                method = parser.get_method().decode("latin-1")
         self.in_message = False
         self.deadline = 0.0
         self.timer_phase = ""
         body = self.body
         self.body = []  # an idle connection keeps no body
         req = Request(
-            _METHODS.get(parser.get_method()) or parser.get_method().decode("latin-1"),
+            method,
             self.url.decode("latin-1"),
             self.headers,
             body[0] if len(body) == 1 else b"".join(body),
