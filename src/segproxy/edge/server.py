@@ -32,6 +32,15 @@ through, on paths a plain Content-Length request never takes:
 
 Connections: past ``limits.max_connections`` open ones, a new connection is answered 503 and
 closed at once (counted in ``EdgeServer.refused``).
+
+Memory budget (``limits.max_buffered_bytes``): ``EdgeServer.buffered`` counts the request-body
+bytes held across all connections. A Content-Length body is reserved whole when its headers
+end; a chunked body is counted as it arrives. A body that would take the total over the budget
+is answered 503 (``Retry-After``) and its connection closed. Invariant: ``buffered`` is the sum
+of every connection's ``reserved``; a request's bytes leave both when it is handed to the
+handler (``_serve``: a pipelined request waiting its turn still holds them), and whatever a
+connection still holds leaves when it closes (``connection_lost``: every end of a connection
+goes through it, whether timeout, reset, refusal or error).
 """
 
 from __future__ import annotations
@@ -114,6 +123,17 @@ _REFUSED_BODY = (
     b'{"success":false,"code":"too_many_connections",'
     b'"message":"the server has too many open connections; retry"}'
 )
+# Over the memory budget. CORS headers so that a browser's script can read the Retry-After.
+_OVER_BUDGET = error_response(
+    503,
+    "server_busy",
+    "the server is receiving too many request bodies at once; retry",
+    [
+        (b"retry-after", b"1"),
+        (b"access-control-allow-origin", b"*"),
+        (b"access-control-expose-headers", b"Retry-After"),
+    ],
+)
 
 
 def _head(response: Response, keep_alive: bool) -> bytes:
@@ -169,9 +189,10 @@ class HttpProtocol(asyncio.Protocol):
         self.head_fed = 0  # bytes of later reads fed while the headers were incomplete
         self.max_header_bytes = server.limits.max_header_bytes
         self.max_header_count = server.limits.max_header_count
-        self.max_body_digits = len(str(server.limits.max_body_bytes))
         self.body: list[bytes] = []
         self.body_size = 0
+        self.reserved = 0  # body bytes this connection holds against the memory budget
+        self.max_buffered = server.limits.max_buffered_bytes
         self.expect_body = False
         self.in_message = False
         self.eof = False
@@ -239,6 +260,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.server.buffered -= self.reserved  # whatever it still held, however it ended
+        self.reserved = 0
         self.closing = self.slow = True
         self._disarm()
         self.transport = None
@@ -431,9 +454,10 @@ class HttpProtocol(asyncio.Protocol):
         self.headers = headers
         clen = headers.get(b"content-length")
         if clen is not None:
-            # llhttp has refused it with Transfer-Encoding, repeated, or not all digits; with
-            # fewer digits than the limit has, it is within it (no int() per request).
-            if len(clen) >= self.max_body_digits and int(clen) > limits.max_body_bytes:
+            # llhttp has refused it with Transfer-Encoding, repeated, or not all digits. The
+            # declared length is reserved against the memory budget before a byte is read.
+            size = int(clen)
+            if size > limits.max_body_bytes:
                 raise _Reject(
                     error_response(
                         413,
@@ -441,7 +465,9 @@ class HttpProtocol(asyncio.Protocol):
                         f"request body is over {limits.max_body_bytes} bytes",
                     )
                 )
-            self.expect_body = clen != b"0"
+            self.expect_body = size != 0
+            if self.expect_body:
+                self._reserve(size)
         elif b"transfer-encoding" in headers:
             self._start_chunked()
             self.expect_body = True
@@ -462,6 +488,14 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         else:
             self._disarm()
+
+    def _reserve(self, size: int) -> None:
+        """Hold ``size`` more body bytes against the budget, or refuse the request."""
+        server = self.server
+        if server.buffered + size > self.max_buffered:
+            raise _Reject(_OVER_BUDGET)
+        server.buffered += size
+        self.reserved += size
 
     def _start_chunked(self) -> None:
         """A Transfer-Encoding header (llhttp let it through, so it ends in chunked)."""
@@ -521,6 +555,8 @@ class HttpProtocol(asyncio.Protocol):
                     f"request body is over {self.limits.max_body_bytes} bytes",
                 )
             )
+        if self.odd:  # a chunked body has no length to reserve: count it as it grows
+            self._reserve(len(body))
         self.body.append(body)
 
     def on_message_complete(self) -> None:
@@ -618,6 +654,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _serve(self, item: Request) -> object:
         """Run the handler for one request: answered (_NEXT or _STOP) or _PENDING."""
+        size = len(item.body)  # handed over: its bytes leave the budget
+        self.reserved -= size
+        self.server.buffered -= size
         try:
             result = self.handler(item)
         except Exception:
@@ -718,6 +757,7 @@ class EdgeServer:
         self.ssl_context = ssl_context
         self.connections: set[HttpProtocol] = set()
         self.refused = 0  # connections closed at once: over limits.max_connections
+        self.buffered = 0  # request-body bytes held by all connections (see the docstring)
         self.shutting_down = False
         self._server: asyncio.base_events.Server | None = None
         shortest = min(limits.header_timeout, limits.body_timeout, limits.idle_timeout)
