@@ -137,6 +137,9 @@ class LimitsConfig:
     max_pipelined: int = 16
     shutdown_grace: float = 10.0
     max_connections: int = 10_000  # open client connections; more are refused at accept
+    # Request bodies held in memory across all connections (declared or received, until each
+    # is handed to its handler); a body that would take the total over it is answered 503.
+    max_buffered_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +558,13 @@ def build(flat: Mapping[str, object]) -> Config:
             "limits.max_request_bytes",
             limits.max_request_bytes,
             f"at most limits.max_decompressed_bytes ({limits.max_decompressed_bytes})",
+        )
+    if limits.max_buffered_bytes < limits.max_body_bytes:
+        raise ConfigError(
+            "limits.max_buffered_bytes",
+            limits.max_buffered_bytes,
+            f"at least limits.max_body_bytes ({limits.max_body_bytes}): else no body that size "
+            "could ever be received",
         )
     admin_listen = get("admin.listen", "")
     token = _str("admin.token", get("admin.token", ""))

@@ -46,6 +46,14 @@ async def serve(config: Config) -> None:
             "[sources] write_keys is empty: any write key is accepted and proxied; "
             "list your keys to refuse others"
         )
+    if config.trusted_proxies and not config.public_hosts:
+        # Then the host the settings name comes from a header the balancer wrote (or passed
+        # on): one misconfigured hop is enough to serve a host of a visitor's choosing.
+        log.warning(
+            "trusted_proxies is set and public_hosts is empty: the settings name whatever "
+            "host the trusted proxies forward (X-Forwarded-Host, Forwarded, Host); list your "
+            "public host names in public_hosts"
+        )
     app = App(config)
     await app.start()
     edge = EdgeServer(app, config.limits, loop, tls_context(config))

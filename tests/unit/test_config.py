@@ -425,12 +425,18 @@ def _default(key: str) -> object:
 
 _NUMERIC_KEYS = [k for k in KNOWN_KEYS if k.split(".")[0] in _SECTION_DEFAULTS]
 _FLOAT_KEYS = [k for k in _NUMERIC_KEYS if type(_default(k)) is float]
-# The two request-size limits are checked against each other; they have their own tests.
+# Limits checked against each other have their own tests (the two request sizes here; the
+# body budget, at least one body, in test_memory_budget_config.py).
 _INT_KEYS = [
     k
     for k in _NUMERIC_KEYS
     if type(_default(k)) is int
-    and k not in ("limits.max_request_bytes", "limits.max_decompressed_bytes")
+    and k
+    not in (
+        "limits.max_request_bytes",
+        "limits.max_decompressed_bytes",
+        "limits.max_buffered_bytes",
+    )
 ]
 
 
