@@ -90,8 +90,7 @@ class App:
             trusted = cfg.trusted_proxies
             if not trusted:
                 return self.ingest.handle(req, route, req.peer)
-            xff = req.headers.get(b"x-forwarded-for")
-            return self.ingest.handle(req, route, client_ip(req.peer, xff, trusted))
+            return self.ingest.handle(req, route, client_ip(req.peer, req.headers, trusted))
         if kind is Kind.HEALTHZ:
             return json_response(200, {"status": "ok"})
         if kind is Kind.READYZ:
@@ -100,7 +99,7 @@ class App:
             return self.readiness(req)
         ip: str | None = None
         if self.ip_limit is not None and req.method != "OPTIONS":
-            ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
+            ip = client_ip(req.peer, req.headers, cfg.trusted_proxies)
             wait = self.ip_limit.allow(client_bucket(ip), time.monotonic())
             # Exemptions are looked up only once a client is over its limit (cheaper).
             if wait is not None and not exempt(ip, self.exempt_ips):
@@ -109,14 +108,7 @@ class App:
                 return rate_limited(wait, "from this address", cors_headers(req.header(b"origin")))
         origin = None
         if kind is Kind.SETTINGS or cfg.public_hosts:
-            origin = public_origin(
-                req.peer,
-                req.scheme,
-                req.header(b"host"),
-                req.header(b"x-forwarded-host"),
-                req.header(b"x-forwarded-proto"),
-                cfg.trusted_proxies,
-            )
+            origin = public_origin(req.peer, req.scheme, req.headers, cfg.trusted_proxies)
             if cfg.public_hosts and (origin is None or not host_allowed(origin, cfg.public_hosts)):
                 return error_response(
                     421, "unknown_host", "this host name is not served here (see public_hosts)"
@@ -124,7 +116,7 @@ class App:
         if kind in CDN_KINDS:
             return self.cdn.handle(req, route, origin)
         if ip is None:
-            ip = client_ip(req.peer, req.header(b"x-forwarded-for"), cfg.trusted_proxies)
+            ip = client_ip(req.peer, req.headers, cfg.trusted_proxies)
         return self.ingest.handle(req, route, ip)
 
     def readiness(self, req: Request) -> Response:

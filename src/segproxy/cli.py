@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import ssl
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from segproxy import __version__, native
-from segproxy.config import ConfigError, load
+from segproxy.config import ConfigError, env_warnings, load
 from segproxy.redact import mask
 
 
@@ -43,11 +44,15 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  write keys allowed: {len(config.sources.write_keys)}")
     else:
         print("  warning: [sources] write_keys is empty: any write key is accepted")
+    for warning in env_warnings(os.environ):
+        print(f"  warning: {warning}")
     return 0
 
 
 def _queue_path(args: argparse.Namespace) -> str:
     config = load(args.config)
+    for warning in env_warnings(os.environ):  # stderr: stdout may be --json
+        print(f"segproxy: warning: {warning}", file=sys.stderr)
     if config.queue.backend != "sqlite":
         raise ConfigError("queue.backend", config.queue.backend, '"sqlite" for queue commands')
     return config.queue.path

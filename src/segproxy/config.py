@@ -5,11 +5,16 @@ variables. The environment name of a key is ``SEGPROXY_`` + its dotted path in u
 dots as underscores: ``upstream.api`` -> ``SEGPROXY_UPSTREAM_API``; lists are comma-separated.
 
 Any invalid value stops start-up with a :class:`ConfigError` naming the key, the value and what
-was expected. docs/configuration.md is the reference for every key here.
+was expected (and the variable, when the value came from one). A ``SEGPROXY_*`` variable that
+names no key is only a warning (:func:`env_warnings`): Kubernetes defines ``SEGPROXY_PORT``,
+``SEGPROXY_SERVICE_HOST``... in every pod of a namespace with a Service named ``segproxy``, and a
+proxy that refused to start there would crash-loop. docs/configuration.md is the reference for
+every key here.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -37,13 +42,25 @@ _WRITE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid; the message names key, value and expectation."""
+    """A configuration value is invalid; the message names key, value and expectation, and the
+    environment variable the value came from, if it did (``variable``)."""
 
-    def __init__(self, key: str, value: object, expected: str) -> None:
+    def __init__(self, key: str, value: object, expected: str, variable: str | None = None) -> None:
         self.key = key
         self.value = value
         self.expected = expected
-        super().__init__(f"config key {key!r}: got {value!r}, expected {expected}")
+        self.variable = variable
+        if variable is None:
+            message = f"config key {key!r}: got {value!r}, expected {expected}"
+        else:
+            # The operator looks for the variable they set, not for the key it maps to.
+            what = "" if variable == key else f" (config key {key!r})"
+            message = f"{variable}={value!r}: expected {expected}{what}"
+        super().__init__(message)
+
+    def from_variable(self, variable: str) -> ConfigError:
+        """The same error, naming the environment variable the bad value came from."""
+        return ConfigError(self.key, self.value, self.expected, variable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +144,9 @@ class LimitsConfig:
     max_pipelined: int = 16
     shutdown_grace: float = 10.0
     max_connections: int = 10_000  # open client connections; more are refused at accept
+    # Request bodies held in memory across all connections (declared or received, until each
+    # is handed to its handler); a body that would take the total over it is answered 503.
+    max_buffered_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,24 +403,79 @@ NOT_CONFIG: dict[str, tuple[str, str]] = {
     "SEGPROXY_NATIVE": ("01", "0 (run as plain Python) or 1 (the compiled build, the default)"),
 }
 
+# The variables Kubernetes defines for a Service named "segproxy" in every pod of its namespace
+# ("service links": SEGPROXY_SERVICE_HOST, SEGPROXY_SERVICE_PORT[_<port name>], SEGPROXY_PORT,
+# SEGPROXY_PORT_<port>_<PROTO>[_ADDR|_PORT|_PROTO]).
+_SERVICE_LINK = re.compile(
+    r"SEGPROXY_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:ADDR|PORT|PROTO))?)?)"
+)
+
+
+def _env_names() -> dict[str, str]:
+    return {env_name(k): k for k in KNOWN_KEYS}
+
 
 def _from_env(env: Mapping[str, str]) -> dict[str, object]:
-    by_name = {env_name(k): k for k in KNOWN_KEYS}
+    """The configuration keys set in ``env``; unknown SEGPROXY_* variables are skipped here
+    and reported by :func:`env_warnings`. A bad SEGPROXY_NATIVE stops start-up."""
+    by_name = _env_names()
     out: dict[str, object] = {}
     for name, value in env.items():
-        if not name.startswith("SEGPROXY_"):
-            continue
         if name in NOT_CONFIG:
             allowed, what = NOT_CONFIG[name]
             if len(value) != 1 or value not in allowed:
-                raise ConfigError(name, value, what)
-            continue
-        if name not in by_name:
-            raise ConfigError(
-                name, value, "a known SEGPROXY_* variable (see docs/configuration.md)"
-            )
-        out[by_name[name]] = value
+                raise ConfigError(name, value, what, variable=name)
+        elif name in by_name:
+            out[by_name[name]] = value
     return out
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """The ``SEGPROXY_*`` variables in ``env`` that segproxy does not read, sorted."""
+    by_name = _env_names()
+    return sorted(
+        name
+        for name in env
+        if name.startswith("SEGPROXY_") and name not in by_name and name not in NOT_CONFIG
+    )
+
+
+def closest_variable(name: str) -> str | None:
+    """The known variable ``name`` most likely meant (a typo, a missing section), or None.
+
+    Compared without the common ``SEGPROXY_`` prefix, which would make every name look close.
+    """
+    known = [*_env_names(), *NOT_CONFIG]
+    suffixes = {k.removeprefix("SEGPROXY_"): k for k in known}
+    match = difflib.get_close_matches(name.removeprefix("SEGPROXY_"), suffixes, n=1)
+    return suffixes[match[0]] if match else None
+
+
+def env_warnings(env: Mapping[str, str]) -> list[str]:
+    """One warning per unknown ``SEGPROXY_*`` variable (Kubernetes' service links together).
+
+    Never fatal, and never showing a value: a misspelled variable may hold a secret.
+    """
+    unknown = unknown_variables(env)
+    links = [name for name in unknown if _SERVICE_LINK.fullmatch(name)]
+    warnings = []
+    if links:
+        warnings.append(
+            f"ignoring {', '.join(links)}: Kubernetes sets these for a Service named segproxy "
+            "(they are no segproxy settings; `enableServiceLinks: false` in the pod spec drops "
+            "them; the listen address is SEGPROXY_LISTEN)"
+        )
+    for name in unknown:
+        if name in links:
+            continue
+        closest = closest_variable(name)
+        hint = f"did you mean {closest}?" if closest else "no known variable is close"
+        warnings.append(
+            f"ignoring {name}: not a segproxy setting; {hint} "
+            "(docs/configuration.md lists them all)"
+        )
+    return warnings
 
 
 def build(flat: Mapping[str, object]) -> Config:
@@ -494,6 +569,13 @@ def build(flat: Mapping[str, object]) -> Config:
             limits.max_request_bytes,
             f"at most limits.max_decompressed_bytes ({limits.max_decompressed_bytes})",
         )
+    if limits.max_buffered_bytes < limits.max_body_bytes:
+        raise ConfigError(
+            "limits.max_buffered_bytes",
+            limits.max_buffered_bytes,
+            f"at least limits.max_body_bytes ({limits.max_body_bytes}): else no body that size "
+            "could ever be received",
+        )
     admin_listen = get("admin.listen", "")
     token = _str("admin.token", get("admin.token", ""))
     if token and len(token) < 16:
@@ -563,5 +645,11 @@ def load(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", str(p), f"valid TOML ({exc})") from exc
         flat.update(_flatten(raw))
-    flat.update(_from_env(os.environ if env is None else env))
-    return build(flat)
+    from_env = _from_env(os.environ if env is None else env)
+    flat.update(from_env)
+    try:
+        return build(flat)
+    except ConfigError as exc:
+        if exc.key in from_env:
+            raise exc.from_variable(env_name(exc.key)) from None
+        raise

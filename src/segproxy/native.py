@@ -43,6 +43,7 @@ COMPILED = (
     "edge/forwarded.py",
     "edge/server.py",
     "ingest/parse.py",
+    "ingest/prepare.py",
     "ingest/service.py",
     "queue/base.py",
     "queue/memory.py",

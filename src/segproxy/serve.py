@@ -11,7 +11,7 @@ import sys
 
 from segproxy import native
 from segproxy.app import App
-from segproxy.config import Config
+from segproxy.config import Config, env_warnings
 from segproxy.edge.server import EdgeServer
 from segproxy.queue.files import private_dir
 
@@ -38,11 +38,21 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 async def serve(config: Config) -> None:
+    for warning in env_warnings(os.environ):  # never fatal: see config.env_warnings
+        log.warning("%s", warning)
     loop = asyncio.get_running_loop()
     if not config.sources.write_keys:
         log.warning(
             "[sources] write_keys is empty: any write key is accepted and proxied; "
             "list your keys to refuse others"
+        )
+    if config.trusted_proxies and not config.public_hosts:
+        # Then the host the settings name comes from a header the balancer wrote (or passed
+        # on): one misconfigured hop is enough to serve a host of a visitor's choosing.
+        log.warning(
+            "trusted_proxies is set and public_hosts is empty: the settings name whatever "
+            "host the trusted proxies forward (X-Forwarded-Host, Forwarded, Host); list your "
+            "public host names in public_hosts"
         )
     app = App(config)
     await app.start()

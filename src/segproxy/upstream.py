@@ -103,8 +103,14 @@ class _Conn(asyncio.Protocol):
         self.pool._forget(self)
         if self.exchange is None:
             return
-        if self.headers_done and b"content-length" not in self.headers and not self._chunked():
-            # Body delimited by close (HTTP/1.0 style): what we have is the whole body.
+        if (
+            exc is None
+            and self.headers_done
+            and b"content-length" not in self.headers
+            and not self._chunked()
+        ):
+            # Body delimited by close (HTTP/1.0 style): an orderly close ends it. A reset (exc)
+            # cut it short: a failure, never a body (a partial script would be cached).
             self._finish(UpstreamResponse(self.status, self.headers, b"".join(self.body)), None)
         else:
             self._finish(

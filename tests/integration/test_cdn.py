@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +15,7 @@ import pytest
 
 from segproxy.cdn.rewrite import CDN_PRELUDE
 from tests.integration.conftest import WRITE_KEY, Client, StartProxy, base_config
-from tests.support.fakes import REPO_ROOT, FakeSegment, next_integration_bytes
+from tests.support.fakes import REPO_ROOT, FakeSegment, Mode, next_integration_bytes
 from tests.support.proxy import RunningProxy
 from tests.support.rawhttp import exchange
 
@@ -277,3 +280,193 @@ def test_one_write_keys_settings_never_answer_for_another(
     assert again["integrations"]["Segment.io"]["apiKey"] == WRITE_KEY
     script = client.get(f"/analytics.js/v1/{other}/analytics.min.js")
     assert script.body.endswith(fake.expected_script(other))
+
+
+# --------------------------------------------------------------------------------------------
+# A broken answer from the CDN is never a good copy
+
+
+def _broken_answers(script: bytes) -> dict[str, Mode]:
+    """The CDN answering 200 with a body that is not the whole script, three ways."""
+    whole = gzip.compress(script, mtime=0)
+    bad_crc = bytearray(whole)
+    bad_crc[-8] ^= 0xFF  # the CRC-32 in the gzip trailer no longer matches the data
+    js = ("Content-Type", "application/javascript")
+    gz = ("Content-Encoding", "gzip")
+    return {
+        # cut mid-stream, with a Content-Length that matches what was sent
+        "truncated gzip": Mode(kind="status", body=whole[: len(whole) // 20], headers=(js, gz)),
+        "bad crc": Mode(kind="status", body=bytes(bad_crc), headers=(js, gz)),
+        # the connection closes after part of the declared length
+        "shorter than content-length": Mode(
+            kind="status",
+            body=script[: len(script) // 2],
+            headers=(js, ("Content-Length", str(len(script))), ("Connection", "close")),
+        ),
+    }
+
+
+BROKEN = ("truncated gzip", "bad crc", "shorter than content-length")
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_a_broken_cdn_answer_is_not_cached_and_the_last_good_copy_is_served(
+    fake: FakeSegment, start: StartProxy, broken: str
+) -> None:
+    proxy = start(base_config(fake, cache={"script_ttl": 0.05, "stale_while_revalidate": 0.001}))
+    client = Client(proxy)
+    good = client.get(SCRIPT)
+    assert good.status == 200
+    assert good.body == CDN_PRELUDE + fake.expected_script()
+    fake.cdn_mode(_broken_answers(fake.expected_script())[broken])
+    time.sleep(0.1)  # let the 50 ms TTL lapse: this is the condition under test, not a sync
+    for attempt in (1, 2):  # each request tries the CDN again: nothing broken was stored
+        stale = client.get(SCRIPT)
+        assert stale.status == 200
+        assert stale.header("x-segproxy-cache") == "STALE"
+        assert stale.body == good.body
+        assert len(fake.cdn_requests) == 1 + attempt
+    fake.cdn_ok()
+    fresh = client.get(SCRIPT)
+    assert fresh.header("x-segproxy-cache") == "MISS"
+    assert fresh.body == good.body
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_a_broken_cdn_answer_without_a_good_copy_is_a_clear_502(
+    fake: FakeSegment, start: StartProxy, broken: str
+) -> None:
+    proxy = start(base_config(fake))
+    fake.cdn_mode(_broken_answers(fake.expected_script())[broken])
+    client = Client(proxy)
+    for _ in range(2):  # and the second visitor does not get the broken body from the cache
+        resp = client.get(SCRIPT)
+        assert resp.status == 502
+        assert resp.header("cache-control") == "no-store"
+        assert resp.header("retry-after")
+        assert resp.json() == {
+            "success": False,
+            "code": "cdn_invalid_answer",
+            "message": "the Segment CDN sent an incomplete or invalid answer",
+        }
+    assert len(fake.cdn_requests) == 2
+    proxy.logged("CDN fetch .* (gzip|closed)")  # the details are for the operator
+
+
+def test_a_cdn_502_names_no_address_or_errno_and_the_log_does(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    proxy = start(base_config(fake))
+    fake.cdn_down()
+    resp = Client(proxy).get(SCRIPT)
+    assert resp.status == 502
+    assert resp.json() == {
+        "success": False,
+        "code": "cdn_unavailable",
+        "message": "the Segment CDN could not be reached",
+    }
+    port = str(fake.cdn.port)
+    for internal in (port, "127.0.0.1", "Errno", "errno", "refused"):
+        assert internal not in resp.text(), internal
+    logged = proxy.logged(r"CDN fetch .* failed: .*")
+    assert fake.cdn_authority in logged.group(0)
+    assert "Errno" in logged.group(0) or "refused" in logged.group(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings name the visitor's host: no shared cache may hand them to another
+
+
+def test_settings_are_private_and_vary_on_what_they_are_rendered_from(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    proxy = start(base_config(fake, trusted_proxies=["127.0.0.1/32"]))
+    client = Client(proxy)
+    for accept in ("gzip, br", "identity"):
+        resp = client.get(SETTINGS, {"Accept-Encoding": accept})
+        assert resp.status == 200
+        assert resp.header("cache-control") == "private, max-age=60"
+        vary = {v.strip().lower() for v in (resp.header("vary") or "").split(",")}
+        assert vary == {
+            "host",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "forwarded",
+            "accept-encoding",
+        }
+        again = client.get(SETTINGS, {"If-None-Match": resp.header("etag") or ""})
+        assert again.status == 304
+        assert again.header("cache-control") == "private, max-age=60"
+    # the script is the same bytes for every host: it stays cacheable by anyone
+    assert client.get(SCRIPT).header("cache-control") == "public, max-age=60"
+
+
+def test_settings_without_trusted_proxies_vary_on_host_only(client: Client) -> None:
+    resp = client.get(SETTINGS)
+    assert resp.header("cache-control") == "private, max-age=60"
+    vary = {v.strip().lower() for v in (resp.header("vary") or "").split(",")}
+    assert vary == {"host", "accept-encoding"}
+
+
+class _ResettingCdn:
+    """A CDN that answers 200 with a body delimited by the connection's end (no length, not
+    chunked), sends part of it, then resets the connection: an abnormal end, not the end of
+    the body. The fake CDN always sends a Content-Length, so this one is a raw socket."""
+
+    def __init__(self, partial: bytes) -> None:
+        self.partial = partial
+        self.requests = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                self.requests += 1
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/javascript\r\n\r\n"
+                    + self.partial
+                )
+                # SO_LINGER 0: close() sends a reset instead of an orderly end
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+def test_a_body_cut_by_a_connection_reset_is_not_a_body(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    cdn = _ResettingCdn(fake.expected_script()[:5000])
+    try:
+        config = base_config(fake)
+        config["upstream"]["cdn"] = f"http://127.0.0.1:{cdn.port}"
+        proxy = start(config)
+        client = Client(proxy)
+        for _ in range(2):  # not cached: the second visitor does not get the partial body
+            resp = client.get(SCRIPT)
+            assert resp.status == 502
+            assert resp.json()["code"] == "cdn_invalid_answer"
+        assert cdn.requests == 2
+    finally:
+        cdn.close()

@@ -50,7 +50,8 @@ def test_region_eu_preset_and_environment_overrides(tmp_path: Path) -> None:
             {"SEGPROXY_LIMITS_IDLE_TIMEOUT": "soon"},
             ["'limits.idle_timeout'", "'soon'", "number"],
         ),
-        ("", {"SEGPROXY_NOPE": "1"}, ["'SEGPROXY_NOPE'", "known SEGPROXY_"]),
+        ("", {"SEGPROXY_LISTEN": "nowhere"}, ["SEGPROXY_LISTEN='nowhere'", "HOST:PORT"]),
+        ("", {"SEGPROXY_NATIVE": "yes"}, ["SEGPROXY_NATIVE='yes'", "0 (run as plain Python)"]),
         ("listen = [", {}, ["'--config'", "valid TOML"]),
     ],
 )
@@ -79,6 +80,41 @@ def test_environment_overrides_the_file(fake: FakeSegment, start: StartProxy) ->
     resp = Client(proxy).post("/v1/t", b'{"writeKey":"k","event":"e"}')
     assert resp.status == 200
     assert len(fake.api_requests) == 1
+
+
+# What Kubernetes defines in every pod of a namespace whose Service is named "segproxy".
+KUBERNETES_SERVICE_LINKS = {
+    "SEGPROXY_PORT": "tcp://10.0.0.1:8080",
+    "SEGPROXY_SERVICE_HOST": "10.0.0.1",
+    "SEGPROXY_SERVICE_PORT": "8080",
+    "SEGPROXY_PORT_8080_TCP": "tcp://10.0.0.1:8080",
+    "SEGPROXY_PORT_8080_TCP_ADDR": "10.0.0.1",
+    "SEGPROXY_PORT_8080_TCP_PORT": "8080",
+    "SEGPROXY_PORT_8080_TCP_PROTO": "tcp",
+    "SEGPROXY_SERVICE_PORT_HTTP": "8080",
+}
+
+
+def test_serve_starts_in_a_kubernetes_pod_with_service_links_and_warns(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    env = {**KUBERNETES_SERVICE_LINKS, "SEGPROXY_UPSTREAM_APII": "http://127.0.0.1:9"}
+    proxy = start(base_config(fake), env=env)
+    resp = Client(proxy).post("/v1/t", b'{"writeKey":"k","event":"e"}')
+    assert resp.status == 200
+    assert len(fake.api_requests) == 1
+    line = proxy.logged(r"WARNING segproxy: ignoring SEGPROXY_PORT, [^\n]*").group(0)
+    for name in KUBERNETES_SERVICE_LINKS:
+        assert name in line
+    proxy.logged(r"WARNING segproxy: ignoring SEGPROXY_UPSTREAM_APII: .*SEGPROXY_UPSTREAM_API\?")
+    assert "tcp://10.0.0.1" not in proxy.logs()
+
+
+def test_check_lists_unknown_variables_as_warnings_and_succeeds() -> None:
+    out = segproxy("check", env={**KUBERNETES_SERVICE_LINKS, "SEGPROXY_LOGLEVEL": "debug"})
+    assert out.returncode == 0, out.stderr
+    assert "warning: ignoring SEGPROXY_PORT, " in out.stdout
+    assert "did you mean SEGPROXY_LOG_LEVEL?" in out.stdout
 
 
 def test_empty_write_key_list_is_logged_as_a_warning(fake: FakeSegment, start: StartProxy) -> None:

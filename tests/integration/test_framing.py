@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 
-from tests.integration.conftest import StartProxy, base_config
+from tests.integration.conftest import WRITE_KEY, StartProxy, base_config
 from tests.support.fakes import FakeSegment
 from tests.support.proxy import RunningProxy
 from tests.support.rawhttp import Conn, RawResponse, request_bytes
@@ -450,3 +450,93 @@ def test_connections_over_max_connections_are_refused_and_existing_ones_keep_wor
         for conn in conns:
             conn.close()
     assert fake.api_requests == []
+
+
+# -- protocol upgrades: answered once, as plain HTTP, then closed ------------------------------
+
+
+def everything_sent(conn: Conn) -> list[RawResponse]:
+    """Every response the proxy sends on ``conn`` until it closes it (fails if it never does)."""
+    responses = []
+    while True:
+        try:
+            responses.append(conn.read_response(timeout=10))
+        except ConnectionError:
+            assert conn.buf == b"", f"bytes after the last response: {conn.buf!r}"
+            return responses
+
+
+def test_a_request_asking_for_an_upgrade_is_answered_exactly_once_then_closed(
+    proxy: RunningProxy,
+) -> None:
+    wire = (
+        f"GET /healthz HTTP/1.1\r\nHost: {proxy.authority}\r\nConnection: Upgrade\r\n"
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ).encode()
+    with Conn(proxy.host, proxy.port) as conn:
+        conn.send(wire + b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # a WebSocket frame
+        responses = everything_sent(conn)
+    assert [r.status for r in responses] == [200]
+    assert responses[0].header("connection") == "close"
+
+
+def test_an_upgrade_answered_later_is_answered_exactly_once_then_closed(
+    proxy: RunningProxy, fake: FakeSegment
+) -> None:
+    # Settings on a cache miss wait for the CDN: the answer is not written while reading.
+    wire = (
+        f"GET /v1/projects/{WRITE_KEY}/settings HTTP/1.1\r\nHost: {proxy.authority}\r\n"
+        "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    ).encode()
+    with Conn(proxy.host, proxy.port) as conn:
+        conn.send(wire + b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")
+        responses = everything_sent(conn)
+    assert [r.status for r in responses] == [200]
+    assert responses[0].json()["integrations"]["Segment.io"]["apiKey"] == WRITE_KEY
+    assert responses[0].header("connection") == "close"
+    assert len(fake.cdn_requests) == 1
+
+
+def test_an_upgrade_with_a_body_is_refused_once_and_never_forwarded(
+    proxy: RunningProxy, fake: FakeSegment
+) -> None:
+    # llhttp hands over such a request without its body (the bytes after the head belong to
+    # the other protocol): answering it would act on a request that is not what was sent.
+    wire = head(
+        proxy,
+        "Connection: Upgrade, HTTP2-Settings",
+        "Upgrade: h2c",
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+        f"Content-Length: {len(EVENT)}",
+    )
+    with Conn(proxy.host, proxy.port) as conn:
+        conn.send(wire + EVENT + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        responses = everything_sent(conn)
+    assert [r.status for r in responses] == [400]
+    assert responses[0].json()["code"] == "bad_framing"
+    assert fake.api_requests == []
+
+
+def test_connect_is_answered_exactly_once_then_closed(proxy: RunningProxy) -> None:
+    wire = f"CONNECT {proxy.authority} HTTP/1.1\r\nHost: {proxy.authority}\r\n\r\n".encode()
+    with Conn(proxy.host, proxy.port) as conn:
+        conn.send(wire + b"\x16\x03\x01\x00\x05hello")  # what a tunnel would carry
+        responses = everything_sent(conn)
+    assert [r.status for r in responses] == [405]
+    assert responses[0].json()["success"] is False
+
+
+def test_requests_pipelined_ahead_of_an_upgrade_are_answered_first(
+    proxy: RunningProxy, fake: FakeSegment
+) -> None:
+    upgrade = (
+        f"GET /healthz HTTP/1.1\r\nHost: {proxy.authority}\r\nConnection: upgrade\r\n"
+        "Upgrade: websocket\r\n\r\n"
+    ).encode()
+    ahead = head(proxy, f"Content-Length: {len(EVENT)}") + EVENT
+    with Conn(proxy.host, proxy.port) as conn:
+        conn.send(ahead + upgrade + request_bytes("GET", "/healthz", proxy.authority))
+        responses = everything_sent(conn)
+    assert [r.status for r in responses] == [200, 200]
+    assert len(fake.api_requests) == 1

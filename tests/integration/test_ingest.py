@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 import pytest
@@ -95,7 +96,9 @@ def test_batches_get_context_ip_per_event_and_keep_an_existing_one(
 ) -> None:
     batch = [event(messageId="m1"), event(messageId="m2", context={"ip": "203.0.113.9"})]
     resp = client.post(
-        f"/v1/{endpoint}", body({"batch": batch, "sentAt": "x"}), {"Authorization": BASIC}
+        f"/v1/{endpoint}",
+        body({"batch": batch, "sentAt": "2026-11-25T12:00:00.100Z"}),
+        {"Authorization": BASIC},
     )
     assert resp.status == 200
     events = fake.wait_for_events(2)
@@ -275,3 +278,177 @@ def test_get_on_an_api_path_is_405_with_allow(client: Client) -> None:
     resp = client.get("/v1/t")
     assert resp.status == 405
     assert resp.header("allow") == "POST, OPTIONS"
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits on the event as the forwarder will send it; what one request may cost
+
+
+def durable(fake: FakeSegment, start: StartProxy, tmp_path: Any) -> Client:
+    queue = {"backend": "sqlite", "path": str(tmp_path / "q.db")}
+    return Client(start(base_config(fake, queue=queue, forward={"max_delay": 0.01})))
+
+
+def compact_size(obj: Any) -> int:
+    """Bytes of ``obj`` as compact JSON, as Segment (and the fake) measure an event."""
+    return len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def only_this_reaches_segment(client: Client, fake: FakeSegment, mid: str) -> None:
+    """A good event posted after refusals arrives alone: nothing refused was stored or sent."""
+    assert client.post("/v1/t", body(event(messageId=mid)), {"Authorization": BASIC}).status == 200
+    (got,) = fake.wait_for_events(1)
+    assert got.message_id == mid
+    assert [e.message_id for e in fake.api_events(accepted_only=False)] == [mid]
+
+
+def at_the_limit(shape: str, over: int) -> tuple[str, bytes, dict[str, Any]]:
+    """A request whose one event, as it will reach Segment, is 32,768 + ``over`` bytes.
+
+    Returns the path, the body, and the event as Segment will see it (sentAt moved forward
+    keeps analytics.js's 24-character form)."""
+    sent_at = "2026-11-25T12:00:00.100Z"
+    ev = event(messageId="edge-1", properties={"pad": ""}, sentAt=sent_at)
+    if shape == "single":  # context.ip is added into the event's own context
+        path, doc = "/v1/t", ev
+        seen = {**ev, "context": {**ev["context"], "ip": "127.0.0.1"}}
+    else:  # batch-level context and sentAt are folded into the event, with context.ip
+        del ev["context"], ev["sentAt"]
+        shared = {"page": {"url": "https://shop.example/checkout"}, "locale": "de-DE"}
+        path, doc = "/v1/batch", {"batch": [ev], "context": shared, "sentAt": sent_at}
+        seen = {**ev, "context": {**shared, "ip": "127.0.0.1"}, "sentAt": sent_at}
+    pad = 32 * 1024 + over - compact_size(seen)
+    ev["properties"]["pad"] = seen["properties"]["pad"] = "x" * pad
+    assert compact_size(seen) == 32 * 1024 + over
+    return path, body(doc), seen
+
+
+@pytest.mark.parametrize(
+    ("shape", "backend"), [("single", "sqlite"), ("single", "none"), ("batch", "sqlite")]
+)
+def test_an_event_of_exactly_32_kb_as_sent_is_delivered_and_one_byte_more_is_refused(
+    fake: FakeSegment, start: StartProxy, tmp_path: Any, shape: str, backend: str
+) -> None:
+    queue = {"backend": backend, "path": str(tmp_path / "q.db")}
+    client = Client(start(base_config(fake, queue=queue, forward={"max_delay": 0.01})))
+    headers = {"Authorization": BASIC}
+    path, over, _ = at_the_limit(shape, 1)
+    resp = client.post(path, over, headers)
+    assert resp.status == 400
+    assert resp.json()["code"] == "event_too_large"
+    assert "32768" in resp.json()["message"]
+    path, exact, seen = at_the_limit(shape, 0)
+    assert client.post(path, exact, headers).status == 200
+    (got,) = fake.wait_for_events(1)  # accepted by Segment's own 32 KB check
+    assert compact_size(got.data) == 32 * 1024
+    assert got.data["context"] == seen["context"]
+    assert [r.status for r in fake.api_requests] == [200]  # the refused one never went
+
+
+def test_a_write_key_longer_than_256_bytes_is_refused_from_the_body_or_basic_auth(
+    fake: FakeSegment, start: StartProxy, tmp_path: Any
+) -> None:
+    client = durable(fake, start, tmp_path)
+    huge = "k" * 100_000  # the reproduction: ~850 gzip bytes, 200 events
+    doc = {"writeKey": huge, "batch": [event(messageId=f"m{i}") for i in range(200)]}
+    zipped = gzip_bytes(body(doc))
+    resp = client.post("/v1/batch", zipped, {"Content-Encoding": "gzip"})
+    assert resp.status == 400
+    assert resp.json()["code"] == "write_key_too_long"
+    assert "256" in resp.json()["message"]
+    long_basic = "Basic " + base64.b64encode(b"k" * 257 + b":").decode()
+    resp = client.post("/v1/t", body(event()), {"Authorization": long_basic})
+    assert (resp.status, resp.json()["code"]) == (400, "write_key_too_long")
+    only_this_reaches_segment(client, fake, "after-long-keys")
+
+
+def test_a_write_key_of_256_bytes_is_accepted(
+    fake: FakeSegment, start: StartProxy, tmp_path: Any
+) -> None:
+    client = durable(fake, start, tmp_path)
+    key = "k" * 256
+    assert client.post("/v1/t", body(event(writeKey=key))).status == 200
+    assert fake.wait_for_events(1)[0].request.basic_auth_user == key
+
+
+@pytest.mark.parametrize("sent_at", ["x", "yesterday", "2026-13-01T00:00:00Z", "1" * 5000, 17])
+def test_a_malformed_sent_at_is_refused_with_a_named_400(
+    fake: FakeSegment, start: StartProxy, tmp_path: Any, sent_at: object
+) -> None:
+    client = durable(fake, start, tmp_path)
+    resp = client.post("/v1/t", body(event(sentAt=sent_at)), {"Authorization": BASIC})
+    assert resp.status == 400
+    assert resp.json()["code"] == "bad_sent_at"
+    assert "sentAt" in resp.json()["message"]
+    batch = {"batch": [event(messageId="b1")], "sentAt": sent_at}
+    resp = client.post("/v1/batch", body(batch), {"Authorization": BASIC})
+    assert (resp.status, resp.json()["code"]) == (400, "bad_sent_at")
+    only_this_reaches_segment(client, fake, "after-bad-sent-at")
+
+
+def test_a_large_batch_level_context_merged_into_many_events_is_refused(
+    fake: FakeSegment, start: StartProxy, tmp_path: Any
+) -> None:
+    """The reproduction: 30 KB of batch-level context for 200 small events (each under 32 KB
+    once merged) would store ~6 MB of JSON for a 36 KB request."""
+    client = durable(fake, start, tmp_path)
+    shared = {"traits": {"blob": "c" * 30_000}}
+    events = [{"type": "track", "event": "e", "messageId": f"m{i}"} for i in range(200)]
+    doc = {"batch": events, "context": shared}
+    resp = client.post("/v1/batch", body(doc), {"Authorization": BASIC})
+    assert resp.status == 400
+    assert resp.json()["code"] == "merged_too_large"
+    assert "context" in resp.json()["message"]
+    only_this_reaches_segment(client, fake, "after-merged")
+
+
+def test_a_small_batch_level_context_is_merged_into_every_event(
+    fake: FakeSegment, start: StartProxy, tmp_path: Any
+) -> None:
+    client = durable(fake, start, tmp_path)
+    shared = {"device": {"type": "phone", "name": "Apple iPhone 6"}}
+    events = [{"type": "track", "event": "e", "messageId": f"m{i}"} for i in range(200)]
+    resp = client.post(
+        "/v1/batch", body({"batch": events, "context": shared}), {"Authorization": BASIC}
+    )
+    assert resp.status == 200
+    got = fake.wait_for_events(200)
+    assert all(e.data["context"]["device"] == shared["device"] for e in got)
+
+
+# ---------------------------------------------------------------------------------------------
+# messageId: every event has one, fixed at accept time
+
+
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def test_an_event_without_message_id_gets_one_that_every_retry_repeats(
+    fake: FakeSegment, start: StartProxy, tmp_path: Any
+) -> None:
+    client = durable(fake, start, tmp_path)
+    fake.api_status(500, times=1)
+    single = event()
+    del single["messageId"]
+    assert client.post("/v1/t", body(single), {"Authorization": BASIC}).status == 200
+    assert fake.api.state.wait_until(lambda: len(fake.api_requests) >= 2, 10)
+    first, second = fake.api_requests[:2]
+    assert (first.status, second.status) == (500, 200)
+    (mid,) = {e["messageId"] for e in first.json["batch"]}
+    assert UUID4.match(mid)
+    assert [e["messageId"] for e in second.json["batch"]] == [mid]
+
+
+def test_batch_events_with_a_missing_or_empty_message_id_each_get_their_own(
+    fake: FakeSegment, start: StartProxy, tmp_path: Any
+) -> None:
+    client = durable(fake, start, tmp_path)
+    missing = event()
+    del missing["messageId"]
+    batch = [missing, event(messageId=""), event(messageId=7), event(messageId="keep-1")]
+    resp = client.post("/v1/batch", body({"batch": batch}), {"Authorization": BASIC})
+    assert resp.status == 200
+    ids = [e.message_id for e in fake.wait_for_events(4)]
+    assert ids[3] == "keep-1"
+    assert all(i is not None and UUID4.match(i) for i in ids[:3])
+    assert len(set(ids)) == 4

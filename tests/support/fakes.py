@@ -119,6 +119,8 @@ class RecordedRequest:
     connection_id: int  # requests on the same TCP connection share this id
     received_at: float  # time.time()
     status: int | None = None  # what the fake answered; None while hung or when dropped
+    answered_at: float | None = None  # time.time() when the answer went out (None: none did)
+    step: int | None = None  # the index of the cycle step that answered it (``api_cycle``)
 
     @property
     def basic_auth_user(self) -> str | None:
@@ -172,10 +174,15 @@ class Mode:
 
     - ``ok``: normal answers;
     - ``status``: every request gets ``code`` with ``body`` (and ``Retry-After`` if given);
-    - ``hang``: never answers until the mode changes or the server stops;
+    - ``hang``: never answers until the mode changes or the server stops; with ``hold``, drops
+      the connection unanswered after ``hold`` seconds at most (an upstream that hangs, then a
+      load balancer that resets: never an answer that could count as accepted);
     - ``close``: read the request, then drop the connection without an answer.
 
-    ``times`` limits a failure mode to the next N requests, after which the fake is ``ok`` again.
+    ``times`` limits a failure mode to the next N requests, after which the fake is ``ok`` again
+    (or, in a cycle, the next step starts). ``min_bytes`` (``status`` only) answers ``code`` only
+    to requests whose decoded body is at least that long, like a gateway with a smaller body
+    limit; smaller ones are answered normally, and count against ``times`` too.
     """
 
     kind: Literal["ok", "status", "hang", "close"] = "ok"
@@ -184,6 +191,8 @@ class Mode:
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     times: int | None = None
+    hold: float | None = None
+    min_bytes: int = 0
 
 
 OK = Mode()
@@ -197,6 +206,9 @@ class _State:
         self.mode: Mode = OK
         self.mode_generation = 0
         self.remaining: int | None = None
+        # A cycle (``set_cycle``): the steps still to come, and the index of the current one.
+        self.steps: list[Mode] = []
+        self.step: int | None = None
         self.requests: list[RecordedRequest] = []
         self.stopping = False
         self.connections: dict[int, socket.socket] = {}
@@ -204,25 +216,55 @@ class _State:
 
     def set_mode(self, mode: Mode) -> None:
         with self.lock:
-            self.mode = mode
-            self.remaining = mode.times
-            self.mode_generation += 1
-            self.lock.notify_all()
+            self.steps = []
+            self.step = None
+            self._enter(mode)
 
-    def take_mode(self) -> tuple[Mode, int]:
-        """The mode for one incoming request (consuming one of ``times``), and its generation.
+    def set_cycle(self, steps: Iterable[Mode]) -> None:
+        """Answer by ``steps`` in order, each for its ``times`` requests (every step needs one);
+        after the last, normally. ``step`` says which one answers now (``len(steps)``: done)."""
+        todo = list(steps)
+        if not todo or any(m.times is None or m.times < 1 for m in todo):
+            raise ValueError("every step of a cycle needs times >= 1")
+        with self.lock:
+            self.steps = todo[1:]
+            self.step = 0
+            self._enter(todo[0])
+
+    def _enter(self, mode: Mode) -> None:
+        self.mode = mode
+        self.remaining = mode.times
+        self.mode_generation += 1
+        self.lock.notify_all()
+
+    def take_mode(self) -> tuple[Mode, int, int | None]:
+        """The mode for one incoming request (consuming one of ``times``), its generation, and
+        its cycle step (None outside a cycle).
 
         Only ``set_mode`` starts a new generation: a hung request waits for an explicit change,
-        not for its own ``times`` running out.
+        not for its own ``times`` running out. The next step of a cycle does not release it
+        either (a cycle's hangs use ``hold``).
         """
         with self.lock:
-            mode = self.mode
-            if mode.kind != "ok" and self.remaining is not None:
+            mode, step = self.mode, self.step
+            counted = mode.kind != "ok" or step is not None
+            if counted and self.remaining is not None:
                 self.remaining -= 1
                 if self.remaining <= 0:
-                    self.mode = OK
-                    self.remaining = None
-            return mode, self.mode_generation
+                    self._next_step()
+            return mode, self.mode_generation, step
+
+    def _next_step(self) -> None:
+        if self.step is None:
+            self.mode, self.remaining = OK, None
+            return
+        self.step += 1
+        if self.steps:
+            nxt = self.steps.pop(0)
+            self.mode, self.remaining = nxt, nxt.times
+        else:
+            self.mode, self.remaining = OK, None
+        self.lock.notify_all()
 
     def record(self, req: RecordedRequest) -> None:
         with self.lock:
@@ -232,6 +274,7 @@ class _State:
     def set_status(self, req: RecordedRequest, status: int | None) -> None:
         with self.lock:
             req.status = status
+            req.answered_at = time.time() if status is not None else None
             self.lock.notify_all()
 
     def snapshot(self) -> list[RecordedRequest]:
@@ -356,19 +399,23 @@ class _RequestHandler(BaseHTTPRequestHandler):
             )
             return
 
-        mode, generation = state.take_mode()
+        mode, generation, req.step = state.take_mode()
         while mode.kind == "hang":
+            until = None if mode.hold is None else time.monotonic() + mode.hold
             with state.lock:
                 while not state.stopping and state.mode_generation == generation:
-                    state.lock.wait(1.0)
-                if state.stopping:
+                    left = 1.0 if until is None else until - time.monotonic()
+                    if left <= 0:
+                        break
+                    state.lock.wait(min(left, 1.0))
+                if state.stopping or state.mode_generation == generation:  # stop, or held out
                     self.close_connection = True
                     return
-            mode, generation = state.take_mode()
+            mode, generation, req.step = state.take_mode()
         if mode.kind == "close":
             self.close_connection = True
             return
-        if mode.kind == "status":
+        if mode.kind == "status" and len(req.decoded) >= mode.min_bytes:
             headers = [("Content-Type", "application/json"), *mode.headers]
             if mode.retry_after is not None:
                 headers.append(("Retry-After", mode.retry_after))
@@ -462,6 +509,15 @@ class FakeServer:
     # modes
     def set_mode(self, mode: Mode) -> None:
         self.state.set_mode(mode)
+
+    def set_cycle(self, steps: Iterable[Mode]) -> None:
+        self.state.set_cycle(steps)
+
+    @property
+    def step(self) -> int | None:
+        """The cycle step answering now (the number of steps once done; None: no cycle)."""
+        with self.state.lock:
+            return self.state.step
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -671,6 +727,13 @@ class FakeSegment:
         500 KB per-request limits are always enforced (400), whatever the predicate."""
         self.refuse = predicate
         self.refuse_status = status
+
+    def api_cycle(self, steps: Iterable[Mode]) -> None:
+        """Cycle the fake API through ``steps``: each answers its ``times`` requests, then the
+        next starts; after the last, the API answers normally. ``api.step`` is the current
+        step, and each recorded request says which step answered it (``step``). Refusals
+        (``api_refuse``) and Segment's limits apply in ``ok`` steps, as always."""
+        self.api.set_cycle(steps)
 
     def api_hang(self, times: int | None = None) -> None:
         self.api.set_mode(Mode(kind="hang", times=times))

@@ -17,12 +17,11 @@ from segproxy.forward.batcher import (
     MAX_BATCH_EVENTS,
     Batch,
     build_batches,
-    prepare_events,
     sent_at_field,
     shift_sent_at,
     shifted,
 )
-from segproxy.queue.base import Row
+from segproxy.queue.base import Row, RowKind
 
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 ENVELOPE = len(b'{"batch":[]}')
@@ -50,88 +49,6 @@ def decoded(batch: Batch) -> list[dict[str, Any]]:
     events = doc["batch"]
     assert isinstance(events, list)
     return events
-
-
-# ---------------------------------------------------------------------------------------------
-# prepare_events
-
-
-def test_batch_sent_at_is_folded_into_events_without_their_own() -> None:
-    doc: dict[str, Any] = {
-        "sentAt": "2026-01-01T00:00:05.000Z",
-        "batch": [
-            {"type": "track", "messageId": "a"},
-            {"type": "track", "messageId": "b", "sentAt": "2026-01-01T00:00:01.000Z"},
-        ],
-    }
-    events = prepare_events(doc, doc["batch"], None)
-    assert [e.get("sentAt") for e in events] == [
-        "2026-01-01T00:00:05.000Z",
-        "2026-01-01T00:00:01.000Z",
-    ]
-
-
-def test_non_string_batch_sent_at_is_not_folded() -> None:
-    doc: dict[str, Any] = {"sentAt": 12345, "batch": [{"type": "track"}]}
-    assert "sentAt" not in prepare_events(doc, doc["batch"], None)[0]
-
-
-def test_batch_context_and_integrations_merge_under_the_events_own() -> None:
-    doc: dict[str, Any] = {
-        "context": {"library": {"name": "analytics-python"}, "ip": "1.2.3.4"},
-        "integrations": {"All": False, "Mixpanel": True},
-        "batch": [
-            {"type": "track", "context": {"ip": "5.6.7.8", "locale": "fr"}},
-            {"type": "identify", "integrations": {"Mixpanel": False}},
-            {"type": "page"},
-        ],
-    }
-    a, b, c = prepare_events(doc, doc["batch"], None)
-    assert a["context"] == {
-        "library": {"name": "analytics-python"},
-        "ip": "5.6.7.8",
-        "locale": "fr",
-    }
-    assert a["integrations"] == {"All": False, "Mixpanel": True}
-    assert b["context"] == doc["context"]
-    assert b["integrations"] == {"All": False, "Mixpanel": False}
-    assert c["context"] == doc["context"]
-    # copies, not the shared dict itself: changing one event does not change the others
-    assert c["context"] is not doc["context"]
-    assert b["context"] is not c["context"]
-
-
-def test_event_context_that_is_not_an_object_is_left_alone() -> None:
-    doc: dict[str, Any] = {"context": {"ip": "1.2.3.4"}, "batch": [{"type": "t", "context": "x"}]}
-    assert prepare_events(doc, doc["batch"], None)[0]["context"] == "x"
-
-
-def test_non_object_batch_context_is_not_folded() -> None:
-    doc: dict[str, Any] = {"context": ["nope"], "batch": [{"type": "track"}]}
-    assert "context" not in prepare_events(doc, doc["batch"], None)[0]
-
-
-def test_single_event_gets_its_implied_type() -> None:
-    doc: dict[str, Any] = {"event": "Signed Up", "messageId": "m"}
-    events = prepare_events(doc, [doc], "track")
-    assert events == [{"event": "Signed Up", "messageId": "m", "type": "track"}]
-
-
-def test_explicit_type_is_not_overridden() -> None:
-    doc: dict[str, Any] = {"type": "page", "messageId": "m"}
-    assert prepare_events(doc, [doc], "track")[0]["type"] == "page"
-
-
-def test_single_event_document_is_not_merged_into_itself() -> None:
-    doc: dict[str, Any] = {"type": "track", "sentAt": "2026-01-01T00:00:00Z", "context": {"a": 1}}
-    before = json.dumps(doc, sort_keys=True)
-    prepare_events(doc, [doc], "track")
-    assert json.dumps(doc, sort_keys=True) == before
-
-
-def test_batch_endpoint_sets_no_type() -> None:
-    doc: dict[str, Any] = {"batch": [{"event": "x"}]}
-    assert "type" not in prepare_events(doc, doc["batch"], None)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +329,35 @@ def test_full_batch_is_emitted_before_later_open_ones() -> None:
     assert [(b.write_key, len(b.rows)) for b in batches] == [("a", 2), ("a", 1), ("b", 1)]
 
 
+def replayed(key: str, sent_at: str | None = None, *, received_at: float = NOW) -> Row:
+    """A dead letter put back by ``segproxy queue replay``."""
+    i = next(_ids)
+    body = orjson.dumps({"type": "track", "messageId": f"replayed-{i}"})
+    return Row(i, key, "replay", received_at, 0, body, sent_at)
+
+
+def test_a_replayed_dead_letter_goes_in_a_batch_of_its_own() -> None:
+    # So that Segment's answer is about it alone: refused again, it is the only dead letter;
+    # accepted, nothing else rode on it.
+    first, again, last = row("k"), replayed("k"), row("k")
+    other = row("j")
+    batches = build_batches([first, again, other, last], NOW)
+    by_ids = sorted(b.ids for b in batches)
+    assert by_ids == sorted([[first.id, last.id], [again.id], [other.id]])
+    (alone,) = [b for b in batches if b.ids == [again.id]]
+    assert alone.write_key == "k"
+    assert [e["messageId"] for e in decoded(alone)] == [orjson.loads(again.body)["messageId"]]
+
+
+def test_replayed_dead_letters_each_go_alone_with_their_sent_at_restored() -> None:
+    rows = [replayed("k", "2026-01-01T00:00:00.000Z", received_at=NOW - 2.5) for _ in range(3)]
+    batches = build_batches(rows, NOW)
+    assert [b.ids for b in batches] == [[r.id] for r in rows]
+    for b in batches:
+        (event,) = decoded(b)
+        assert event["sentAt"] == "2026-01-01T00:00:02.500Z"  # moved by its 2.5 s wait
+
+
 keys = st.sampled_from(["wk_a", "wk_b", "wk_c", ""])
 events = st.fixed_dictionaries(
     {"type": st.just("track"), "messageId": st.uuids().map(str)},
@@ -430,6 +376,7 @@ events = st.fixed_dictionaries(
             events,
             st.floats(min_value=NOW - 100, max_value=NOW),
             st.none() | st.sampled_from(["2026-01-01T00:00:00.000Z", "2026-01-01T00:00:00Z", "?"]),
+            st.sampled_from(["event", "event", "event", "replay"]),
         ),
         max_size=60,
     ),
@@ -437,13 +384,15 @@ events = st.fixed_dictionaries(
     st.integers(min_value=1, max_value=7),
 )
 def test_every_row_lands_in_exactly_one_valid_batch(
-    specs: list[tuple[str, dict[str, Any], float, str | None]], max_bytes: int, max_events: int
+    specs: list[tuple[str, dict[str, Any], float, str | None, RowKind]],
+    max_bytes: int,
+    max_events: int,
 ) -> None:
     rows: list[Row] = []
-    for i, (key, ev, received, sent_at) in enumerate(specs):
+    for i, (key, ev, received, sent_at, kind) in enumerate(specs):
         if sent_at is not None:
             ev = {k: v for k, v in ev.items() if k != "sentAt"}  # as ingest stores it
-        rows.append(Row(i, key, "event", received, 0, orjson.dumps(ev), sent_at))
+        rows.append(Row(i, key, kind, received, 0, orjson.dumps(ev), sent_at))
     batches = build_batches(rows, NOW, max_bytes=max_bytes, max_events=max_events)
     seen = [r.id for b in batches for r in b.rows]
     assert sorted(seen) == [r.id for r in rows]  # each row exactly once
@@ -458,6 +407,10 @@ def test_every_row_lands_in_exactly_one_valid_batch(
         for e, r in zip(sent, b.rows, strict=True):
             if r.sent_at is not None:
                 assert e["sentAt"] == shifted(r.sent_at, NOW - r.received_at)
+        if any(r.kind == "replay" for r in b.rows):
+            assert len(b.rows) == 1  # a replayed dead letter goes alone
     for key in {r.write_key for r in rows}:
-        in_order = [r.id for b in batches if b.write_key == key for r in b.rows]
-        assert in_order == [r.id for r in rows if r.write_key == key]
+        in_order = [
+            r.id for b in batches if b.write_key == key for r in b.rows if r.kind == "event"
+        ]
+        assert in_order == [r.id for r in rows if r.write_key == key and r.kind == "event"]

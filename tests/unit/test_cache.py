@@ -1,4 +1,5 @@
-"""CDN cache helpers: content negotiation, ETags, and the byte-bounded LRU."""
+"""CDN cache helpers: content negotiation, ETags, the byte-bounded LRU, whole gzip bodies and the
+bounds on settings renderings."""
 
 from __future__ import annotations
 
@@ -11,13 +12,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segproxy.cdn.cache import (
+    MAX_GZIP_MEMBERS,
     MIN_COMPRESS,
+    RENDER_COMPRESSIONS,
+    RENDER_ORIGINS,
+    BrokenBody,
+    Entry,
     LruBytes,
+    OriginBook,
     Representation,
     accepted_encodings,
     choose,
+    gunzip_whole,
     make_representation,
     not_modified,
+    render_etag,
 )
 
 JS = b"application/javascript; charset=utf-8"
@@ -329,3 +338,119 @@ def test_lru_behaves_like_a_model_lru(
         assert len(lru) == len(model) <= max_items
         assert lru.bytes == sum(s for _, s in model.values()) <= max_bytes
         assert list(lru.items) == list(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# gunzip_whole: only whole gzip bodies become entries
+
+LIMIT = 16 * 1024 * 1024
+
+
+def test_a_whole_gzip_body_decodes_to_the_original() -> None:
+    assert gunzip_whole(gzip.compress(SCRIPT, mtime=0), LIMIT) == SCRIPT
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.5, 0.99])
+def test_a_gzip_body_cut_short_is_broken_not_a_shorter_body(keep: float) -> None:
+    whole = gzip.compress(SCRIPT * 50, mtime=0)
+    with pytest.raises(BrokenBody, match="cut short"):
+        gunzip_whole(whole[: int(len(whole) * keep)], LIMIT)
+
+
+def test_a_gzip_body_without_its_trailer_is_broken() -> None:
+    whole = gzip.compress(SCRIPT, mtime=0)
+    with pytest.raises(BrokenBody):
+        gunzip_whole(whole[:-8], LIMIT)  # every data byte, no CRC-32 and length
+
+
+@pytest.mark.parametrize("offset", [-8, -4], ids=["crc", "length"])
+def test_a_gzip_body_failing_its_crc_or_length_is_broken(offset: int) -> None:
+    damaged = bytearray(gzip.compress(SCRIPT, mtime=0))
+    damaged[offset] ^= 0xFF
+    with pytest.raises(BrokenBody, match="invalid gzip data"):
+        gunzip_whole(bytes(damaged), LIMIT)
+
+
+@pytest.mark.parametrize("body", [b"", b"not gzip at all", b"\x1f\x8b"])
+def test_an_empty_or_foreign_body_is_broken(body: bytes) -> None:
+    with pytest.raises(BrokenBody):
+        gunzip_whole(body, LIMIT)
+
+
+def test_several_whole_members_decode_one_after_the_other() -> None:
+    body = gzip.compress(b"first;", mtime=0) + gzip.compress(b"second", mtime=0)
+    assert gunzip_whole(body, LIMIT) == b"first;second"
+
+
+def test_bytes_after_a_member_must_be_a_whole_member() -> None:
+    whole = gzip.compress(SCRIPT, mtime=0)
+    with pytest.raises(BrokenBody):
+        gunzip_whole(whole + b"trailing junk", LIMIT)
+    with pytest.raises(BrokenBody, match="cut short"):
+        gunzip_whole(whole + whole[:40], LIMIT)
+
+
+def test_many_empty_members_are_refused_after_a_few() -> None:
+    with pytest.raises(BrokenBody, match="members"):
+        gunzip_whole(gzip.compress(b"", mtime=0) * (MAX_GZIP_MEMBERS + 1), LIMIT)
+    assert gunzip_whole(gzip.compress(b"", mtime=0) * MAX_GZIP_MEMBERS, LIMIT) == b""
+
+
+def test_a_body_decoding_past_the_limit_is_broken() -> None:
+    body = gzip.compress(b"0" * 1001, mtime=0)
+    with pytest.raises(BrokenBody, match="more than 1000 bytes"):
+        gunzip_whole(body, 1000)
+    assert gunzip_whole(gzip.compress(b"0" * 1000, mtime=0), 1000) == b"0" * 1000
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=2048), cut=st.integers(min_value=1))
+def test_any_proper_prefix_of_a_gzip_body_is_broken(data: bytes, cut: int) -> None:
+    whole = gzip.compress(data, mtime=0)
+    prefix = whole[: cut % len(whole)]
+    with pytest.raises(BrokenBody):
+        gunzip_whole(prefix, LIMIT)
+    assert gunzip_whole(whole, LIMIT) == data
+
+
+# ---------------------------------------------------------------------------------------------
+# OriginBook: what one settings entry may cost in renderings
+
+
+def test_an_entry_keeps_and_compresses_a_bounded_number_of_origins() -> None:
+    book = OriginBook(max_origins=3, max_compressed=4)
+    dropped = [book.touch(f"https://h{i}.example") for i in range(5)]
+    assert dropped == [None, None, None, "https://h0.example", "https://h1.example"]
+    assert list(book.origins) == [f"https://h{i}.example" for i in (2, 3, 4)]
+    for _ in range(4):
+        assert book.may_compress()
+        book.charge_compression()
+    assert not book.may_compress()  # past the budget: served uncompressed until the next fill
+
+
+def test_a_recently_used_origin_is_kept_over_older_ones() -> None:
+    book = OriginBook(max_origins=2, max_compressed=2)
+    book.touch("https://shop.example")
+    book.touch("https://h1.example")
+    assert book.touch("https://shop.example") is None  # used again: now the most recent
+    assert book.touch("https://h2.example") == "https://h1.example"
+
+
+def test_a_fresh_entry_starts_with_an_empty_book_of_the_default_bounds() -> None:
+    rep = make_representation(b"{}", b"application/json")
+    entry = Entry(b"{}", rep, 0.0, 60.0, 1)
+    assert list(entry.book.origins) == []
+    assert (entry.book.max_origins, entry.book.max_compressed) == (
+        RENDER_ORIGINS,
+        RENDER_COMPRESSIONS,
+    )
+    assert Entry(b"{}", rep, 0.0, 60.0, 2).book is not entry.book
+
+
+def test_a_rendering_etag_depends_on_the_base_and_every_part() -> None:
+    base = render_etag("abc", "shop.example/v1", "https")
+    assert base == render_etag("abc", "shop.example/v1", "https")
+    assert base != render_etag("abd", "shop.example/v1", "https")
+    assert base != render_etag("abc", "shop.example/v1", "http")
+    assert base != render_etag("abc", "shop.example/v2", "https")
+    assert make_representation(b"x" * 300, JS, etag=base).etag == base

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from segproxy.config import (
     LimitsConfig,
     UpstreamConfig,
     build,
+    closest_variable,
     env_name,
+    env_warnings,
     load,
     parse_upstream,
+    unknown_variables,
 )
 
 
@@ -265,11 +269,104 @@ def test_load_reads_the_process_environment_by_default(monkeypatch: pytest.Monke
     assert load().prefix == "/from-env"
 
 
-def test_unknown_segproxy_variable_is_rejected_by_name() -> None:
+# What Kubernetes defines in every pod of a namespace whose Service is named "segproxy".
+KUBERNETES_SERVICE_LINKS = {
+    "SEGPROXY_PORT": "tcp://10.0.0.1:8080",
+    "SEGPROXY_SERVICE_HOST": "10.0.0.1",
+    "SEGPROXY_SERVICE_PORT": "8080",
+    "SEGPROXY_PORT_8080_TCP": "tcp://10.0.0.1:8080",
+    "SEGPROXY_PORT_8080_TCP_ADDR": "10.0.0.1",
+    "SEGPROXY_PORT_8080_TCP_PORT": "8080",
+    "SEGPROXY_PORT_8080_TCP_PROTO": "tcp",
+    "SEGPROXY_SERVICE_PORT_HTTP": "8080",
+}
+
+
+def test_kubernetes_service_link_variables_do_not_stop_start_up() -> None:
+    assert load(env=KUBERNETES_SERVICE_LINKS) == Config()
+
+
+def test_kubernetes_service_link_variables_are_named_in_one_warning() -> None:
+    (warning,) = env_warnings(KUBERNETES_SERVICE_LINKS)
+    for name in KUBERNETES_SERVICE_LINKS:
+        assert name in warning
+    assert "Kubernetes" in warning
+    assert "enableServiceLinks: false" in warning
+
+
+def test_kubernetes_variables_next_to_real_settings_keep_the_settings() -> None:
+    env = {**KUBERNETES_SERVICE_LINKS, "SEGPROXY_LISTEN": "0.0.0.0:8080"}
+    config = load(env=env)
+    assert config.listen == "0.0.0.0:8080"
+    assert not any("SEGPROXY_LISTEN," in w for w in env_warnings(env))
+
+
+def test_an_unknown_variable_is_a_warning_naming_the_closest_known_variable() -> None:
+    env = {"SEGPROXY_UPSTREAM_APII": "https://x.example"}
+    assert load(env=env) == Config()
+    (warning,) = env_warnings(env)
+    assert warning.startswith("ignoring SEGPROXY_UPSTREAM_APII: not a segproxy setting")
+    assert "did you mean SEGPROXY_UPSTREAM_API?" in warning
+
+
+@pytest.mark.parametrize(
+    ("name", "closest"),
+    [
+        ("SEGPROXY_LOGLEVEL", "SEGPROXY_LOG_LEVEL"),
+        ("SEGPROXY_WRITE_KEYS", "SEGPROXY_SOURCES_WRITE_KEYS"),
+        ("SEGPROXY_LISTEN_PORT", "SEGPROXY_LISTEN"),
+        ("SEGPROXY_NATVE", "SEGPROXY_NATIVE"),
+        ("SEGPROXY_ZZZ", None),
+    ],
+)
+def test_the_closest_known_variable_ignores_the_common_prefix(
+    name: str, closest: str | None
+) -> None:
+    assert closest_variable(name) == closest
+
+
+def test_an_unknown_variables_value_is_never_shown() -> None:
+    secret = "s3cr3t-token-value-0123456789"
+    warnings = env_warnings({"SEGPROXY_ADMIN_TOKN": secret, "SEGPROXY_PORT": secret})
+    assert len(warnings) == 2
+    assert not any(secret in w for w in warnings)
+
+
+def test_known_variables_give_no_warning() -> None:
+    env = {env_name(k): "x" for k in KNOWN_KEYS} | {"SEGPROXY_NATIVE": "0", "PATH": "/bin"}
+    assert env_warnings(env) == []
+
+
+def test_every_segproxy_variable_segproxy_reads_is_known() -> None:
+    # What the code and its scripts read (SEGPROXY_NATIVE ...) must never be warned about.
+    # config.py itself is left out: it names the Kubernetes variables it warns about.
+    root = Path(__file__).parents[2]
+    files = [*(root / "src").rglob("*.py"), *(root / "scripts").iterdir()]
+    files = [f for f in files if f.name != "config.py"]
+    names = set()
+    for file in files:
+        if file.is_file():
+            names |= set(re.findall(r"SEGPROXY_[A-Z0-9_]*[A-Z0-9]", file.read_text()))
+    assert "SEGPROXY_NATIVE" in names
+    assert unknown_variables(dict.fromkeys(names, "0")) == []
+
+
+def test_a_known_variable_with_a_bad_value_stops_start_up_naming_the_variable() -> None:
     with pytest.raises(ConfigError) as info:
-        load(env={"SEGPROXY_UPSTREAM_APII": "https://x.example"})
-    assert "SEGPROXY_UPSTREAM_APII" in str(info.value)
-    assert "a known SEGPROXY_* variable" in str(info.value)
+        load(env={**KUBERNETES_SERVICE_LINKS, "SEGPROXY_LISTEN": "8080"})
+    message = str(info.value)
+    assert info.value.key == "listen"
+    assert info.value.variable == "SEGPROXY_LISTEN"
+    assert message.startswith("SEGPROXY_LISTEN='8080': expected HOST:PORT")
+    assert "(config key 'listen')" in message
+
+
+def test_a_bad_value_from_the_file_names_the_key_not_a_variable(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, 'listen = "8080"\n')
+    with pytest.raises(ConfigError) as info:
+        load(path, env={"SEGPROXY_PREFIX": "/seg"})
+    assert info.value.variable is None
+    assert str(info.value).startswith("config key 'listen': got '8080'")
 
 
 @pytest.mark.parametrize("value", ["0", "1"])
@@ -295,12 +392,12 @@ def test_every_key_has_a_distinct_environment_name() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(name=st.from_regex(r"SEGPROXY_[A-Z0-9_]{1,30}", fullmatch=True))
-def test_any_segproxy_variable_that_names_no_key_stops_start_up(name: str) -> None:
+def test_any_segproxy_variable_that_names_no_key_is_only_a_warning(name: str) -> None:
     if name in {env_name(k) for k in KNOWN_KEYS} or name in NOT_CONFIG:
         return
-    with pytest.raises(ConfigError) as info:
-        load(env={name: "1"})
-    assert name in str(info.value)
+    assert load(env={name: "1"}) == Config()
+    (warning,) = env_warnings({name: "1"})
+    assert name in warning
 
 
 @settings(max_examples=100, deadline=None)
@@ -328,12 +425,18 @@ def _default(key: str) -> object:
 
 _NUMERIC_KEYS = [k for k in KNOWN_KEYS if k.split(".")[0] in _SECTION_DEFAULTS]
 _FLOAT_KEYS = [k for k in _NUMERIC_KEYS if type(_default(k)) is float]
-# The two request-size limits are checked against each other; they have their own tests.
+# Limits checked against each other have their own tests (the two request sizes here; the
+# body budget, at least one body, in test_memory_budget_config.py).
 _INT_KEYS = [
     k
     for k in _NUMERIC_KEYS
     if type(_default(k)) is int
-    and k not in ("limits.max_request_bytes", "limits.max_decompressed_bytes")
+    and k
+    not in (
+        "limits.max_request_bytes",
+        "limits.max_decompressed_bytes",
+        "limits.max_buffered_bytes",
+    )
 ]
 
 

@@ -17,6 +17,7 @@ from tests.support.fakes import (
     ANALYTICS_NEXT_UMD,
     EU_API_HOST,
     FakeSegment,
+    Mode,
     Sink,
     next_integration_bytes,
 )
@@ -401,3 +402,73 @@ def test_api_answers_cors_like_segment(fake: FakeSegment) -> None:
         assert r.getheader("access-control-allow-headers") == "authorization,content-type"
     finally:
         c.close()
+
+
+def _post_status(fake: FakeSegment, body: bytes) -> int | str:
+    """The status the fake API answered a POST with, or "dropped"."""
+    try:
+        return post(fake.api_url, "/v1/batch", body)[0]
+    except (http.client.RemoteDisconnected, ConnectionError):
+        return "dropped"
+
+
+def test_a_cycle_answers_each_step_for_its_count_then_normally(fake: FakeSegment) -> None:
+    small = b'{"batch":[{"messageId":"s"}]}'
+    large = json.dumps({"batch": [{"messageId": "l", "pad": "x" * 200}]}).encode()
+    fake.api_cycle(
+        [
+            Mode(kind="status", code=301, headers=(("Location", "https://elsewhere/"),), times=2),
+            Mode(kind="status", code=413, min_bytes=100, times=2),
+            Mode(kind="close", times=1),
+            Mode(times=1),  # an ok step counts its requests too
+            Mode(kind="status", code=429, retry_after="1", times=1),
+        ]
+    )
+    assert fake.api.step == 0
+    c = conn_to(fake.api_url)
+    try:
+        c.request("POST", "/v1/batch", body=small)
+        r = c.getresponse()
+        r.read()
+        assert (r.status, r.getheader("location")) == (301, "https://elsewhere/")
+    finally:
+        c.close()
+    answers = [
+        _post_status(fake, small),  # 301 again
+        _post_status(fake, small),  # under min_bytes: answered normally
+        _post_status(fake, large),  # 413
+        _post_status(fake, small),  # dropped
+        _post_status(fake, small),  # the ok step
+        _post_status(fake, small),  # 429
+        _post_status(fake, small),  # the cycle is over
+    ]
+    assert answers == [301, 200, 413, "dropped", 200, 429, 200]
+    assert fake.api.step == 5
+    assert [r.step for r in fake.api_requests] == [0, 0, 1, 1, 2, 3, 4, 5]
+    assert [e.message_id for e in fake.api_events()] == ["s", "s", "s"]
+
+
+def test_a_hang_with_hold_drops_the_connection_unanswered(fake: FakeSegment) -> None:
+    fake.api_cycle([Mode(kind="hang", hold=0.2, times=1)])
+    assert _post_status(fake, b'{"batch":[{"messageId":"held"}]}') == "dropped"
+    assert _post_status(fake, b'{"batch":[{"messageId":"next"}]}') == 200
+    held, after = fake.api_requests
+    assert (held.status, held.answered_at, held.step) == (None, None, 0)
+    assert after.status == 200
+    assert after.answered_at is not None
+    assert after.answered_at >= after.received_at
+    assert [e.message_id for e in fake.api_events()] == ["next"]
+
+
+def test_a_cycle_needs_a_count_for_every_step(fake: FakeSegment) -> None:
+    with pytest.raises(ValueError, match="times"):
+        fake.api_cycle([Mode(kind="status", code=500)])
+    with pytest.raises(ValueError, match="times"):
+        fake.api_cycle([])
+
+
+def test_setting_a_mode_ends_a_cycle(fake: FakeSegment) -> None:
+    fake.api_cycle([Mode(kind="status", code=500, times=5)])
+    fake.api_ok()
+    assert fake.api.step is None
+    assert _post_status(fake, b"{}") == 200

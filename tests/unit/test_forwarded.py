@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 from segproxy.edge.forwarded import (
     Network,
     PublicOrigin,
-    client_ip,
     host_allowed,
     is_trusted,
+    parse_forwarded,
     public_origin,
     valid_host,
 )
+from segproxy.edge.forwarded import client_ip as client_ip_of
 
 TRUSTED: tuple[Network, ...] = (
     ipaddress.ip_network("10.0.0.0/8"),
@@ -24,6 +25,17 @@ TRUSTED: tuple[Network, ...] = (
 )
 LB = "10.0.0.5"  # a trusted load balancer
 VISITOR = "203.0.113.7"
+
+
+def client_ip(
+    peer: str, xff: bytes | None, trusted: tuple[Network, ...], forwarded: bytes | None = None
+) -> str:
+    headers = {}
+    if xff is not None:
+        headers[b"x-forwarded-for"] = xff
+    if forwarded is not None:
+        headers[b"forwarded"] = forwarded
+    return client_ip_of(peer, headers, trusted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +145,18 @@ def origin(
     scheme: str = "http",
     fwd_host: bytes | None = None,
     fwd_proto: bytes | None = None,
+    forwarded: bytes | None = None,
+    xff: bytes | None = None,
 ) -> PublicOrigin | None:
-    return public_origin(peer, scheme, host, fwd_host, fwd_proto, TRUSTED)
+    named = {
+        b"host": host,
+        b"x-forwarded-host": fwd_host,
+        b"x-forwarded-proto": fwd_proto,
+        b"forwarded": forwarded,
+        b"x-forwarded-for": xff,
+    }
+    headers = {k: v for k, v in named.items() if v is not None}
+    return public_origin(peer, scheme, headers, TRUSTED)
 
 
 def test_host_header_gives_the_public_origin_in_lower_case() -> None:
@@ -209,12 +231,13 @@ def test_forwarded_host_and_proto_from_a_trusted_peer_are_used() -> None:
     assert result == PublicOrigin("https", "shop.example.com")
 
 
-def test_first_forwarded_host_and_proto_of_a_list_are_used() -> None:
+def test_the_rightmost_forwarded_host_and_proto_are_used_the_ones_the_nearest_hop_wrote() -> None:
+    # An appending balancer (Envoy, HAProxy add-header): the visitor's values come first.
     result = origin(
         b"internal",
         peer=LB,
-        fwd_host=b"shop.example.com:443, lb.internal",
-        fwd_proto=b"https, http",
+        fwd_host=b"evil.example, shop.example.com:443",
+        fwd_proto=b"http, https",
     )
     assert result == PublicOrigin("https", "shop.example.com")
 
@@ -228,9 +251,15 @@ def test_trusted_peer_without_forwarded_host_falls_back_to_host() -> None:
     assert origin(b"shop.example.com", peer=LB) == PublicOrigin("http", "shop.example.com")
 
 
-def test_junk_forwarded_host_from_a_trusted_peer_gives_no_origin() -> None:
-    assert origin(b"shop.example.com", peer=LB, fwd_host=b"evil.example\r\nx: y") is None
-    assert origin(b"shop.example.com", peer=LB, fwd_host=b"a@b") is None
+@pytest.mark.parametrize(
+    "junk", [b"evil.example\r\nx: y", b"a@b", b"", b"shop.example.com, ", b"evil.example, a b"]
+)
+def test_junk_forwarded_host_from_a_trusted_peer_falls_back_to_the_host_header(
+    junk: bytes,
+) -> None:
+    assert origin(b"shop.example.com", peer=LB, fwd_host=junk) == PublicOrigin(
+        "http", "shop.example.com"
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -272,3 +301,335 @@ def test_empty_allow_list_allows_any_host() -> None:
 def test_allow_list_matches_hosts_with_or_without_port(host: str, allowed: bool) -> None:
     hosts = frozenset({"shop.example.com", "cdn.example.com:8443"})
     assert host_allowed(PublicOrigin("https", host), hosts) is allowed
+
+
+# ---------------------------------------------------------------------------------------------
+# Forwarded (RFC 7239)
+
+
+def test_forwarded_elements_and_parameters_are_read_with_quotes_and_escapes() -> None:
+    value = (
+        b'For="[2001:db8:cafe::17]:4711";proto=HTTPS;by=_lb1, for=192.0.2.60;host="a.example:8080"'
+        b', ;; , for=unknown;ext="x\\"y\\\\z, w;v"'
+    )
+    assert parse_forwarded(value) == [
+        {"for": "[2001:db8:cafe::17]:4711", "proto": "HTTPS", "by": "_lb1"},
+        {"for": "192.0.2.60", "host": "a.example:8080"},
+        {"for": "unknown", "ext": 'x"y\\z, w;v'},
+    ]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'for="192.0.2.60',  # an unbalanced quote
+        b"for=",
+        b"for",
+        b"=x",
+        b"for=a b",
+        b"for=[2001:db8::1]",  # brackets and colons are not token characters: must be quoted
+        b"for=a;for=b",  # a parameter twice in one element
+        b'for="a"b',
+        b"for=a\x00",
+        b'host="a\x7f"',
+    ],
+)
+def test_a_malformed_forwarded_header_is_no_value(value: bytes) -> None:
+    assert parse_forwarded(value) is None
+    assert client_ip(LB, None, TRUSTED, forwarded=value) == LB
+    assert origin(b"shop.example.com", peer=LB, forwarded=value) == PublicOrigin(
+        "http", "shop.example.com"
+    )
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "expected"),
+    [
+        (b"for=203.0.113.7", VISITOR),
+        (b'for="203.0.113.7:5123"', VISITOR),
+        (b'for="[2001:DB8::7]"', "2001:db8::7"),
+        (b'for="[2001:db8::7]:4711"', "2001:db8::7"),
+        (b'for="[2001:db8::7]:_port"', "2001:db8::7"),
+        (b'for=8.8.8.8, for="203.0.113.7", for=10.0.0.9', VISITOR),  # trusted hops skipped
+        (b"for=10.0.0.3, for=10.0.0.2", "10.0.0.3"),  # all trusted: the leftmost
+        (b"for=203.0.113.7, for=unknown", LB),  # who connected is not said: the peer
+        (b"for=203.0.113.7, for=_hidden", LB),  # obfuscated: not an address
+        (b'for=203.0.113.7, for="_hidden:_port"', LB),
+        (b"for=203.0.113.7, proto=https", LB),  # the nearest element names no client
+        (b'for="203.0.113.7:8o"', LB),  # a port is digits or an obfuscated _name
+        (b'for="[203.0.113.7]"', LB),
+        (b'for="2001:db8::7"', LB),  # IPv6 without brackets is malformed
+    ],
+)
+def test_forwarded_for_is_walked_from_the_right_like_x_forwarded_for(
+    forwarded: bytes, expected: str
+) -> None:
+    assert client_ip(LB, None, TRUSTED, forwarded=forwarded) == expected
+    assert client_ip(VISITOR, None, TRUSTED, forwarded=forwarded) == VISITOR
+
+
+def test_forwarded_host_and_proto_come_from_the_rightmost_element() -> None:
+    forwarded = (
+        b"for=1.2.3.4;host=evil.example;proto=http, "
+        b'for=203.0.113.7;host="Shop.Example.com:443";proto=https'
+    )
+    result = origin(b"internal", peer=LB, forwarded=forwarded)
+    assert result == PublicOrigin("https", "shop.example.com")
+
+
+def test_the_rightmost_element_without_host_or_proto_falls_back_to_the_connection() -> None:
+    forwarded = b"for=1.2.3.4;host=evil.example;proto=https, for=203.0.113.7"
+    assert origin(b"shop.example.com", peer=LB, forwarded=forwarded) == PublicOrigin(
+        "http", "shop.example.com"
+    )
+
+
+def test_forwarded_from_an_untrusted_peer_is_ignored() -> None:
+    forwarded = b"for=1.2.3.4;host=evil.example;proto=https"
+    assert client_ip(VISITOR, None, TRUSTED, forwarded=forwarded) == VISITOR
+    assert origin(b"shop.example.com", forwarded=forwarded) == PublicOrigin(
+        "http", "shop.example.com"
+    )
+
+
+# -- both families: a value is believed only where they agree
+
+
+def test_both_families_agreeing_are_believed() -> None:
+    forwarded = b"for=203.0.113.7;host=shop.example.com;proto=https"
+    result = origin(
+        b"internal",
+        peer=LB,
+        forwarded=forwarded,
+        fwd_host=b"shop.example.com",
+        fwd_proto=b"https",
+        xff=b"203.0.113.7",
+    )
+    assert result == PublicOrigin("https", "shop.example.com")
+    assert client_ip(LB, b"203.0.113.7", TRUSTED, forwarded=forwarded) == VISITOR
+
+
+def test_a_visitors_forwarded_header_passed_on_by_an_x_forwarded_balancer_is_not_believed() -> None:
+    # The balancer writes X-Forwarded-For/-Proto but no -Host (as some cloud balancers do) and
+    # passes the visitor's Forwarded header on.
+    forwarded = b"for=1.2.3.4;host=evil.example;proto=https"
+    result = origin(
+        b"shop.example.com", peer=LB, forwarded=forwarded, fwd_proto=b"https", xff=b"203.0.113.7"
+    )
+    assert result == PublicOrigin("https", "shop.example.com")
+    assert client_ip(LB, b"203.0.113.7", TRUSTED, forwarded=forwarded) == LB
+
+
+def test_a_visitors_x_forwarded_host_passed_on_by_a_forwarded_balancer_is_not_believed() -> None:
+    forwarded = b"for=203.0.113.7;host=shop.example.com;proto=https"
+    result = origin(b"internal", peer=LB, forwarded=forwarded, fwd_host=b"evil.example")
+    assert result == PublicOrigin("http", "internal")
+    assert client_ip(LB, b"1.2.3.4", TRUSTED, forwarded=forwarded) == LB
+
+
+# -- properties
+
+
+_TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ports = st.integers(1, 65535).map(str)
+v4 = st.ip_addresses(v=4).map(str)
+v6 = st.ip_addresses(v=6).map(lambda ip: f"[{ip}]")
+obfuscated = st.text(alphabet="abcXYZ019._-", min_size=1, max_size=8).map(lambda s: "_" + s)
+nodes = st.one_of(
+    st.tuples(
+        st.one_of(v4, v6, obfuscated, st.just("unknown")), st.one_of(st.none(), ports, obfuscated)
+    ).map(lambda t: t[0] if t[1] is None else f"{t[0]}:{t[1]}")
+)
+host_names = st.sampled_from(
+    ["shop.example.com", "a.example:8443", "[2001:db8::1]:443", "x-y.example"]
+)
+any_values = st.text(
+    alphabet=st.characters(min_codepoint=9, max_codepoint=255), max_size=12
+).filter(lambda s: all(c == "\t" or 32 <= ord(c) != 127 for c in s))
+param_names = st.text(alphabet=_TCHAR, min_size=1, max_size=6)
+elements = st.dictionaries(
+    st.one_of(st.sampled_from(["for", "by", "host", "proto"]), param_names.map(str.lower)),
+    st.one_of(nodes, host_names, st.sampled_from(["http", "https"]), any_values),
+    min_size=1,
+    max_size=4,
+)
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@st.composite
+def written_forwarded(draw: st.DrawFn, parsed: list[dict[str, str]]) -> bytes:
+    """``parsed`` written the ways proxies write it: names in any case, values quoted when they
+    must be (or when the writer likes), optional whitespace, several header lines."""
+    written = []
+    for element in parsed:
+        pairs = []
+        for name, value in element.items():
+            token = bool(value) and all(c in _TCHAR for c in value)
+            shown = value if token and draw(st.booleans()) else _quoted(value)
+            pairs.append(draw(st.sampled_from([name, name.upper(), name.title()])) + "=" + shown)
+        written.append(draw(st.sampled_from([";", " ;", "; "])).join(pairs))
+    lines: list[str] = []
+    for text in written:
+        if lines and not draw(st.booleans()):
+            lines[-1] += draw(st.sampled_from([",", ", ", " ,\t"])) + text
+        else:
+            lines.append(text)
+    return ", ".join(lines).encode("latin-1")  # how the edge joins repeated header lines
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), parsed=st.lists(elements, min_size=1, max_size=4))
+def test_any_forwarded_header_a_proxy_writes_is_read_back_exactly(
+    data: st.DataObject, parsed: list[dict[str, str]]
+) -> None:
+    assert parse_forwarded(data.draw(written_forwarded(parsed))) == parsed
+
+
+def _node(ip: str, port: str | None) -> str:
+    shown = f"[{ip}]" if ":" in ip else ip
+    return shown if port is None else f"{shown}:{port}"
+
+
+visitors = st.one_of(
+    st.ip_addresses(v=4).filter(lambda ip: ip not in TRUSTED[0]),
+    st.ip_addresses(v=6).filter(lambda ip: ip not in TRUSTED[1]),
+).map(str)
+junk = st.one_of(
+    st.none(),
+    st.binary(max_size=40),
+    st.sampled_from(
+        [b"evil.example", b"evil.example:443", b"https", b"8.8.8.8", b'"', b",", b"\\"]
+    ),
+)
+visitor_forwarded = st.one_of(
+    st.none(),
+    st.binary(max_size=60),
+    st.sampled_from(
+        [
+            b"for=8.8.8.8;host=evil.example;proto=http",
+            b'for="8.8.8.8";host="evil.example:443";proto=https,',
+            b'host="',
+            b"for=8.8.8.8;host=evil.example;proto=https;",
+        ]
+    ),
+)
+INTERNAL = b"lb.internal:8080"  # the Host header the balancer sends: the fallback
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    visitor=visitors,
+    public=host_names,
+    proto=st.sampled_from(["http", "https"]),
+    appends_proto=st.booleans(),
+    sent_xff=junk,
+    sent_host=junk,
+    sent_proto=junk,
+    sent_forwarded=visitor_forwarded,
+)
+def test_a_visitor_behind_an_appending_x_forwarded_balancer_never_chooses_host_scheme_or_address(
+    visitor: str,
+    public: str,
+    proto: str,
+    appends_proto: bool,
+    sent_xff: bytes | None,
+    sent_host: bytes | None,
+    sent_proto: bytes | None,
+    sent_forwarded: bytes | None,
+) -> None:
+    def appended(sent: bytes | None, own: str) -> bytes:
+        return own.encode() if sent is None else sent + b", " + own.encode()
+
+    headers = {
+        b"host": INTERNAL,
+        b"x-forwarded-for": appended(sent_xff, visitor),
+        b"x-forwarded-host": appended(sent_host, public),
+        b"x-forwarded-proto": appended(sent_proto, proto) if appends_proto else proto.encode(),
+    }
+    if sent_forwarded is not None:
+        headers[b"forwarded"] = sent_forwarded
+    result = public_origin(LB, "http", headers, TRUSTED)
+    ip = client_ip_of(LB, headers, TRUSTED)
+    expected = origin(public.encode(), scheme=proto)  # what the balancer saw
+    assert expected is not None
+    if sent_forwarded is None:
+        assert result == expected
+        assert ip == visitor
+    else:  # the families disagree unless the visitor guessed right: the connection's own
+        assert result is not None
+        assert result.host in (expected.host, INTERNAL.decode())
+        assert result.scheme in (proto, "http")
+        assert ip in (visitor, LB)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    visitor=visitors,
+    port=st.one_of(st.none(), ports),
+    public=host_names,
+    proto=st.sampled_from(["http", "https"]),
+    sent_xff=junk,
+    sent_host=junk,
+    sent_forwarded=st.one_of(
+        st.none(), st.binary(max_size=60), st.lists(elements, min_size=1, max_size=3)
+    ),
+)
+def test_a_visitor_behind_a_forwarded_balancer_never_chooses_host_scheme_or_address(
+    data: st.DataObject,
+    visitor: str,
+    port: str | None,
+    public: str,
+    proto: str,
+    sent_xff: bytes | None,
+    sent_host: bytes | None,
+    sent_forwarded: bytes | list[dict[str, str]] | None,
+) -> None:
+    own = {"for": _node(visitor, port), "host": public, "proto": proto}
+    mine = data.draw(written_forwarded([own]))
+    sent = sent_forwarded
+    if isinstance(sent, list):
+        sent = data.draw(written_forwarded(sent))
+    headers = {b"host": INTERNAL, b"forwarded": mine if sent is None else sent + b", " + mine}
+    if sent_xff is not None:
+        headers[b"x-forwarded-for"] = sent_xff
+    if sent_host is not None:
+        headers[b"x-forwarded-host"] = sent_host
+    result = public_origin(LB, "http", headers, TRUSTED)
+    ip = client_ip_of(LB, headers, TRUSTED)
+    expected = origin(public.encode(), scheme=proto)
+    assert expected is not None
+    well_formed = not isinstance(sent_forwarded, bytes)
+    if well_formed and sent_xff is None and sent_host is None:
+        assert result == expected
+        assert ip == visitor
+    else:
+        assert result is not None
+        assert result.host in (expected.host, INTERNAL.decode())
+        assert result.scheme in (proto, "http")
+        assert ip in (visitor, LB)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    peer=st.sampled_from([LB, VISITOR, "unix", "fd00::1"]),
+    values=st.lists(st.one_of(st.none(), st.binary(max_size=50)), min_size=5, max_size=5),
+)
+def test_any_forwarded_headers_give_a_safe_origin_and_an_address_never_an_error(
+    peer: str, values: list[bytes | None]
+) -> None:
+    names = [b"host", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"forwarded"]
+    headers = {n: v for n, v in zip(names, values, strict=True) if v is not None}
+    result = public_origin(peer, "https", headers, TRUSTED)
+    if result is not None:
+        assert result.scheme in ("http", "https")
+        assert valid_host(result.host)
+    ip = client_ip_of(peer, headers, TRUSTED)
+    if ip != peer:
+        ipaddress.ip_address(ip)
+    if not is_trusted(peer, TRUSTED):
+        assert ip == peer
+        assert result == public_origin(peer, "https", {b"host": values[0] or b""}, TRUSTED)

@@ -10,19 +10,20 @@ import asyncio
 import gc
 import inspect
 import itertools
+import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
 
 from segproxy.config import ForwardConfig, Upstream
 from segproxy.forward.forwarder import Forwarder
-from segproxy.queue.base import NewRow, Queue
+from segproxy.queue.base import DeadRow, NewRow, Queue
 from segproxy.queue.memory import MemoryQueue
 from segproxy.queue.sqlite import SqliteQueue
 from segproxy.upstream import UpstreamPool
@@ -58,6 +59,45 @@ def sqlite_at(path: Path) -> QueueFactory:
         ).open()
 
     return make
+
+
+class FaultLog:
+    """A real queue, with the fault of every ``retry_later`` written down (what ``segproxy
+    queue stats`` shows). Composition, not a subclass: the queues may run compiled."""
+
+    def __init__(self, inner: Queue) -> None:
+        self.inner = inner
+        self.faults: list[str] = []
+
+    async def retry_later(self, ids: list[int], not_before: float, fault: str = "") -> None:
+        self.faults.append(fault)
+        await self.inner.retry_later(ids, not_before, fault)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def with_faults(factory: QueueFactory) -> QueueFactory:
+    async def make() -> Queue:
+        return cast(Queue, FaultLog(await factory()))
+
+    return make
+
+
+def faults(q: Queue) -> list[str]:
+    assert isinstance(q, FaultLog)
+    return q.faults
+
+
+def dead_rows(q: Queue) -> Awaitable[list[DeadRow]]:
+    async def read() -> list[DeadRow]:
+        inner = q.inner if isinstance(q, FaultLog) else q
+        if isinstance(inner, SqliteQueue):
+            return await inner.dead_rows()
+        assert isinstance(inner, MemoryQueue)
+        return list(inner.dead)
+
+    return read()
 
 
 def forward(
@@ -306,7 +346,7 @@ def test_a_dropped_connection_is_retried(fake: FakeSegment) -> None:
 
 def test_400_is_dead_lettered_with_status_and_body(fake: FakeSegment, tmp_path: Path) -> None:
     refusal = '{"success":false,"message":"Invalid event: properties too large"}'
-    fake.api_status(400, body=refusal)
+    fake.api_status(400, body=refusal)  # every request, whatever it holds
 
     async def scenario(q: Queue, fwd: Forwarder) -> None:
         await q.put([queued(KEY_A, 0), queued(KEY_A, 1)])
@@ -314,15 +354,242 @@ def test_400_is_dead_lettered_with_status_and_body(fake: FakeSegment, tmp_path: 
         await until(lambda: fwd.counters.events_dead == 2, "the dead letters")
         s = await q.stats()
         assert (s.rows, s.dead) == (0, 2)
-        assert isinstance(q, SqliteQueue)
-        dead = await q.dead_rows()
+        dead = await dead_rows(q)
         assert [(d.write_key, d.status, d.reason) for d in dead] == [(KEY_A, 400, refusal)] * 2
-        assert [orjson.loads(d.body)["messageId"] for d in dead] == [f"{KEY_A}-0", f"{KEY_A}-1"]
+        assert sorted(orjson.loads(d.body)["messageId"] for d in dead) == [
+            f"{KEY_A}-0",
+            f"{KEY_A}-1",
+        ]
         await asyncio.sleep(0.2)  # long enough for any (wrong) retry at this backoff
-        assert len(batch_requests(fake)) == 1
+        # the pair, then each event alone (each refused for itself), and nothing more
+        assert len(batch_requests(fake)) == 3
 
     forward(fake, scenario, queue=sqlite_at(tmp_path / "q.db"))
     assert fake.api_events() == []
+
+
+def poisoned(key: str, n: int) -> NewRow:
+    return NewRow(
+        key, "event", time.time(), orjson.dumps(event(key, n, properties={"poison": True})), SENT_AT
+    )
+
+
+def is_poison(e: dict[str, Any]) -> bool:
+    props = e.get("properties")
+    return isinstance(props, dict) and props.get("poison") is True
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_one_refused_event_is_the_only_dead_letter_and_the_others_are_delivered(
+    fake: FakeSegment, tmp_path: Path, backend: str
+) -> None:
+    # Segment refuses a whole batch for one invalid event: the batch is split until the
+    # refused event is found; it alone becomes a dead letter, with Segment's status and body.
+    fake.api_refuse(is_poison)
+    rows = [queued(KEY_A, i) for i in range(64)]
+    rows[37] = poisoned(KEY_A, 37)
+    factory = memory() if backend == "memory" else sqlite_at(tmp_path / "q.db")
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put(rows)
+        fwd.start()
+        await until(empty(q), "the queue to drain")
+        (dead,) = await dead_rows(q)
+        assert orjson.loads(dead.body)["messageId"] == f"{KEY_A}-37"
+        assert dead.status == 400
+        assert f"event {KEY_A}-37 is invalid" in dead.reason  # Segment's own message
+        assert fwd.counters.events_dead == 1
+        assert fwd.counters.events_sent == 63
+
+    forward(fake, scenario, queue=factory)
+    assert sorted(ids_of(accepted(fake))) == sorted(f"{KEY_A}-{i}" for i in range(64) if i != 37)
+    # one bad event in 64 costs about 2 * log2(64) extra requests, not one per event
+    assert len(batch_requests(fake)) <= 1 + 2 * 6
+
+
+def test_each_of_a_few_refused_events_is_found_and_good_ones_go_exactly_once(
+    fake: FakeSegment,
+) -> None:
+    fake.api_refuse(is_poison, 413)
+    bad = {3, 4, 150}
+    rows = [poisoned(KEY_A, i) if i in bad else queued(KEY_A, i) for i in range(200)]
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put(rows)
+        fwd.start()
+        await until(empty(q), "the queue to drain")
+        dead = await dead_rows(q)
+        assert sorted(orjson.loads(d.body)["messageId"] for d in dead) == sorted(
+            f"{KEY_A}-{i}" for i in bad
+        )
+        assert {d.status for d in dead} == {413}
+
+    forward(fake, scenario)
+    assert sorted(ids_of(accepted(fake))) == sorted(
+        f"{KEY_A}-{i}" for i in range(200) if i not in bad
+    )
+
+
+def test_a_retryable_answer_while_splitting_retries_only_that_part(fake: FakeSegment) -> None:
+    # The first refusal makes the fake answer the next request (one of the halves) 503: that
+    # half is retried with its fault, the split goes on, and the end is the same.
+    tripped: list[bool] = []
+
+    def refuse(e: dict[str, Any]) -> bool:
+        if is_poison(e) and not tripped:
+            tripped.append(True)
+            fake.api_status(503, times=1)
+        return is_poison(e)
+
+    fake.api_refuse(refuse)
+    rows = [queued(KEY_A, i) for i in range(16)]
+    rows[5] = poisoned(KEY_A, 5)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put(rows)
+        fwd.start()
+        await until(empty(q), "the queue to drain")
+        assert "HTTP 503" in faults(q)
+        (dead,) = await dead_rows(q)
+        assert (orjson.loads(dead.body)["messageId"], dead.status) == (f"{KEY_A}-5", 400)
+
+    forward(fake, scenario, queue=with_faults(memory()))
+    statuses = [r.status for r in batch_requests(fake)]
+    assert statuses[0] == 400
+    assert statuses.count(503) == 1  # one of the halves (sent together, in either order)
+    assert sorted(ids_of(accepted(fake))) == sorted(f"{KEY_A}-{i}" for i in range(16) if i != 5)
+
+
+def test_a_refused_write_key_is_not_split_into_a_request_per_event(fake: FakeSegment) -> None:
+    # 401/403 are about the credentials every event of the request shares: splitting would
+    # only repeat the same refusal up to 2n - 1 times.
+    fake.api_status(401, body='{"success":false,"message":"Unauthorized"}')
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, i) for i in range(50)])
+        fwd.start()
+        await until(lambda: fwd.counters.events_dead == 50, "the dead letters")
+
+    forward(fake, scenario)
+    assert len(batch_requests(fake)) == 1
+
+
+def test_a_key_being_split_does_not_hold_back_another_key(fake: FakeSegment) -> None:
+    # KEY_A's whole batch is refused at once; its halves are then held by the fake (in
+    # KEY_A's send slots) while KEY_B's events, queued after the split began, must still go.
+    gate = threading.Event()
+    refused_whole: list[bool] = []
+
+    def refuse(e: dict[str, Any]) -> bool:
+        if not is_poison(e):
+            return False
+        if refused_whole:
+            gate.wait(15.0)
+        refused_whole.append(True)
+        return True
+
+    fake.api_refuse(refuse)
+    settings = ForwardConfig(
+        max_delay=0.01, backoff_base=0.05, backoff_cap=0.2, concurrency=3, per_key_concurrency=2
+    )
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([poisoned(KEY_A, i) for i in range(40)])
+        fwd.start()
+        try:
+            await until(lambda: any(r.status == 400 for r in fake.api_requests), "the refusal")
+            await until(lambda: len(batch_requests(fake, KEY_A)) >= 3, "two halves being sent")
+            await q.put([queued(KEY_B, i) for i in range(5)])
+            fwd.notify()
+            await until(lambda: len(accepted(fake, KEY_B)) == 5, "the other key's events")
+            assert fwd.counters.events_dead == 0  # KEY_A's split is still held
+        finally:
+            gate.set()
+        await until(empty(q), "the queue to drain", 20.0)
+        assert fwd.counters.events_dead == 40
+
+    forward(fake, scenario, settings=settings, deadline=40.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redirects
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_retried_not_counted_as_delivered(fake: FakeSegment, status: int) -> None:
+    location = f"https://{fake.api_authority}/v1/batch"
+    fake.api_status(status, headers={"Location": location}, times=2)
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, i) for i in range(3)])
+        fwd.start()
+        await until(empty(q), "delivery after the redirects")
+        assert faults(q) == [f"HTTP {status} redirect to {location}"] * 2
+        assert (await q.stats()).dead == 0
+        assert fwd.counters.events_sent == 3
+
+    forward(fake, scenario, queue=with_faults(memory()))
+    assert [r.status for r in batch_requests(fake)] == [status, status, 200]
+    assert sorted(ids_of(accepted(fake))) == [f"{KEY_A}-{i}" for i in range(3)]
+
+
+def test_every_retry_passes_its_fault_to_the_queue(fake: FakeSegment) -> None:
+    # Each failure mode holds until its fault was seen (a retry may meet it more than once).
+    fake.api_status(429, retry_after="0")
+    seen: list[str] = []
+
+    def saw(q: Queue, prefix: str) -> Callable[[], bool]:
+        return lambda: any(f.startswith(prefix) for f in faults(q))
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0)])
+        fwd.start()
+        await until(saw(q, "HTTP 429"), "the 429")
+        fake.api_status(503)
+        await until(saw(q, "HTTP 503"), "the 503")
+        await asyncio.to_thread(fake.api_down)
+        await until(saw(q, "network: "), "the network error")
+        fake.api_ok()
+        await asyncio.to_thread(fake.api_up)
+        await until(empty(q), "delivery")
+        seen.extend(faults(q))
+
+    forward(fake, scenario, queue=with_faults(memory()))
+    firsts = list(dict.fromkeys(f if not f.startswith("network: ") else "network" for f in seen))
+    assert firsts == ["HTTP 429", "HTTP 503", "network"]
+    # the kind of network error: connect (refused), protocol (dropped), or timeout
+    assert {f for f in seen if f.startswith("network: ")} <= {
+        "network: connect",
+        "network: protocol",
+        "network: timeout",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Replayed dead letters
+
+
+def test_a_replayed_dead_letter_is_sent_alone_and_refused_alone(fake: FakeSegment) -> None:
+    fake.api_refuse(is_poison)
+    replay = NewRow(
+        KEY_A,
+        "replay",
+        time.time(),
+        orjson.dumps(event(KEY_A, 99, properties={"poison": True})),
+        SENT_AT,
+    )
+
+    async def scenario(q: Queue, fwd: Forwarder) -> None:
+        await q.put([queued(KEY_A, 0), replay, queued(KEY_A, 1)])
+        fwd.start()
+        await until(empty(q), "the queue to drain")
+        (dead,) = await dead_rows(q)
+        assert orjson.loads(dead.body)["messageId"] == f"{KEY_A}-99"
+
+    forward(fake, scenario)
+    sent = sorted([e["messageId"] for e in r.json["batch"]] for r in batch_requests(fake, KEY_A))
+    assert sent == [[f"{KEY_A}-0", f"{KEY_A}-1"], [f"{KEY_A}-99"]]  # no split was needed
+    assert sorted(ids_of(accepted(fake))) == [f"{KEY_A}-0", f"{KEY_A}-1"]
 
 
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import re
 from typing import Any
 
 import orjson
@@ -12,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segproxy.config import LimitsConfig
+from segproxy.ingest import prepare
 from segproxy.ingest.parse import (
+    MAX_GZIP_MEMBERS,
     IngestError,
     Payload,
     decode_body,
@@ -21,6 +24,7 @@ from segproxy.ingest.parse import (
     parse_single,
     write_key_from_auth,
 )
+from segproxy.queue.base import NewRow
 
 LIMITS = LimitsConfig()
 KEY = "wk_live_123"
@@ -52,6 +56,19 @@ def accept(
 def refused(endpoint: str, data: bytes, **kwargs: Any) -> IngestError:
     with pytest.raises(IngestError) as info:
         accept(endpoint, data, **kwargs)
+    return info.value
+
+
+def stored(endpoint: str, data: bytes, **kwargs: Any) -> list[NewRow]:
+    """The whole of ingest's pure part: the queue rows a request becomes, as they will be sent."""
+    payload = accept(endpoint, data, **kwargs)
+    enrich(payload, "203.0.113.7")
+    return prepare.rows(payload, 1_700_000_000.0, kwargs.get("limits", LIMITS))
+
+
+def refused_when_stored(endpoint: str, data: bytes, **kwargs: Any) -> IngestError:
+    with pytest.raises(IngestError) as info:
+        stored(endpoint, data, **kwargs)
     return info.value
 
 
@@ -149,6 +166,31 @@ def test_multi_member_gzip_body_is_decoded_whole() -> None:
     assert accept("t", members, encoding=b"gzip").doc == track(writeKey=KEY)
 
 
+def in_members(data: bytes, count: int) -> bytes:
+    """``data`` as ``count`` gzip members (the first holds it all, the others are empty)."""
+    return gzip.compress(data) + gzip.compress(b"") * (count - 1)
+
+
+def test_a_body_of_up_to_16_gzip_members_is_decoded() -> None:
+    data = body(track(writeKey=KEY))
+    doc = accept("t", in_members(data, MAX_GZIP_MEMBERS), encoding=b"gzip").doc
+    assert doc == track(writeKey=KEY)
+
+
+def test_many_empty_gzip_members_are_refused_without_decoding_them_all() -> None:
+    """The reproduction: 26,214 empty members in 512 KB. Work is bounded: after 16 members
+    nothing more is decoded, so a 17th member that is not even gzip is never looked at."""
+    data = body(track(writeKey=KEY))
+    error = refused("t", in_members(data, 26_214), encoding=b"gzip")
+    assert (error.status, error.code) == (400, "too_many_gzip_members")
+    assert "16" in error.message
+    never_read = in_members(data, MAX_GZIP_MEMBERS) + b"not gzip at all"
+    assert refused("t", never_read, encoding=b"gzip").code == "too_many_gzip_members"
+    assert refused("t", in_members(data, MAX_GZIP_MEMBERS + 1), encoding=b"gzip").code == (
+        "too_many_gzip_members"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON
 
@@ -221,6 +263,30 @@ def test_missing_write_key_is_refused_with_401(key: object) -> None:
 def test_empty_basic_user_and_no_body_key_is_missing_write_key() -> None:
     error = refused("t", body(track()), auth=b"Basic " + base64.b64encode(b":"))
     assert (error.status, error.code) == (401, "missing_write_key")
+
+
+def test_a_write_key_of_256_bytes_is_accepted_from_basic_auth_or_the_body() -> None:
+    key = "k" * 256
+    assert accept("t", body(track()), auth=basic(key)).write_key == key
+    assert accept("t", body(track(writeKey=key))).write_key == key
+    wide = "\u00e9" * 128  # 128 characters, 256 bytes in UTF-8
+    assert accept("t", body(track(writeKey=wide))).write_key == wide
+
+
+@pytest.mark.parametrize("key", ["k" * 257, "\u00e9" * 129, "k" * 100_000])
+def test_a_write_key_over_256_bytes_is_refused_from_basic_auth_or_the_body(key: str) -> None:
+    error = refused("t", body(track()), auth=basic(key))
+    assert (error.status, error.code) == (400, "write_key_too_long")
+    assert "256" in error.message
+    error = refused("b", body({"writeKey": key, "batch": [track()]}))
+    assert (error.status, error.code) == (400, "write_key_too_long")
+
+
+def test_a_refused_long_basic_key_never_reaches_the_fast_lane() -> None:
+    auth = basic("k" * 300)
+    with pytest.raises(IngestError):
+        write_key_from_auth(auth)
+    assert parse_single(body(track()), auth, LIMITS, NO_ALLOW_LIST, "::1") is None
 
 
 def test_write_key_outside_the_allow_list_is_refused_with_403() -> None:
@@ -310,21 +376,16 @@ def padded_event(size: int) -> dict[str, Any]:
     return event
 
 
-def test_event_of_exactly_32_kb_is_accepted() -> None:
-    event = padded_event(32 * 1024)
-    assert accept("batch", body({"batch": [event]}), auth=basic(KEY)).events == [event]
-
-
 def test_event_over_32_kb_in_a_batch_is_refused_by_index() -> None:
     batch = [track(), padded_event(32 * 1024 + 1)]
-    error = refused("batch", body({"batch": batch}), auth=basic(KEY))
+    error = refused_when_stored("batch", body({"batch": batch}), auth=basic(KEY))
     assert (error.status, error.code) == (400, "event_too_large")
     assert "batch[1]" in error.message
     assert str(32 * 1024) in error.message
 
 
 def test_single_event_over_32_kb_is_refused() -> None:
-    error = refused("t", body(padded_event(40 * 1024)), auth=basic(KEY))
+    error = refused_when_stored("t", body(padded_event(40 * 1024)), auth=basic(KEY))
     assert (error.status, error.code) == (400, "event_too_large")
 
 
@@ -332,7 +393,8 @@ def test_single_event_with_insignificant_whitespace_is_measured_compactly() -> N
     event = padded_event(30 * 1024)
     spaced = orjson.dumps(event, option=orjson.OPT_INDENT_2) + b" " * (4 * 1024)
     assert len(spaced) > 32 * 1024
-    assert accept("t", spaced, auth=basic(KEY)).doc == event
+    (row,) = stored("t", spaced, auth=basic(KEY))
+    assert orjson.loads(row.body)["properties"] == event["properties"]
 
 
 def test_batch_of_many_large_events_under_500_kb_is_accepted() -> None:
@@ -359,9 +421,8 @@ def test_request_limit_applies_to_the_decompressed_gzip_body() -> None:
 
 def test_configured_limits_are_the_ones_applied() -> None:
     limits = LimitsConfig(max_event_bytes=100, max_batch_events=2)
-    assert refused("t", body(padded_event(101)), auth=basic(KEY), limits=limits).code == (
-        "event_too_large"
-    )
+    error = refused_when_stored("t", body(padded_event(101)), auth=basic(KEY), limits=limits)
+    assert error.code == "event_too_large"
     three = {"batch": [track(), track(), track()]}
     assert refused("b", body(three), auth=basic(KEY), limits=limits).code == "too_many_events"
 
@@ -369,7 +430,7 @@ def test_configured_limits_are_the_ones_applied() -> None:
 def test_deeply_nested_batch_event_is_refused_with_400_not_a_crash() -> None:
     nested = b"[" * 300 + b"]" * 300
     data = b'{"writeKey":"k","batch":[{"type":"track","properties":{"x":' + nested + b"}}]}"
-    error = refused("batch", data)
+    error = refused_when_stored("batch", data)
     assert error.status == 400
 
 
@@ -517,6 +578,18 @@ def test_any_request_is_a_payload_or_a_client_error(
     enrich(payload, "203.0.113.7")
     for event in payload.events:
         assert event["context"]["ip"]
+        assert event["messageId"]
+    # Then as forwarded (passthrough) or stored (queue): rows, or a named 400.
+    try:
+        prepare.forwarded_body(payload, limits)
+        rows = prepare.rows(payload, 0.0, limits)
+    except IngestError as exc:
+        assert exc.status == 400
+        assert exc.code in {"event_too_large", "merged_too_large", "request_too_large", "bad_event"}
+        return
+    assert len(rows) == len(payload.events)
+    for row in rows:
+        assert prepare.sent_size(row.body, row.sent_at) <= limits.max_event_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,6 +605,9 @@ _CONTEXTS = st.one_of(
 )
 
 
+_ABSENT = object()
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     context=_CONTEXTS,
@@ -540,6 +616,8 @@ _CONTEXTS = st.one_of(
     auth=st.sampled_from([basic(KEY), basic("other_key"), b"Bearer abc", None]),
     allowed=st.sampled_from([NO_ALLOW_LIST, frozenset({KEY})]),
     garbage=st.sampled_from([b"", b"{", b"[1]", b"\xff"]),
+    message_id=st.sampled_from([_ABSENT, "m-1", "", 5, None]),
+    sent_at=st.sampled_from([_ABSENT, "2026-11-25T19:11:13.967Z", "2026-11-25T19:11:13Z", "x", 3]),
 )
 def test_fast_lane_reads_a_single_event_exactly_like_the_general_path(
     context: object,
@@ -548,9 +626,15 @@ def test_fast_lane_reads_a_single_event_exactly_like_the_general_path(
     auth: bytes | None,
     allowed: frozenset[str],
     garbage: bytes,
+    message_id: object,
+    sent_at: object,
 ) -> None:
-    limits = LimitsConfig(max_event_bytes=160)
-    doc = track(properties={"p": padding})
+    limits = LimitsConfig(max_event_bytes=200)
+    doc: dict[str, Any] = {"type": "track", "event": "Order Completed"}
+    for name, value in (("messageId", message_id), ("sentAt", sent_at)):
+        if value is not _ABSENT:
+            doc[name] = value
+    doc["properties"] = {"p": padding}
     if with_context:
         doc["context"] = context
     data = garbage or body(doc)
@@ -558,15 +642,30 @@ def test_fast_lane_reads_a_single_event_exactly_like_the_general_path(
         write_key_from_auth(auth)  # the header was seen before: the lane knows it
     lane = parse_single(data, auth, limits, allowed, "203.0.113.7")
     try:
-        payload = accept("t", data, auth=auth, limits=limits, allowed=allowed)
-        enrich(payload, "203.0.113.7")
-    except IngestError:
-        assert lane is None  # a refusal is always the general path's to name
+        general = stored("track", data, auth=auth, limits=limits, allowed=allowed)
+    except IngestError as exc:
+        # A refusal is the general path's to name, or the lane's own row says the same.
+        if lane is not None:
+            with pytest.raises(IngestError) as info:
+                prepare.single_row(lane[1], lane[0], "track", 0.0, limits)
+            assert (info.value.code, info.value.message) == (exc.code, exc.message)
         return
     if lane is None:  # taken only by what the lane leaves to the general path
-        assert auth is None or not auth.startswith(b"Basic") or len(data) > 160
+        assert auth is None or not auth.startswith(b"Basic") or len(data) > 200
         return
-    assert lane == (payload.doc, payload.write_key)
+    doc, key = lane
+    row = prepare.single_row(key, doc, "track", 1_700_000_000.0, limits)
+    # The same row but for the messageId a missing one was given (random, on each path).
+    assert _without_generated_id(row) == _without_generated_id(general[0])
+
+
+def _without_generated_id(row: NewRow) -> tuple[object, ...]:
+    event = orjson.loads(row.body)
+    mid = event.get("messageId")
+    assert isinstance(mid, str) and mid  # every event leaves with one
+    if UUID4.match(mid):
+        event["messageId"] = "generated"
+    return (row.write_key, row.kind, row.received_at, event, row.sent_at)
 
 
 def test_fast_lane_takes_the_usual_browser_event() -> None:
@@ -574,3 +673,94 @@ def test_fast_lane_takes_the_usual_browser_event() -> None:
     write_key_from_auth(auth)
     lane = parse_single(body(track(context={"page": {}})), auth, LIMITS, NO_ALLOW_LIST, "::1")
     assert lane == (track(context={"page": {}, "ip": "::1"}), KEY)
+
+
+# ---------------------------------------------------------------------------------------------
+# sentAt: a timestamp of the shape clients write, or nothing
+
+
+@pytest.mark.parametrize(
+    "sent_at",
+    [
+        "2026-11-25T19:11:13.967Z",  # analytics.js, analytics-node, analytics-swift/kotlin
+        "2026-11-25T19:11:13.967123+00:00",  # analytics-python (isoformat)
+        "2026-11-25T19:11:13+00:00",  # analytics-python at a whole second, PHP date("c")
+        "2026-11-25T19:11:13.9671234Z",  # .NET "o"
+        "2026-11-25T19:11:13.967123456+01:00",  # Go RFC 3339 nano, with an offset
+        "2026-11-25T19:11:13.967+0000",  # Java SimpleDateFormat "Z"
+        "2026-11-25T19:11:13Z",
+        "2026-11-25 19:11:13.967Z",  # RFC 3339's space
+        "2026-11-25T19:11:13",  # no offset: read as UTC
+        "2026-11-25T19:11Z",
+        None,
+    ],
+)
+def test_sent_at_in_every_shape_real_clients_send_is_accepted(sent_at: str | None) -> None:
+    assert accept("t", body(track(writeKey=KEY, sentAt=sent_at))).events
+    doc = {"batch": [track(sentAt=sent_at)], "sentAt": sent_at}
+    assert accept("b", body(doc), auth=basic(KEY)).events
+
+
+@pytest.mark.parametrize(
+    "sent_at",
+    [
+        "x",
+        "",
+        "yesterday",
+        "1700000000",
+        "2026-13-01T00:00:00Z",
+        "2026-11-25T24:00:00Z",
+        "2026-11-25T19:11:13.967z",
+        "2026-11-25T19:11:13.1234567890Z",
+        "9999-12-31T23:59:59.999Z",
+        "2026-11-25T19:11:13.967Z\n",
+        "2026-01-01T00:00:00.\u00b2\u00b2\u00b2Z",
+        "2026-11-25T19:11:13.967Z" + "0" * 5000,
+        1700000000,
+        {"at": "2026-11-25T19:11:13.967Z"},
+    ],
+)
+def test_a_malformed_sent_at_is_refused_wherever_it_is(sent_at: object) -> None:
+    error = refused("t", body(track(writeKey=KEY, sentAt=sent_at)))
+    assert (error.status, error.code) == (400, "bad_sent_at")
+    assert "the event's sentAt" in error.message
+    assert len(error.message) < 200  # a long value is not echoed whole
+    error = refused("b", body({"batch": [track()], "sentAt": sent_at}), auth=basic(KEY))
+    assert (error.code, "the batch's sentAt" in error.message) == ("bad_sent_at", True)
+    error = refused("b", body({"batch": [track(), track(sentAt=sent_at)]}), auth=basic(KEY))
+    assert (error.code, "batch[1].sentAt" in error.message) == ("bad_sent_at", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# messageId: set at accept time when the event has none
+
+
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+@pytest.mark.parametrize("message_id", [None, "", 7, ["m"]])
+def test_an_event_without_a_usable_message_id_gets_a_uuid4(message_id: object) -> None:
+    event: dict[str, object] = {"type": "track", "event": "e"}
+    if message_id is not None:
+        event["messageId"] = message_id
+    payload = accept("b", body({"batch": [event, track(messageId="kept")]}), auth=basic(KEY))
+    enrich(payload, "203.0.113.7")
+    given, kept = payload.events
+    assert UUID4.match(given["messageId"])
+    assert kept["messageId"] == "kept"
+    rows = stored("t", body({k: v for k, v in event.items()}), auth=basic(KEY))
+    assert UUID4.match(orjson.loads(rows[0].body)["messageId"])
+
+
+def test_events_without_a_message_id_each_get_their_own() -> None:
+    payload = accept("b", body({"batch": [{"type": "track"}] * 3}), auth=basic(KEY))
+    enrich(payload, "203.0.113.7")
+    assert len({e["messageId"] for e in payload.events}) == 3
+
+
+@pytest.mark.parametrize("odd", ["\u00b2\u00b2\u00b2", "1a3", "+12", " 12"])
+def test_a_sent_at_in_a_second_seen_before_is_still_checked_whole(odd: str) -> None:
+    second = "2026-11-25T19:11:13"
+    assert accept("t", body(track(writeKey=KEY, sentAt=f"{second}.967Z"))).events
+    error = refused("t", body(track(writeKey=KEY, sentAt=f"{second}.{odd}Z")))
+    assert error.code == "bad_sent_at"

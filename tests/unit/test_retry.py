@@ -10,14 +10,74 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from segproxy.forward.retry import Action, backoff, classify, parse_retry_after
+from segproxy.forward.retry import (
+    Action,
+    Throttle,
+    backoff,
+    classify,
+    fault,
+    parse_retry_after,
+    splits,
+)
 
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 # ---------------------------------------------------------------------------------------------
-# classify: PROTOCOL.md "Client retry rules"
+# classify: only 2xx is delivery (PROTOCOL.md "Client retry rules", except that a redirect is
+# retried instead of counted as success: see retry.py)
 
 RETRYABLE_5XX = [s for s in range(500, 600) if s not in (501, 505, 511)]
+
+# Every status class, with what the forwarder does with a batch answered with it.
+STATUS_TABLE = [
+    # 1xx: never a final answer from a sound upstream; not a delivery
+    (100, Action.RETRY),
+    (101, Action.RETRY),
+    (103, Action.RETRY),
+    (199, Action.RETRY),
+    # 2xx: delivered
+    (200, Action.ACK),
+    (201, Action.ACK),
+    (202, Action.ACK),
+    (204, Action.ACK),
+    (206, Action.ACK),
+    (299, Action.ACK),
+    # 3xx: a redirect is a configuration fault, not a delivery
+    (300, Action.RETRY),
+    (301, Action.RETRY),
+    (302, Action.RETRY),
+    (303, Action.RETRY),
+    (304, Action.RETRY),
+    (307, Action.RETRY),
+    (308, Action.RETRY),
+    (399, Action.RETRY),
+    # 4xx: retryable ones, then final ones
+    (408, Action.RETRY),
+    (410, Action.RETRY),
+    (429, Action.RETRY),
+    (460, Action.RETRY),
+    (400, Action.DEAD),
+    (401, Action.DEAD),
+    (403, Action.DEAD),
+    (404, Action.DEAD),
+    (413, Action.DEAD),
+    (422, Action.DEAD),
+    (499, Action.DEAD),
+    # 5xx: retried except 501, 505, 511
+    (500, Action.RETRY),
+    (502, Action.RETRY),
+    (503, Action.RETRY),
+    (504, Action.RETRY),
+    (599, Action.RETRY),
+    (501, Action.DEAD),
+    (505, Action.DEAD),
+    (511, Action.DEAD),
+]
+
+
+@pytest.mark.parametrize(("status", "action"), STATUS_TABLE)
+def test_every_status_class_has_its_action(status: int, action: Action) -> None:
+    assert classify(status) is action
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 206, 299])
@@ -25,9 +85,14 @@ def test_2xx_is_acked(status: int) -> None:
     assert classify(status) is Action.ACK
 
 
-@pytest.mark.parametrize("status", [300, 301, 302, 304, 307, 308, 399])
-def test_3xx_is_acked_because_success_is_below_400(status: int) -> None:
-    assert classify(status) is Action.ACK
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 304, 307, 308, 399])
+def test_a_redirect_is_retried_not_counted_as_delivered(status: int) -> None:
+    assert classify(status) is Action.RETRY
+
+
+@pytest.mark.parametrize("status", [100, 101, 102, 103, 150, 199])
+def test_1xx_is_not_a_delivery(status: int) -> None:
+    assert classify(status) is Action.RETRY
 
 
 @pytest.mark.parametrize("status", RETRYABLE_5XX)
@@ -59,14 +124,95 @@ def test_511_is_final_like_segment_clients() -> None:
 
 
 @given(st.integers(min_value=100, max_value=999))
-def test_classify_is_total_and_matches_the_rules(status: int) -> None:
+def test_classify_is_total_and_only_2xx_is_delivery(status: int) -> None:
     action = classify(status)
-    if status < 400:
+    retried_4xx_5xx = status in (408, 410, 429, 460) or (
+        status >= 500 and status not in (501, 505, 511)
+    )
+    if 200 <= status < 300:
         assert action is Action.ACK
-    elif status in (408, 410, 429, 460) or (status >= 500 and status not in (501, 505, 511)):
+    elif status < 400 or retried_4xx_5xx:  # 1xx/3xx: not a delivery
         assert action is Action.RETRY
-    elif status != 511:
+    else:
         assert action is Action.DEAD
+
+
+# ---------------------------------------------------------------------------------------------
+# Which refusals are about the events (split to find them) and which about the request
+
+
+@pytest.mark.parametrize("status", [400, 409, 413, 415, 422, 451, 499])
+def test_a_refusal_about_the_events_is_split_to_find_them(status: int) -> None:
+    assert splits(status)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 405, 407, 501, 505, 511])
+def test_a_refusal_of_the_credentials_or_the_path_is_not_split(status: int) -> None:
+    # Every event of the request shares its write key and path: splitting would only
+    # multiply the same refusal (up to 2n - 1 requests for n events).
+    assert not splits(status)
+
+
+@pytest.mark.parametrize("status", [200, 301, 408, 429, 503])
+def test_only_final_answers_are_split(status: int) -> None:
+    assert not splits(status)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fault a retry is reported with (queue stats, logs)
+
+
+@pytest.mark.parametrize(
+    ("status", "location", "error", "expected"),
+    [
+        (503, None, "", "HTTP 503"),
+        (429, None, "", "HTTP 429"),
+        (
+            301,
+            b"https://api.segment.io/v1/batch",
+            "",
+            "HTTP 301 redirect to https://api.segment.io/v1/batch",
+        ),
+        (308, b"https://x.example/v1/batch", "", "HTTP 308 redirect to https://x.example/v1/batch"),
+        (302, None, "", "HTTP 302 redirect (no Location)"),
+        (None, None, "timeout", "network: timeout"),
+        (None, None, "connect", "network: connect"),
+    ],
+)
+def test_every_retry_names_its_fault(
+    status: int | None, location: bytes | None, error: str, expected: str
+) -> None:
+    assert fault(status, location, error) == expected
+
+
+def test_a_location_is_shown_printable_and_short() -> None:
+    hostile = b"https://x.example/\x1b[31m\r\nFAKE LOG LINE" + b"a" * 5000
+    shown = fault(301, hostile, "")
+    assert shown.startswith("HTTP 301 redirect to https://x.example/")
+    assert "\x1b" not in shown and "\r" not in shown and "\n" not in shown
+    assert len(shown) < 300
+
+
+# ---------------------------------------------------------------------------------------------
+# Loud but not one line per batch: at most one log line per fault per window, with a count
+
+
+def test_a_repeated_fault_is_logged_once_per_window_with_the_count_held_back() -> None:
+    throttle = Throttle(every=10.0)
+    assert throttle.due("HTTP 301 redirect to https://a", 100.0) == 0
+    assert [throttle.due("HTTP 301 redirect to https://a", 100.0 + i) for i in range(1, 9)] == [
+        None
+    ] * 8
+    assert throttle.due("HTTP 302 redirect to https://b", 101.0) == 0  # another fault: its own
+    assert throttle.due("HTTP 301 redirect to https://a", 110.5) == 8  # the 8 held back
+    assert throttle.due("HTTP 301 redirect to https://a", 111.0) is None
+
+
+def test_the_throttle_remembers_a_bounded_number_of_faults() -> None:
+    throttle = Throttle(every=10.0, max_keys=16)
+    for i in range(1000):
+        assert throttle.due(f"HTTP 301 redirect to https://h{i}", 1.0) == 0
+    assert len(throttle.last) <= 16
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segproxy.cdn.rewrite import CDN_PRELUDE, RewriteError, rewrite_script, rewrite_settings
+from segproxy.cdn.rewrite import (
+    CDN_PRELUDE,
+    RewriteError,
+    rewrite_script,
+    rewrite_settings,
+    settings_template,
+)
 
 PROXY_API = "shop.example.com:8443/seg/v1"
 
@@ -238,3 +244,69 @@ def test_prelude_is_one_ascii_line_that_sets_analytics_cdn_from_the_script_url()
 @given(raw=st.binary(max_size=200))
 def test_any_script_bytes_survive_the_rewrite_unchanged(raw: bytes) -> None:
     assert rewrite_script(raw) == CDN_PRELUDE + raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates: the settings are parsed once per fill, then rendered per origin by joining bytes
+
+
+def direct_rewrite(doc: dict[str, Any], api_host: str, protocol: str) -> bytes:
+    """What a fresh parse-and-rewrite gives: the reference a template must match byte for byte."""
+    out = json.loads(json.dumps(doc))
+    integrations = out.get("integrations")
+    if not isinstance(integrations, dict):
+        integrations = out["integrations"] = {}
+    sio = integrations.get("Segment.io")
+    if not isinstance(sio, dict):
+        sio = integrations["Segment.io"] = {}
+    sio["apiHost"] = api_host
+    sio["protocol"] = protocol
+    metrics = out.get("metrics")
+    if not isinstance(metrics, dict):
+        metrics = out["metrics"] = {}
+    metrics["host"] = api_host
+    return orjson.dumps(out)
+
+
+def test_a_template_renders_every_origin_like_a_fresh_rewrite() -> None:
+    template = settings_template(orjson.dumps(EU_SETTINGS))
+    for api_host, protocol in [(PROXY_API, "https"), ("a.example/v1", "http")]:
+        rendered = template.render(api_host, protocol)
+        assert rendered == direct_rewrite(EU_SETTINGS, api_host, protocol)
+    assert template.upstream_api_host == "events.eu1.segmentapis.com/v1"
+    assert template.size < len(orjson.dumps(EU_SETTINGS)) + 100
+
+
+def test_settings_that_already_hold_the_placeholder_text_are_rendered_right() -> None:
+    doc = {
+        "segproxy-slot-0-api-host": "segproxy-slot-0-protocol",
+        "note": "segproxy-slot-1-x",
+        "integrations": {"Segment.io": {"apiHost": "segproxy-slot-0-api-host"}},
+    }
+    rendered = settings_template(orjson.dumps(doc)).render(PROXY_API, "https")
+    assert rendered == direct_rewrite(doc, PROXY_API, "https")
+
+
+def test_a_rendered_value_is_escaped_as_json() -> None:
+    rendered = settings_template(b"{}").render('a"b\\c/v1', "https")
+    assert json.loads(rendered)["integrations"]["Segment.io"]["apiHost"] == 'a"b\\c/v1'
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    extra=objects,
+    integrations=sections,
+    metrics=sections,
+    api_host=st.text(max_size=30),
+    protocol=st.sampled_from(["http", "https"]),
+)
+def test_a_template_renders_exactly_what_a_fresh_rewrite_gives(
+    extra: dict[str, Any], integrations: Any, metrics: Any, api_host: str, protocol: str
+) -> None:
+    doc: dict[str, Any] = {k: v for k, v in extra.items() if k not in ("integrations", "metrics")}
+    if integrations is not None:
+        doc["integrations"] = integrations
+    if metrics is not None:
+        doc["metrics"] = metrics
+    template = settings_template(orjson.dumps(doc))
+    assert template.render(api_host, protocol) == direct_rewrite(doc, api_host, protocol)

@@ -6,19 +6,26 @@ another visitor receive a different body. What varies per visitor is computed *f
 the content-encoding chosen from Accept-Encoding, and for settings the proxy's public origin
 (memoised under the origin, in a bounded table separate from the entries).
 
-Only 200 responses become entries: an error page is never stored as a good copy.
+Only 200 responses become entries: an error page is never stored as a good copy, and neither
+is a broken body (:func:`gunzip_whole`: a gzip stream cut short or failing its CRC; a body
+shorter than its ``Content-Length`` is already an error of the upstream client).
+
+Settings are rendered per public origin from a template made once per fill; what one entry
+may cost in renders is bounded by its :class:`OriginBook`.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import brotli
 
+from segproxy.cdn.rewrite import SettingsTemplate
 from segproxy.edge.http import Response
 
 COMPRESSIBLE = (b"javascript", b"json", b"text/", b"xml", b"svg")
@@ -49,6 +56,46 @@ class Representation:
         return (self.etag, self.etag + "-gz", self.etag + "-br")
 
 
+class OriginBook:
+    """The public origins one settings entry has been rendered for, and what that cost.
+
+    A visitor chooses the ``Host`` (with ``public_hosts`` empty, any valid one is served), and
+    each new one is a new rendering: at most ``max_origins`` renderings are kept (the least
+    recently used is dropped first), and at most ``max_compressed`` of them are compressed per
+    fill. Past that, a new origin is served its rendering uncompressed: still right, only
+    larger, and as cheap as a copy (issue 11, item 7).
+    """
+
+    __slots__ = ("compressed", "max_compressed", "max_origins", "origins")
+
+    def __init__(self, max_origins: int, max_compressed: int) -> None:
+        self.max_origins = max_origins
+        self.max_compressed = max_compressed
+        self.origins: OrderedDict[str, None] = OrderedDict()
+        self.compressed = 0
+
+    def touch(self, origin: str) -> str | None:
+        """Record a use of ``origin``; return the origin dropped to make room for it, if any."""
+        if origin in self.origins:
+            self.origins.move_to_end(origin)
+            return None
+        self.origins[origin] = None
+        if len(self.origins) > self.max_origins:
+            dropped, _ = self.origins.popitem(last=False)
+            return dropped
+        return None
+
+    def may_compress(self) -> bool:
+        return self.compressed < self.max_compressed
+
+    def charge_compression(self) -> None:
+        self.compressed += 1
+
+
+RENDER_ORIGINS = 16  # renderings kept per settings entry
+RENDER_COMPRESSIONS = 16  # renderings compressed per settings entry (per fill)
+
+
 @dataclass(slots=True)
 class Entry:
     raw: bytes  # the upstream body, content-decoded unless rep.fixed_encoding is set
@@ -56,10 +103,52 @@ class Entry:
     fetched_at: float
     ttl: float
     generation: int  # changes on every refill; part of memo keys
+    template: SettingsTemplate | None = None  # settings that could be rewritten
+    book: OriginBook = field(
+        default_factory=lambda: OriginBook(RENDER_ORIGINS, RENDER_COMPRESSIONS),
+        compare=False,
+        repr=False,
+    )
 
     @property
     def size(self) -> int:
-        return len(self.raw) + self.rep.size
+        return len(self.raw) + self.rep.size + (self.template.size if self.template else 0)
+
+
+class BrokenBody(ValueError):
+    """The CDN's answer is not a whole, valid body: it never becomes an entry."""
+
+
+MAX_GZIP_MEMBERS = 16
+
+
+def gunzip_whole(data: bytes, limit: int) -> bytes:
+    """Decode a gzip body, accepting only whole members, at most ``limit`` bytes out.
+
+    ``zlib`` alone returns what it could decode from a stream cut short, without an error: a
+    truncated script would be cached as a good copy (issue 11, item 6). A member is whole when
+    zlib reached its end (``eof``), which also means its trailer's CRC-32 and length matched.
+    Bytes after a member must be another member (RFC 1952 allows several), a few at most.
+    """
+    out: list[bytes] = []
+    total = 0
+    rest = data
+    for _ in range(MAX_GZIP_MEMBERS):
+        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            chunk = d.decompress(rest, limit - total + 1)  # never 0: that means unbounded
+        except zlib.error as exc:
+            raise BrokenBody(f"invalid gzip data: {exc}") from exc
+        total += len(chunk)
+        if total > limit or d.unconsumed_tail:
+            raise BrokenBody(f"the gzip body decodes to more than {limit} bytes")
+        if not d.eof:
+            raise BrokenBody(f"the gzip stream is cut short ({len(data)} bytes received)")
+        out.append(chunk)
+        rest = d.unused_data
+        if not rest:
+            return out[0] if len(out) == 1 else b"".join(out)
+    raise BrokenBody(f"more than {MAX_GZIP_MEMBERS} gzip members")
 
 
 def make_representation(
@@ -68,19 +157,32 @@ def make_representation(
     *,
     fixed_encoding: bytes | None = None,
     brotli_quality: int = 11,
+    etag: str | None = None,
 ) -> Representation:
-    """Precompute gzip and brotli for compressible bodies (CPU-heavy: call off the loop)."""
-    etag = hashlib.blake2b(body, digest_size=12).hexdigest()
-    rep = Representation(body, content_type, etag, fixed_encoding=fixed_encoding)
-    ctype = content_type.lower()
-    if (
-        fixed_encoding is None
-        and len(body) >= MIN_COMPRESS
-        and any(t in ctype for t in COMPRESSIBLE)
-    ):
+    """Precompute gzip and brotli for compressible bodies (CPU-heavy: call off the loop).
+
+    ``etag`` (unquoted) when the caller knows one already; else a hash of ``body``."""
+    rep = Representation(body, content_type, etag or body_etag(body), fixed_encoding=fixed_encoding)
+    if fixed_encoding is None and compressible(body, content_type):
         rep.gzip = gzip.compress(body, compresslevel=9, mtime=0)
         rep.br = brotli.compress(body, quality=brotli_quality)
     return rep
+
+
+def body_etag(body: bytes) -> str:
+    return hashlib.blake2b(body, digest_size=12).hexdigest()
+
+
+def compressible(body: bytes, content_type: bytes) -> bool:
+    ctype = content_type.lower()
+    return len(body) >= MIN_COMPRESS and any(t in ctype for t in COMPRESSIBLE)
+
+
+def render_etag(base: str, *parts: str) -> str:
+    """The tag of a body made from the body tagged ``base`` and ``parts`` (a settings rendering
+    from its upstream settings and the origin): no need to hash the rendered bytes."""
+    seed = "\x00".join((base, *parts)).encode()
+    return hashlib.blake2b(seed, digest_size=12).hexdigest()
 
 
 _ACCEPTED: dict[bytes, frozenset[bytes]] = {}
@@ -194,3 +296,7 @@ class LruBytes(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is held, without making it recently used."""
+        return key in self.items

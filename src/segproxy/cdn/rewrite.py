@@ -2,7 +2,7 @@
 
 Settings: ``integrations["Segment.io"].apiHost`` and ``metrics.host`` become
 ``<public host><prefix>/v1`` and ``integrations["Segment.io"].protocol`` the public scheme
-(analytics-next builds ``${protocol}://${apiHost}/<t|p|...>``, PROTOCOL.md). Every other key is
+(analytics-next builds ``${protocol}://${apiHost}/<t|p|...>``). Every other key is
 kept as it came. The upstream's own apiHost is returned so the caller can check it against the
 configured API upstream (an EU workspace's settings name the EU host).
 
@@ -15,6 +15,7 @@ visitor (so it is cached and compressed once).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,14 +39,61 @@ class RewrittenSettings:
     upstream_api_host: str | None
 
 
-def rewrite_settings(raw: bytes, api_host: str, protocol: str) -> RewrittenSettings:
-    """``api_host`` is ``host[:port]<prefix>/v1`` (no scheme), ``protocol`` http or https."""
+@dataclass(frozen=True, slots=True)
+class SettingsTemplate:
+    """Settings rewritten once per fill, with the three values that name the proxy left open.
+
+    Every public origin (each host a visitor may use) needs its own rendering; with the JSON
+    parsed and rewritten once, a rendering is a join of bytes, so a new ``Host`` value costs a
+    copy of the settings, not a parse and a re-encode (issue 11, item 7).
+    """
+
+    parts: tuple[bytes, ...]  # the JSON text around the open values, in order
+    slots: tuple[int, ...]  # which value fills each gap: 0 the API host, 1 the protocol
+    upstream_api_host: str | None
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def render(self, api_host: str, protocol: str) -> bytes:
+        """``api_host`` is ``host[:port]<prefix>/v1`` (no scheme), ``protocol`` http or https."""
+        values = (orjson.dumps(api_host), orjson.dumps(protocol))  # JSON strings, escaped
+        out = [self.parts[0]]
+        for slot, part in zip(self.slots, self.parts[1:], strict=True):
+            out.append(values[slot])
+            out.append(part)
+        return b"".join(out)
+
+
+def settings_template(raw: bytes) -> SettingsTemplate:
+    """Rewrite ``raw`` with placeholders in the values that name the proxy, then cut the JSON
+    text at them. A placeholder is a string the settings do not already contain, so the only
+    places it appears are the ones put there."""
     try:
         doc: Any = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise RewriteError(f"settings are not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise RewriteError("settings are not a JSON object")
+    text = orjson.dumps(doc)
+    n = 0
+    while b"segproxy-slot-%d-" % n in text:
+        n += 1
+    marks = (f"segproxy-slot-{n}-api-host", f"segproxy-slot-{n}-protocol")
+    upstream = _point_at_proxy(doc, marks[0], marks[1])
+    # orjson writes these ASCII strings verbatim: split the text at each one, quotes included.
+    pattern = re.compile(b'"(' + marks[0].encode() + b"|" + marks[1].encode() + b')"')
+    pieces = pattern.split(orjson.dumps(doc))
+    return SettingsTemplate(
+        parts=tuple(pieces[0::2]),
+        slots=tuple(0 if p == marks[0].encode() else 1 for p in pieces[1::2]),
+        upstream_api_host=upstream,
+    )
+
+
+def _point_at_proxy(doc: dict[str, Any], api_host: str, protocol: str) -> str | None:
+    """Set the three values in ``doc``; return the upstream's own apiHost, if it named one."""
     integrations = doc.get("integrations")
     if not isinstance(integrations, dict):
         integrations = {}
@@ -62,9 +110,13 @@ def rewrite_settings(raw: bytes, api_host: str, protocol: str) -> RewrittenSetti
         metrics = {}
         doc["metrics"] = metrics
     metrics["host"] = api_host
-    return RewrittenSettings(
-        orjson.dumps(doc), upstream if isinstance(upstream, str) and upstream else None
-    )
+    return upstream if isinstance(upstream, str) and upstream else None
+
+
+def rewrite_settings(raw: bytes, api_host: str, protocol: str) -> RewrittenSettings:
+    """``api_host`` is ``host[:port]<prefix>/v1`` (no scheme), ``protocol`` http or https."""
+    template = settings_template(raw)
+    return RewrittenSettings(template.render(api_host, protocol), template.upstream_api_host)
 
 
 def rewrite_script(raw: bytes) -> bytes:

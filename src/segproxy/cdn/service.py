@@ -6,27 +6,45 @@ Freshness of an entry of age A with time-to-live T:
   otherwise                  fetched now; if the CDN fails (network, 5xx) and
                              A < T + stale_if_error, the last good copy is served
 A 4xx from the CDN (an unknown write key, say) is passed on, not cached, and evicts the entry.
+A broken answer (a body cut short, gzip that fails its CRC) is a CDN failure like a 5xx: never
+stored, the last good copy is served instead.
+
+What visitors are told about a failure names what failed, never how: the CDN's address and the
+errno go to the log only (issue 11, item 8).
+
+Settings name the host the visitor used, so they are ``Cache-Control: private`` with a ``Vary``
+on everything they are rendered from: a shared cache in front must not hand one visitor's
+settings to another (issue 11, item 4). Renderings per origin are bounded (``OriginBook``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from segproxy.cdn.cache import (
+    BrokenBody,
     Entry,
     LruBytes,
     Representation,
+    body_etag,
     choose,
+    compressible,
+    gunzip_whole,
     make_representation,
     not_modified,
+    render_etag,
 )
-from segproxy.cdn.rewrite import RewriteError, rewrite_script, rewrite_settings
+from segproxy.cdn.rewrite import (
+    RewriteError,
+    SettingsTemplate,
+    rewrite_script,
+    settings_template,
+)
 from segproxy.config import REGION_PRESETS, Config
 from segproxy.edge.forwarded import PublicOrigin
 from segproxy.edge.http import Headers, Request, Response, error_response
@@ -37,6 +55,10 @@ from segproxy.upstream import UpstreamError, UpstreamPool
 log = logging.getLogger("segproxy.cdn")
 
 MAX_UPSTREAM_BODY = 16 * 1024 * 1024
+# A settings rendering up to this size is compressed on the loop (well under a millisecond);
+# a larger one in a worker thread, one at a time, served uncompressed meanwhile.
+LOOP_COMPRESS_MAX = 16 * 1024
+GZIP_CODINGS = (b"gzip", b"x-gzip")
 SEGMENT_API_HOSTS = frozenset(urlsplit(api).hostname or "" for _, api in REGION_PRESETS.values())
 CORS_CDN: Headers = [(b"access-control-allow-origin", b"*")]
 PREFLIGHT_CDN: Headers = [
@@ -54,12 +76,44 @@ class _Failure:
     cacheable_failure: bool  # True: the CDN is down/erroring, stale copies may be served
 
 
-def _gunzip(data: bytes) -> bytes:
-    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    out = d.decompress(data, MAX_UPSTREAM_BODY)
-    if d.unconsumed_tail:
-        raise ValueError("upstream body decompresses to more than 16 MB")
-    return out
+# What visitors are told (no address, no errno: those are logged).
+UNREACHABLE = "the Segment CDN could not be reached"
+TOO_SLOW = "the Segment CDN did not answer in time"
+INVALID = "the Segment CDN sent an incomplete or invalid answer"
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    raw: bytes
+    rep: Representation
+    template: SettingsTemplate | None
+    not_rewritable: str | None  # why settings are served as they came
+
+
+def _prepare(kind: Kind, body: bytes, encoding: bytes | None, ctype: bytes) -> _Prepared:
+    """Decode and check a 200 body, then build what is served from it (in a worker thread:
+    decoding and precompressing a ~400 KB script takes tens of milliseconds).
+
+    Raises :class:`BrokenBody` for a body that must not be stored."""
+    fixed: bytes | None = None
+    if encoding is not None:
+        if kind is Kind.INTEGRATION:
+            if encoding in GZIP_CODINGS:
+                gunzip_whole(body, MAX_UPSTREAM_BODY)  # checked whole; served as it came
+            fixed = encoding  # byte-exact pass-through, e.g. *.js.gz
+        elif encoding in GZIP_CODINGS:
+            body = gunzip_whole(body, MAX_UPSTREAM_BODY)
+        else:
+            raise BrokenBody(f"unexpected content-encoding {encoding!r}")
+    if kind is Kind.SETTINGS:
+        try:
+            template = settings_template(body)
+        except RewriteError as exc:
+            return _Prepared(body, make_representation(body, ctype), None, str(exc))
+        # Only renderings are served: the raw settings need no compressed copies.
+        return _Prepared(body, Representation(body, ctype, body_etag(body)), template, None)
+    served = rewrite_script(body) if kind is Kind.SCRIPT else body
+    return _Prepared(body, make_representation(served, ctype, fixed_encoding=fixed), None, None)
 
 
 class CdnService:
@@ -77,6 +131,9 @@ class CdnService:
         self.warned_hosts: set[str] = set()
         self.loop = asyncio.get_running_loop()
         self.cache_controls = {kind: self.cache_control(kind) for kind in CDN_KINDS}
+        self.settings_vary = self.vary_of_settings()
+        # Renderings being compressed in a worker thread (one at a time: see OriginBook).
+        self.compressing: set[asyncio.Future[Representation]] = set()
 
     def ttl(self, kind: Kind) -> float:
         c = self.config.cache
@@ -91,25 +148,40 @@ class CdnService:
         ttl = int(self.ttl(kind))
         if kind is Kind.BUNDLE:
             return f"public, max-age={ttl}, immutable".encode()
+        if kind is Kind.SETTINGS:
+            # Settings name the visitor's host: only the visitor's own cache may keep them.
+            # Many shared caches ignore Vary, so it is said twice (private and Vary).
+            return f"private, max-age={ttl}".encode()
         return f"public, max-age={ttl}".encode()
+
+    def vary_of_settings(self) -> bytes:
+        """What a rendering of the settings depends on: the host the visitor used, the
+        forwarding headers when a trusted proxy may set them, and the coding."""
+        names = ["Host"]
+        if self.config.trusted_proxies:
+            names += ["X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded"]
+        names.append("Accept-Encoding")
+        return ", ".join(names).encode()
 
     # -- fetching ---------------------------------------------------------------------------
 
     async def _fetch(self, route: Route) -> Entry | _Failure:
         kind = route.kind
+        path = redact_path(route.upstream_path)
         headers: Headers = [(b"accept", b"*/*")]
         if kind is not Kind.INTEGRATION:
             headers.append((b"accept-encoding", b"gzip"))
         try:
             resp = await self.pool.request("GET", route.upstream_path, headers)
         except UpstreamError as exc:
-            log.warning("CDN fetch %s failed: %s", redact_path(route.upstream_path), exc)
-            status = 504 if exc.kind == "timeout" else 502
-            return _Failure(
-                status, "cdn_unavailable", f"the Segment CDN did not answer ({exc})", True
-            )
+            log.warning("CDN fetch %s failed: %s", path, exc)
+            if exc.kind == "timeout":
+                return _Failure(504, "cdn_unavailable", TOO_SLOW, True)
+            if exc.kind == "protocol":  # it answered, but cut short or unparseable
+                return _Failure(502, "cdn_invalid_answer", INVALID, True)
+            return _Failure(502, "cdn_unavailable", UNREACHABLE, True)
         if resp.status >= 500:
-            log.warning("CDN fetch %s answered %d", redact_path(route.upstream_path), resp.status)
+            log.warning("CDN fetch %s answered %d", path, resp.status)
             return _Failure(502, "cdn_error", f"the Segment CDN answered {resp.status}", True)
         if resp.status != 200:
             return _Failure(
@@ -122,27 +194,30 @@ class CdnService:
             b"application/json" if kind is Kind.SETTINGS else b"application/javascript"
         )
         encoding = (resp.header(b"content-encoding") or b"").strip().lower() or None
-        body = resp.body
-        fixed: bytes | None = None
-        if encoding is not None:
-            if kind is Kind.INTEGRATION:
-                fixed = encoding  # byte-exact pass-through, e.g. *.js.gz
-            elif encoding in (b"gzip", b"x-gzip"):
-                try:
-                    body = _gunzip(body)
-                except (ValueError, zlib.error, EOFError) as exc:
-                    return _Failure(502, "cdn_error", f"bad gzip from the Segment CDN: {exc}", True)
-            else:
-                return _Failure(
-                    502, "cdn_error", f"unexpected encoding {encoding!r} from CDN", True
-                )
-        served = rewrite_script(body) if kind is Kind.SCRIPT else body
-        # Precompression of a ~300 KB script takes a while: keep it off the event loop.
-        rep = await self.loop.run_in_executor(
-            None, lambda: make_representation(served, ctype, fixed_encoding=fixed)
-        )
+        try:
+            prepared = await self.loop.run_in_executor(
+                None, _prepare, kind, resp.body, encoding, ctype
+            )
+        except BrokenBody as broken:  # not `exc`: mypyc gives a name one type per function
+            log.warning("CDN fetch %s: invalid body, not stored: %s", path, broken)
+            return _Failure(502, "cdn_invalid_answer", INVALID, True)
+        if prepared.not_rewritable is not None:
+            log.warning(
+                "settings for %s not rewritten: %s",
+                mask(route.write_key or ""),
+                prepared.not_rewritable,
+            )
+        if prepared.template is not None:
+            self._check_region(route, prepared.template.upstream_api_host)
         self.generation += 1
-        return Entry(body, rep, self.loop.time(), self.ttl(kind), self.generation)
+        return Entry(
+            prepared.raw,
+            prepared.rep,
+            self.loop.time(),
+            self.ttl(kind),
+            self.generation,
+            prepared.template,
+        )
 
     async def _fill(self, route: Route) -> Entry | _Failure:
         """One fetch per path at a time; concurrent callers share its result."""
@@ -154,9 +229,9 @@ class CdnService:
         self.inflight[key] = fut
         try:
             result = await self._fetch(route)
-        except Exception as exc:  # never leave waiters hanging
+        except Exception:  # never leave waiters hanging; the details are for the log only
             log.exception("CDN fill of %s failed", redact_path(key))
-            result = _Failure(502, "cdn_error", f"CDN fetch failed: {exc}", True)
+            result = _Failure(502, "cdn_error", "the Segment CDN's answer could not be used", True)
         except BaseException:
             fut.cancel()
             raise
@@ -202,20 +277,62 @@ class CdnService:
     # -- serving ----------------------------------------------------------------------------
 
     def _settings_rep(self, route: Route, entry: Entry, origin: PublicOrigin) -> Representation:
+        """The settings as rendered for ``origin``: memoised, at most RENDER_ORIGINS per entry,
+        compressed within the entry's budget (``OriginBook``), large ones off the loop."""
+        template = entry.template
+        if template is None:  # not a JSON object: served as it came (logged at the fill)
+            return entry.rep
         memo_key = (route.upstream_path, entry.generation, origin.origin)
+        book = entry.book
         rep = self.renders.get(memo_key)
         if rep is not None:
+            book.touch(origin.origin)
             return rep
         api_host = f"{origin.host}{self.config.prefix}/v1"
-        try:
-            out = rewrite_settings(entry.raw, api_host, origin.scheme)
-        except RewriteError as exc:
-            log.warning("settings for %s not rewritten: %s", mask(route.write_key or ""), exc)
-            return entry.rep
-        self._check_region(route, out.upstream_api_host)
-        rep = make_representation(out.body, entry.rep.content_type, brotli_quality=5)
+        body = template.render(api_host, origin.scheme)
+        ctype = entry.rep.content_type
+        etag = render_etag(entry.rep.etag, api_host, origin.scheme)
+        if not (book.may_compress() and compressible(body, ctype)):
+            rep = Representation(body, ctype, etag)
+        elif len(body) <= LOOP_COMPRESS_MAX:
+            book.charge_compression()
+            rep = make_representation(body, ctype, brotli_quality=5, etag=etag)
+        else:
+            rep = Representation(body, ctype, etag)  # served as is until compressed
+            if self.compressing:  # one at a time; this origin may try again next time
+                return rep
+            book.charge_compression()
+            self._compress_later(memo_key, rep)
+        dropped = book.touch(origin.origin)
+        if dropped is not None:
+            self.renders.pop((route.upstream_path, entry.generation, dropped))
         self.renders.put(memo_key, rep, rep.size)
         return rep
+
+    def _compress_later(self, memo_key: tuple[str, int, str], rep: Representation) -> None:
+        """Compress a large rendering in a worker thread; it replaces the uncompressed one if
+        that is still memoised then."""
+        fut = self.loop.run_in_executor(
+            None,
+            lambda: make_representation(
+                rep.body, rep.content_type, brotli_quality=5, etag=rep.etag
+            ),
+        )
+        self.compressing.add(fut)
+
+        def done(f: asyncio.Future[Representation]) -> None:
+            self.compressing.discard(f)
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is not None:
+                log.warning("compressing settings failed: %r", exc)
+                return
+            if memo_key in self.renders:
+                compressed = f.result()
+                self.renders.put(memo_key, compressed, compressed.size)
+
+        fut.add_done_callback(done)
 
     def _check_region(self, route: Route, upstream_api_host: str | None) -> None:
         if upstream_api_host is None:
@@ -296,7 +413,9 @@ class CdnService:
             *CORS_CDN,
             (b"x-segproxy-cache", status),
         ]
-        if rep.gzip is not None:
+        if route.kind is Kind.SETTINGS:
+            headers.append((b"vary", self.settings_vary))
+        elif rep.gzip is not None:
             headers.append((b"vary", b"Accept-Encoding"))
         headers.append((b"etag", f'"{etag}"'.encode()))
         if not_mod:

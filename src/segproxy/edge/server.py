@@ -25,10 +25,22 @@ through, on paths a plain Content-Length request never takes:
     where in a read a callback happened. So the read that holds the headers is searched for a
     chunk line with an extension over 1 KB, and later reads of the body are fed in slices and
     the bytes beyond the chunk data counted;
-  - trailer fields are read (within the header limits) and dropped, never merged into headers.
+  - trailer fields are read (within the header limits) and dropped, never merged into headers;
+  - a request asking to switch protocols (``Upgrade`` with ``Connection: upgrade``, or
+    ``CONNECT``) is answered once as plain HTTP and the connection closed, reading nothing after
+    it; one that declares a body is refused (llhttp stops before the body).
 
 Connections: past ``limits.max_connections`` open ones, a new connection is answered 503 and
 closed at once (counted in ``EdgeServer.refused``).
+
+Memory budget (``limits.max_buffered_bytes``): ``EdgeServer.buffered`` counts the request-body
+bytes held across all connections. A Content-Length body is reserved whole when its headers
+end; a chunked body is counted as it arrives. A body that would take the total over the budget
+is answered 503 (``Retry-After``) and its connection closed. Invariant: ``buffered`` is the sum
+of every connection's ``reserved``; a request's bytes leave both when it is handed to the
+handler (``_serve``: a pipelined request waiting its turn still holds them), and whatever a
+connection still holds leaves when it closes (``connection_lost``: every end of a connection
+goes through it, whether timeout, reset, refusal or error).
 """
 
 from __future__ import annotations
@@ -111,6 +123,17 @@ _REFUSED_BODY = (
     b'{"success":false,"code":"too_many_connections",'
     b'"message":"the server has too many open connections; retry"}'
 )
+# Over the memory budget. CORS headers so that a browser's script can read the Retry-After.
+_OVER_BUDGET = error_response(
+    503,
+    "server_busy",
+    "the server is receiving too many request bodies at once; retry",
+    [
+        (b"retry-after", b"1"),
+        (b"access-control-allow-origin", b"*"),
+        (b"access-control-expose-headers", b"Retry-After"),
+    ],
+)
 
 
 def _head(response: Response, keep_alive: bool) -> bytes:
@@ -166,9 +189,10 @@ class HttpProtocol(asyncio.Protocol):
         self.head_fed = 0  # bytes of later reads fed while the headers were incomplete
         self.max_header_bytes = server.limits.max_header_bytes
         self.max_header_count = server.limits.max_header_count
-        self.max_body_digits = len(str(server.limits.max_body_bytes))
         self.body: list[bytes] = []
         self.body_size = 0
+        self.reserved = 0  # body bytes this connection holds against the memory budget
+        self.max_buffered = server.limits.max_buffered_bytes
         self.expect_body = False
         self.in_message = False
         self.eof = False
@@ -236,6 +260,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.server.buffered -= self.reserved  # whatever it still held, however it ended
+        self.reserved = 0
         self.closing = self.slow = True
         self._disarm()
         self.transport = None
@@ -336,7 +362,10 @@ class HttpProtocol(asyncio.Protocol):
     def _parse_failed(self, exc: Exception) -> None:
         """Answer what stopped the parser (then close: the framing is no longer trusted)."""
         if isinstance(exc, httptools.HttpParserUpgrade):
-            self._on_upgrade()
+            # llhttp stops after a message that asks to switch protocols; on_message_complete
+            # has already seen it (``_refuse_upgrade``), and its answer closes the connection.
+            if not self.closing:  # (llhttp never stops so otherwise; if it did: refuse)
+                self._queue_final(error_response(400, "bad_request", "unexpected upgrade"))
             return
         cause = exc if isinstance(exc, _Reject) else exc.__context__
         if isinstance(cause, _Reject):
@@ -344,25 +373,16 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._queue_final(error_response(400, "bad_request", f"malformed HTTP request: {exc}"))
 
-    def _on_upgrade(self) -> None:
-        method = self.parser.get_method().decode("latin-1", "replace")
-        if method == "CONNECT":
-            self._queue_final(
-                error_response(
-                    405, "method_not_allowed", "CONNECT is not supported: this is not a proxy"
-                )
-            )
-        else:
-            # An Upgrade request was read whole (on_message_complete queued it); we do not
-            # switch protocols, so answer it as plain HTTP and close afterwards.
-            self.closing_after_pipeline()
-
-    def closing_after_pipeline(self) -> None:
-        for item in self.pipeline:
-            if isinstance(item, Request):
-                item.keep_alive = False
-        if not self.pipeline and not self.busy:
-            self._queue_final(error_response(400, "bad_request", "protocol upgrades are refused"))
+    def _refuse_upgrade(self) -> None:
+        """A request asking to switch protocols (``Upgrade``, ``CONNECT``): we never switch, so
+        it is answered once as plain HTTP (a CONNECT gets the router's 405), with
+        ``Connection: close``, after what is queued ahead of it. Nothing after it is read:
+        those bytes belong to the other protocol, and an extra answer on this connection could
+        reach the next client of a front proxy that reuses connections."""
+        self.closing = self.slow = True
+        if self.transport is not None and not self.reading_paused:
+            self.transport.pause_reading()
+            self.reading_paused = True
 
     def on_message_begin(self) -> None:
         self.in_message = True
@@ -434,9 +454,10 @@ class HttpProtocol(asyncio.Protocol):
         self.headers = headers
         clen = headers.get(b"content-length")
         if clen is not None:
-            # llhttp has refused it with Transfer-Encoding, repeated, or not all digits; with
-            # fewer digits than the limit has, it is within it (no int() per request).
-            if len(clen) >= self.max_body_digits and int(clen) > limits.max_body_bytes:
+            # llhttp has refused it with Transfer-Encoding, repeated, or not all digits. The
+            # declared length is reserved against the memory budget before a byte is read.
+            size = int(clen)
+            if size > limits.max_body_bytes:
                 raise _Reject(
                     error_response(
                         413,
@@ -444,7 +465,9 @@ class HttpProtocol(asyncio.Protocol):
                         f"request body is over {limits.max_body_bytes} bytes",
                     )
                 )
-            self.expect_body = clen != b"0"
+            self.expect_body = size != 0
+            if self.expect_body:
+                self._reserve(size)
         elif b"transfer-encoding" in headers:
             self._start_chunked()
             self.expect_body = True
@@ -465,6 +488,14 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         else:
             self._disarm()
+
+    def _reserve(self, size: int) -> None:
+        """Hold ``size`` more body bytes against the budget, or refuse the request."""
+        server = self.server
+        if server.buffered + size > self.max_buffered:
+            raise _Reject(_OVER_BUDGET)
+        server.buffered += size
+        self.reserved += size
 
     def _start_chunked(self) -> None:
         """A Transfer-Encoding header (llhttp let it through, so it ends in chunked)."""
@@ -524,25 +555,35 @@ class HttpProtocol(asyncio.Protocol):
                     f"request body is over {self.limits.max_body_bytes} bytes",
                 )
             )
+        if self.odd:  # a chunked body has no length to reserve: count it as it grows
+            self._reserve(len(body))
         self.body.append(body)
 
     def on_message_complete(self) -> None:
         parser = self.parser
         keep_alive = parser.should_keep_alive()
+        method = _METHODS.get(parser.get_method())
         # llhttp keeps alive HTTP/1.1 unless "Connection: close"; any other version only with
         # a Connection header: the version needs a look only then. A chunked message comes
-        # here too.
-        if not keep_alive or self.odd or b"connection" in self.headers:
+        # here too, and so does an upgrade (it needs "Connection: upgrade", or is a CONNECT).
+        if not keep_alive or self.odd or method is None or b"connection" in self.headers:
             if self.odd:
                 self._end_chunked()
             self._check_version()
+            if parser.should_upgrade():
+                if self.expect_body:  # llhttp leaves the body unread: it is not this request
+                    raise _bad_framing("a request that asks to switch protocols cannot have a body")
+                keep_alive = False
+                self._refuse_upgrade()
+            if method is None:
+                method = parser.get_method().decode("latin-1")
         self.in_message = False
         self.deadline = 0.0
         self.timer_phase = ""
         body = self.body
         self.body = []  # an idle connection keeps no body
         req = Request(
-            _METHODS.get(parser.get_method()) or parser.get_method().decode("latin-1"),
+            method,
             self.url.decode("latin-1"),
             self.headers,
             body[0] if len(body) == 1 else b"".join(body),
@@ -613,6 +654,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _serve(self, item: Request) -> object:
         """Run the handler for one request: answered (_NEXT or _STOP) or _PENDING."""
+        size = len(item.body)  # handed over: its bytes leave the budget
+        self.reserved -= size
+        self.server.buffered -= size
         try:
             result = self.handler(item)
         except Exception:
@@ -713,6 +757,7 @@ class EdgeServer:
         self.ssl_context = ssl_context
         self.connections: set[HttpProtocol] = set()
         self.refused = 0  # connections closed at once: over limits.max_connections
+        self.buffered = 0  # request-body bytes held by all connections (see the docstring)
         self.shutting_down = False
         self._server: asyncio.base_events.Server | None = None
         shortest = min(limits.header_timeout, limits.body_timeout, limits.idle_timeout)

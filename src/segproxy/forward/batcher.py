@@ -1,4 +1,4 @@
-"""Pure: queued rows -> ``/v1/batch`` bodies, and event preparation at accept time.
+"""Pure: queued rows -> ``/v1/batch`` bodies (ingest/prepare.py prepares events at accept).
 
 Clock correction (PROTOCOL.md): Segment sets ``timestamp = receivedAt - (sentAt -
 originalTimestamp)``. An event the proxy holds for D seconds reaches Segment D seconds later
@@ -22,28 +22,6 @@ from segproxy.queue.base import Row
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_EVENTS = 2500
 _ENVELOPE = len(b'{"batch":[]}')
-_SHARED_KEYS = ("context", "integrations")
-
-
-def prepare_events(
-    doc: dict[str, Any], events: list[dict[str, Any]], implied_type: str | None
-) -> list[dict[str, Any]]:
-    """Give each event what its request carried for all of them, before it is queued."""
-    sent_at = doc.get("sentAt")
-    for event in events:
-        if event is not doc:
-            if isinstance(sent_at, str) and "sentAt" not in event:
-                event["sentAt"] = sent_at
-            for key in _SHARED_KEYS:
-                shared = doc.get(key)
-                mine = event.get(key)
-                if isinstance(shared, dict) and isinstance(mine, dict):
-                    event[key] = {**shared, **mine}
-                elif isinstance(shared, dict) and mine is None:
-                    event[key] = dict(shared)
-        if implied_type is not None and "type" not in event:
-            event["type"] = implied_type
-    return events
 
 
 def parse_time(value: object) -> datetime | None:
@@ -195,11 +173,16 @@ def build_batches(
     max_bytes: int = MAX_BATCH_BYTES,
     max_events: int = MAX_BATCH_EVENTS,
 ) -> list[Batch]:
-    """Group event rows per write key into batches within Segment's limits, oldest first."""
+    """Group event rows per write key into batches within Segment's limits, oldest first.
+
+    A row of kind "replay" (a dead letter put back by ``segproxy queue replay``) goes in a
+    batch of its own, so that Segment's answer is about it alone: refused again, it does not
+    take good events with it, nor need a split to be found.
+    """
     open_batches: dict[str, Batch] = {}
     done: list[Batch] = []
     for row in rows:  # (per event, so written for speed: one unpacking, no helper calls)
-        _, key, _, received_at, _, part, sent_at = row
+        _, key, kind, received_at, _, part, sent_at = row
         tail: bytes | None = None
         if sent_at is not None:
             tail = sent_at_field(sent_at, now - received_at)
@@ -214,20 +197,26 @@ def build_batches(
                 shift_sent_at(event, now - received_at)
                 part = orjson.dumps(event)
             size = len(part)
-        batch = open_batches.get(key)
-        if batch is not None and (
-            batch.size + size + 1 > max_bytes or len(batch.rows) >= max_events
-        ):
+        batch: Batch | None
+        if kind == "replay":  # alone (see above); other rows go on as if it were not there
+            batch = Batch(key, [row], [_OPEN], _ENVELOPE + size)
             done.append(batch)
-            batch = None
-        if batch is None:
-            batch = open_batches[key] = Batch(key, [row], [_OPEN], _ENVELOPE + size)
             parts = batch.parts
         else:
-            batch.size += size + 1  # a comma between events
-            batch.rows.append(row)
-            parts = batch.parts
-            parts.append(_COMMA)
+            batch = open_batches.get(key)
+            if batch is not None and (
+                batch.size + size + 1 > max_bytes or len(batch.rows) >= max_events
+            ):
+                done.append(batch)
+                batch = None
+            if batch is None:
+                batch = open_batches[key] = Batch(key, [row], [_OPEN], _ENVELOPE + size)
+                parts = batch.parts
+            else:
+                batch.size += size + 1  # a comma between events
+                batch.rows.append(row)
+                parts = batch.parts
+                parts.append(_COMMA)
         if tail is None:
             parts.append(part)
         else:

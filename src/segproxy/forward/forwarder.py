@@ -14,7 +14,14 @@ One loop task owns the work; each batch send is its own task, tracked and cancel
   rate-limited key, even with a large backlog, never holds back the others, and a busy key's
   next batches are ready when a slot frees.
 - **Retries** follow forward/retry.py; a key's rows wait at least as long as Segment's
-  ``Retry-After`` asked.
+  ``Retry-After`` asked. Only a 2xx is a delivery: a redirect is retried like an outage, with a
+  WARNING (at most one per fault every 10 s) naming it a configuration fault.
+- **Splits**: a batch of several events refused for good because of what it holds (a 400 for
+  one invalid event, a 413) is split in halves, each sent as a batch of its own, recursively,
+  until the refused events are alone: only they become dead letters (Segment's status and
+  body), the others are delivered. One bad event in n costs about 2 * log2(n) requests (24 in
+  2,500); every event refused, at most 2n - 1. The halves wait in their key's line like any
+  batch, so they share the key's send slots and take turns with the other keys.
 - **Stop**: no new leases; in-flight sends get ``grace`` seconds; anything unfinished stays in
   the queue (its lease dies with the process) and is sent after the next start.
 """
@@ -34,7 +41,17 @@ from typing import Any
 
 from segproxy.config import ForwardConfig
 from segproxy.forward.batcher import Batch, build_batches
-from segproxy.forward.retry import Action, backoff, classify, parse_retry_after
+from segproxy.forward.retry import (
+    MISDIRECTED,
+    Action,
+    Throttle,
+    backoff,
+    classify,
+    fault,
+    held_back,
+    parse_retry_after,
+    splits,
+)
 from segproxy.queue.base import Queue, Row
 from segproxy.redact import mask
 from segproxy.upstream import UpstreamError, UpstreamPool
@@ -55,6 +72,7 @@ class ForwardCounters:
     events_retried: int = 0
     events_dead: int = 0
     failures: int = 0
+    splits: int = 0  # refused batches split in halves to find the refused events
 
 
 class Forwarder:
@@ -79,6 +97,7 @@ class Forwarder:
         self.stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self.rng = random.Random()
+        self.reports = Throttle()  # WARNINGs: one per fault every 10 s
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -161,7 +180,7 @@ class Forwarder:
             if idle and not self.stopping and self.wake.is_set():
                 await self._collect()
             return
-        events = [r for r in rows if r.kind == "event"]
+        events = [r for r in rows if r.kind != "metrics"]  # events, and replays (sent alone)
         metrics = [r for r in rows if r.kind == "metrics"]
         batches = await self._build(events)
         for batch in batches:
@@ -258,41 +277,88 @@ class Forwarder:
     async def _send_batch(self, batch: Batch) -> None:
         await self._deliver(batch.write_key, "/v1/batch", batch.body(), batch.rows)
 
+    async def _send_rows(self, key: str, rows: list[Row]) -> None:
+        """A part of a refused batch (see _split), built again (each sentAt moved to now)."""
+        for batch in build_batches(rows, time.time()):
+            await self._send_batch(batch)
+
     async def _send_metrics(self, row: Row) -> None:
         await self._deliver("", "/v1/m", row.body, [row])
 
-    async def _deliver(self, key: str, path: str, body: bytes, rows: list[Row]) -> None:
-        ids = [r.id for r in rows]
+    async def _post(
+        self, key: str, path: str, body: bytes
+    ) -> tuple[int | None, str, float | None, str]:
+        """Segment's status (None: no answer), its body (or the error), its Retry-After, and
+        the fault a retry names (retry.fault; "" for a 2xx)."""
         headers = self._auth(key) if key else [(b"content-type", b"application/json")]
-        status: int | None = None
-        detail = ""
-        retry_after: float | None = None
         self.counters.requests += 1
         try:
             resp = await self.pool.request("POST", path, headers, body)
-            status = resp.status
-            detail = resp.body[:1000].decode("utf-8", "replace")
-            retry_after = parse_retry_after(resp.header(b"retry-after"), time.time())
         except UpstreamError as exc:
-            detail = str(exc)
+            return None, str(exc), None, fault(None, None, exc.kind)
+        status = resp.status
+        if 200 <= status < 300:
+            return status, "", None, ""
+        detail = resp.body[:1000].decode("utf-8", "replace")
+        retry_after = parse_retry_after(resp.header(b"retry-after"), time.time())
+        return status, detail, retry_after, fault(status, resp.header(b"location"))
+
+    async def _deliver(self, key: str, path: str, body: bytes, rows: list[Row]) -> None:
+        status, detail, retry_after, why = await self._post(key, path, body)
         action = classify(status)
-        now = time.time()
+        ids = [r.id for r in rows]
         if action is Action.ACK:
             await self.queue.ack(ids)
             self.counters.events_sent += len(ids)
             return
         self.counters.failures += 1
-        if action is Action.DEAD:
-            log.warning(
-                "Segment refused %d events of key %s with %s: %s; kept as dead letters",
-                len(ids),
-                mask(key),
-                status,
-                detail[:200],
-            )
-            await self.queue.dead_letter(ids, status or 0, detail, now)
-            self.counters.events_dead += len(ids)
+        now = time.time()
+        if action is Action.RETRY:
+            # (a network error's log line says more than its fault: the error itself)
+            await self._retry(key, rows, status, why, retry_after, now, detail or why)
             return
+        if len(rows) > 1 and splits(status):
+            self._split(key, rows, status)
+            return
+        report = f"Segment refused events of key {mask(key)} with {status}"
+        held = self.reports.due(report, now)
+        if held is not None:  # one line per key and status every 10 s
+            log.warning(
+                "%s: %s; %d kept as dead letters%s", report, detail[:200], len(ids), held_back(held)
+            )
+        await self.queue.dead_letter(ids, status or 0, detail, now)
+        self.counters.events_dead += len(ids)
+
+    def _split(self, key: str, rows: list[Row], status: int | None) -> None:
+        """Send each half of a refused batch on its own, to find the events Segment refuses.
+
+        The halves go first in their key's line (their rows are leased already, and the
+        lines of other keys still take turns with it in _dispatch), started when this send's
+        slot frees. They are not counted against MAX_WAITING_ROWS: already leased and in
+        memory, counting them would only stop every other key's leases while this one splits.
+        """
+        self.counters.splits += 1
+        log.debug(
+            "Segment refused %d events of key %s with %s; splitting them",
+            len(rows),
+            mask(key),
+            status,
+        )
+        mid = len(rows) // 2
+        line = self.waiting.setdefault(key, deque())
+        line.appendleft((0, functools.partial(self._send_rows, key, rows[mid:])))
+        line.appendleft((0, functools.partial(self._send_rows, key, rows[:mid])))
+
+    async def _retry(
+        self,
+        key: str,
+        rows: list[Row],
+        status: int | None,
+        why: str,
+        retry_after: float | None,
+        now: float,
+        detail: str,
+    ) -> None:
         s = self.settings
         attempt = max(r.attempts for r in rows) + 1
         delay = backoff(
@@ -305,15 +371,29 @@ class Forwarder:
         )
         if retry_after is not None or status == 429:
             self.blocked_until[key] = max(self.blocked_until.get(key, 0.0), now + delay)
+        if status is not None and status < 400:
+            # Not a delivery, and not Segment being down: the proxy is pointed at the wrong
+            # address. Loud, but one line per fault every 10 s, not one per batch.
+            held = self.reports.due(why, now)
+            if held is not None:
+                log.warning(
+                    "Segment's API answered %s for %d events of key %s: %s: the events stay"
+                    " queued and are retried%s",
+                    why,
+                    len(rows),
+                    mask(key),
+                    MISDIRECTED,
+                    held_back(held),
+                )
         log.info(
             "delivery of %d events failed (%s); retry %d in %.2f s",
-            len(ids),
-            status if status is not None else detail,
+            len(rows),
+            why if status is not None else detail,
             attempt,
             delay,
         )
-        await self.queue.retry_later(ids, now + delay)
-        self.counters.events_retried += len(ids)
+        await self.queue.retry_later([r.id for r in rows], now + delay, why)
+        self.counters.events_retried += len(rows)
 
     async def stop(self, grace: float) -> None:
         self.stopping = True

@@ -1,10 +1,24 @@
 """Pure retry policy: what to do with an upstream answer, and how long to wait.
 
-Follows Segment's own clients (PROTOCOL.md "Client retry rules"): success is < 400; retried
-are 5xx except 501, 505 and 511, and 408, 410, 429, 460, and network errors or timeouts; every other
-4xx is final (dead-lettered with Segment's status and body, never silently dropped).
+Only a ``2xx`` is a delivery. The rest follows Segment's own clients (their retry rules),
+except that they count any answer below 400 as success, and a proxy must not:
+
+- ``2xx``: delivered (ACK).
+- ``1xx``, ``3xx``: retried (RETRY). A redirect from the API is a configuration fault (an
+  ``http://`` ``upstream.api`` that redirects to ``https://``, a captive gateway, a load
+  balancer): the proxy does not follow it (it only ever talks to the configured origin), so the
+  events stay queued until the fault is fixed, and the forwarder reports it loudly (a WARNING
+  naming the status and ``Location``, and the fault in ``segproxy queue stats``).
+- ``5xx`` except 501, 505, 511; ``408``, ``410``, ``429``, ``460``; network errors and
+  timeouts: retried.
+- every other ``4xx``, and 501, 505, 511: final (DEAD). A final refusal of a batch of several
+  events that is about its events (:func:`splits`: not 401/403/404/405/407, which every event of
+  the request shares) is split in halves until the refused events are found; only those become
+  dead letters, with Segment's status and body, never silently dropped.
+
 Backoff is "full jitter" (delay uniform in [0, min(cap, base * 2**attempt)]); a ``Retry-After``
-from Segment is a floor under that delay.
+from Segment is a floor under that delay. Every retry names its fault (:func:`fault`): "HTTP
+503", "HTTP 301 redirect to <Location>", "network: timeout".
 """
 
 from __future__ import annotations
@@ -16,6 +30,17 @@ from email.utils import parsedate_to_datetime
 
 RETRYABLE_4XX = frozenset({408, 410, 429, 460})
 FINAL_5XX = frozenset({501, 505, 511})
+# Final refusals about the request itself, not the events in it: the credentials (the write key
+# every event of the request shares) or the path. Splitting such a batch would only repeat the
+# same refusal, up to 2n - 1 requests for n events.
+NOT_SPLIT = frozenset({401, 403, 404, 405, 407})
+LOCATION_SHOWN = 200  # characters of a Location kept in a fault (logs, queue stats)
+REPORT_EVERY = 10.0  # seconds between two WARNINGs about the same fault
+# What a redirect from the API means, for the WARNING that reports it.
+MISDIRECTED = (
+    "a configuration fault (is upstream.api an http:// address that redirects to https://?"
+    " set it to the address it redirects to); not a delivery"
+)
 
 
 class Action(enum.Enum):
@@ -29,10 +54,73 @@ def classify(status: int | None) -> Action:
     if status is None:
         return Action.RETRY
     if status < 400:
-        return Action.ACK
+        return Action.ACK if 200 <= status < 300 else Action.RETRY
     if status >= 500:
         return Action.DEAD if status in FINAL_5XX else Action.RETRY
     return Action.RETRY if status in RETRYABLE_4XX else Action.DEAD
+
+
+def splits(status: int | None) -> bool:
+    """Whether a batch of several events refused with ``status`` is split to find the events
+    Segment refuses (a final 4xx about the events), instead of dead-lettered whole."""
+    return (
+        status is not None
+        and 400 <= status < 500
+        and classify(status) is Action.DEAD
+        and (status not in NOT_SPLIT)
+    )
+
+
+def fault(status: int | None, location: bytes | None = None, error: str = "") -> str:
+    """Why a delivery failed, in a few words: "HTTP 503", "HTTP 301 redirect to <Location>",
+    "network: <error kind>". Shown in logs and ``segproxy queue stats``."""
+    if status is None:
+        return f"network: {error or 'error'}"
+    if 300 <= status < 400:
+        if not location:
+            return f"HTTP {status} redirect (no Location)"
+        return f"HTTP {status} redirect to {printable(location, LOCATION_SHOWN)}"
+    return f"HTTP {status}"
+
+
+def printable(value: bytes, limit: int) -> str:
+    """``value`` as text safe for one log line: control characters dropped, cut at ``limit``."""
+    text = value[: limit * 4].decode("utf-8", "replace")
+    clean = "".join(c for c in text if c.isprintable())
+    return clean if len(clean) <= limit else clean[: limit - 1] + "\u2026"
+
+
+class Throttle:
+    """Loud but bounded: at most one log line per key (a fault) every ``every`` seconds.
+
+    ``due(key, now)`` is None when the line is to be held back (and counted), else how many
+    were held back since the key's last line. Remembers at most ``max_keys`` keys, so faults
+    naming ever new Locations cannot grow it.
+    """
+
+    __slots__ = ("every", "held", "last", "max_keys")
+
+    def __init__(self, every: float = REPORT_EVERY, max_keys: int = 256) -> None:
+        self.every = every
+        self.max_keys = max_keys
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def due(self, key: str, now: float) -> int | None:
+        last = self.last.get(key)
+        if last is not None and now - last < self.every:
+            self.held[key] = self.held.get(key, 0) + 1
+            return None
+        if last is None and len(self.last) >= self.max_keys:
+            self.last.clear()
+            self.held.clear()
+        self.last[key] = now
+        return self.held.pop(key, 0)
+
+
+def held_back(count: int) -> str:
+    """The end of a throttled WARNING: how many like it were not logged."""
+    return f" ({count} more like it in the last {REPORT_EVERY:.0f} s)" if count else ""
 
 
 def parse_retry_after(value: bytes | str | None, now: float) -> float | None:

@@ -1,14 +1,21 @@
 """Pure: request bytes -> a validated payload, or an :class:`IngestError` naming the problem.
 
 Nothing here touches the network; a rejected request never reaches the upstream. The checks
-mirror Segment's own (PROTOCOL.md): JSON object bodies, 32 KB per event, 500 KB per request,
-2,500 events per batch; sizes are measured on the decompressed body.
+mirror Segment's own (docs/architecture.md): JSON object bodies, 500 KB per request, 2,500
+events per batch, measured on the decompressed body. Segment's 32 KB per event is checked
+on the event as it will be sent, once the proxy has added to it (``ingest/prepare.py``).
+
+What one request may cost is bounded here too: a write key is at most 256 bytes (it is stored
+with every event and sent in a header), a gzip body has at most 16 members (each costs a
+decompressor), and a ``sentAt`` must be a timestamp (the forwarder rewrites it per event).
 
 Error tree::
 
     IngestError(status, code, message)
-      400 bad_encoding / bad_gzip / invalid_json / invalid_utf8 / not_an_object /
-          bad_batch / bad_event / event_too_large / request_too_large / too_many_events
+      400 bad_encoding / bad_gzip / too_many_gzip_members / invalid_json / invalid_utf8 /
+          not_an_object / bad_batch / bad_event / bad_sent_at / write_key_too_long /
+          request_too_large / too_many_events
+          (and from prepare.py: event_too_large / merged_too_large)
       401 missing_write_key / bad_authorization
       403 write_key_not_allowed
       415 unsupported_media_type
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +54,7 @@ class Payload:
     events: list[dict[str, Any]] = field(default_factory=list)  # references into doc
     write_key: str | None = None
     authorization: bytes | None = None  # the client's Basic header, when the key came from it
+    size: int = 0  # the decompressed body's bytes (what the client sent, for prepare's bound)
 
 
 def decode_body(
@@ -97,12 +107,24 @@ def _request_too_large(size: int, limits: LimitsConfig) -> IngestError:
     )
 
 
+# Gzip members decoded per body, at most. RFC 1952 allows several and real clients send one;
+# each costs a decompressor whatever it holds, so 26,214 empty members in a 512 KB body once
+# held the loop for 185 ms. A few are still read, for a client that appends members.
+MAX_GZIP_MEMBERS = 16
+
+
 def _gunzip(body: bytes, limit: int) -> bytes:
-    """Decode every gzip member (RFC 1952 allows several), never past ``limit`` bytes."""
+    """Decode the gzip members (at most :data:`MAX_GZIP_MEMBERS`), never past ``limit`` bytes."""
     out: list[bytes] = []
     total = 0
     data = body
     while True:
+        if len(out) == MAX_GZIP_MEMBERS:
+            raise IngestError(
+                400,
+                "too_many_gzip_members",
+                f"the gzip body has more than {MAX_GZIP_MEMBERS} members; send it as one",
+            )
         d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         try:
             chunk = d.decompress(data, limit + 1 - total)
@@ -125,6 +147,21 @@ def _gunzip(body: bytes, limit: int) -> bytes:
 
 _AUTH_CACHE: dict[bytes, str | None] = {}
 
+# A write key's bytes, at most. Segment's are 32 characters; every event stores its key and
+# the forwarder sends it in each request's Authorization header, so a longer one is refused
+# before anything is stored (a 100 KB key once cost 120 MB of queue file for one request).
+MAX_WRITE_KEY_BYTES = 256
+
+
+def _check_key_length(key: str) -> None:
+    size = len(key) if len(key) > MAX_WRITE_KEY_BYTES else len(key.encode())
+    if size > MAX_WRITE_KEY_BYTES:
+        raise IngestError(
+            400,
+            "write_key_too_long",
+            f"the write key is {size} bytes; a write key is at most {MAX_WRITE_KEY_BYTES}",
+        )
+
 
 def write_key_from_auth(authorization: bytes | None) -> str | None:
     """HTTP Basic ``base64(writeKey + ":")``; other schemes carry the key in the body."""
@@ -135,6 +172,7 @@ def write_key_from_auth(authorization: bytes | None) -> str | None:
         return cached
     key = _decode_basic(authorization)
     if key is not None:
+        _check_key_length(key)  # before the cache: the fast lane trusts what it holds
         if len(_AUTH_CACHE) >= 1024:  # bounded: a flood of distinct headers cannot grow it
             _AUTH_CACHE.clear()
         _AUTH_CACHE[authorization] = key
@@ -170,7 +208,7 @@ def parse(
         raise IngestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise IngestError(400, "not_an_object", "the body must be a JSON object")
-    payload = Payload(endpoint, doc)
+    payload = Payload(endpoint, doc, size=len(data))
     if endpoint == "m":
         return payload  # browser metrics: no write key, forwarded as they are
 
@@ -186,6 +224,7 @@ def parse(
             "missing_write_key",
             "no write key: send HTTP Basic auth (writeKey as user) or writeKey in the body",
         )
+    _check_key_length(key)
     if allowed_keys and key not in allowed_keys:
         raise IngestError(403, "write_key_not_allowed", "this write key is not accepted here")
     payload.write_key = key
@@ -200,15 +239,16 @@ def parse(
                 "too_many_events",
                 f"a batch holds at most {limits.max_batch_events} events, got {len(batch)}",
             )
+        check_sent_at(doc.get("sentAt"), "the batch's sentAt")
         for i, event in enumerate(batch):
             if not isinstance(event, dict):
                 raise IngestError(400, "bad_event", f"batch[{i}] is not a JSON object")
             if not isinstance(event.get("type"), str):
                 raise IngestError(400, "bad_event", f"batch[{i}] has no 'type'")
-            _check_event(event, f"batch[{i}]", limits, None)
+            _check_event(event, f"batch[{i}]", f"batch[{i}].sentAt")
         payload.events = batch
     else:
-        _check_event(doc, "the event", limits, len(data))
+        _check_event(doc, "the event", "the event's sentAt")
         payload.events = [doc]
     return payload
 
@@ -225,7 +265,8 @@ def parse_single(
     The same checks and result as :func:`parse` then :func:`enrich` for a single-event
     endpoint, in one call, for a body of plain JSON (the caller has looked at its media type
     and encoding) whose Basic Authorization header is already known. Anything else returns
-    None and takes the general path, which names the problem if there is one.
+    None and takes the general path, which names the problem if there is one. (The event's
+    size as it will be sent is checked by the caller, on the bytes it encodes anyway.)
     """
     size = len(data)
     if size > limits.max_event_bytes or size > limits.max_request_bytes or not authorization:
@@ -239,6 +280,9 @@ def parse_single(
         return None
     if type(doc) is not dict:
         return None
+    sent_at = doc.get("sentAt")
+    if sent_at is not None and (type(sent_at) is not str or not valid_sent_at(sent_at)):
+        return None
     ctx = doc.get("context")
     if ctx is None:
         doc["context"] = {"ip": ip}
@@ -247,33 +291,87 @@ def parse_single(
             ctx["ip"] = ip
     else:
         return None
+    mid = doc.get("messageId")
+    if type(mid) is not str or not mid:
+        doc["messageId"] = str(uuid.uuid4())
     return doc, key
 
 
-def _check_event(event: dict[str, Any], where: str, limits: LimitsConfig, raw: int | None) -> None:
+def _check_event(event: dict[str, Any], where: str, sent_at_where: str) -> None:
     ctx = event.get("context")
     if ctx is not None and not isinstance(ctx, dict):
         raise IngestError(400, "bad_event", f"{where}: 'context' must be an object")
-    # A single event's raw size bounds its serialised size; only re-measure when it may be over.
-    if raw is not None and raw <= limits.max_event_bytes:
+    check_sent_at(event.get("sentAt"), sent_at_where)
+
+
+# sentAt as Segment's libraries write it: an ISO 8601 / RFC 3339 date and time, the seconds,
+# their fraction (1-9 digits) and the offset optional. analytics.js, analytics-node and the
+# mobile SDKs write "2026-11-25T19:11:13.967Z"; analytics-python "...13.967123+00:00"; Go and
+# .NET up to nine digits. Years 1000-2999: the forwarder moves it forward, which must not
+# leave the years datetime can write. At most 35 characters.
+_SENT_AT = re.compile(
+    r"[12]\d{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])[Tt ](?:[01]\d|2[0-3]):[0-5]\d"
+    r"(?::[0-5]\d(?:[.,]\d{1,9})?)?(?:Z|[+-](?:[01]\d|2[0-3])(?::?[0-5]\d)?)?",
+    re.ASCII,
+)
+
+
+# "YYYY-MM-DDTHH:MM:SS" of sentAt values in analytics.js's form already matched (bounded): the
+# events of one second share it, so most are checked with a few string operations.
+_SECONDS_SEEN: set[str] = set()
+
+
+def valid_sent_at(value: str) -> bool:
+    """The value is a timestamp of a shape clients send (:data:`_SENT_AT`)."""
+    if len(value) == 24 and value[19] == "." and value[23] == "Z":
+        if value[:19] in _SECONDS_SEEN:
+            ms = value[20:23]
+            return ms.isascii() and ms.isdigit()
+        if _SENT_AT.fullmatch(value) is None:
+            return False
+        if len(_SECONDS_SEEN) >= 4096:
+            _SECONDS_SEEN.clear()
+        _SECONDS_SEEN.add(value[:19])
+        return True
+    return _SENT_AT.fullmatch(value) is not None
+
+
+def check_sent_at(value: object, where: str) -> None:
+    """A ``sentAt`` is absent, null, or a timestamp of a client's shape; else ``bad_sent_at``.
+
+    The forwarder moves each event's sentAt forward by the time it waited, so a value that is
+    not a timestamp would be sent as it came, and one of any length would be stored and sent
+    with every event of its batch.
+    """
+    if value is None or (isinstance(value, str) and valid_sent_at(value)):
         return
-    try:
-        size = len(orjson.dumps(event))
-    except orjson.JSONEncodeError as exc:  # e.g. nested deeper than orjson writes (255)
-        raise IngestError(400, "bad_event", f"{where} cannot be re-encoded: {exc}") from exc
-    if size > limits.max_event_bytes:
-        raise IngestError(
-            400,
-            "event_too_large",
-            f"{where} is {size} bytes; the limit is {limits.max_event_bytes} bytes per event",
-        )
+    got = orjson.dumps(value[:40]).decode() if isinstance(value, str) else "not a string"
+    raise IngestError(
+        400,
+        "bad_sent_at",
+        f"{where} is not an ISO 8601 timestamp like 2026-01-01T00:00:00.000Z ({got})",
+    )
 
 
 def enrich(payload: Payload, ip: str) -> None:
-    """Set ``context.ip`` from the real client on every event that has none."""
+    """Set ``context.ip`` from the real client on every event that has none (nor its batch),
+    and a messageId.
+
+    An event without a ``messageId`` (or with an empty or non-string one) gets a random one
+    here, at accept time: it is stored with the event, so every retry and a resend after a
+    crash carry the same one, and Segment de-duplicates on it.
+    """
+    # A batch's own context.ip stands for its events, as an event's own does: the client
+    # said where they came from (and Segment would merge it into each).
+    shared = payload.doc.get("context") if payload.doc.get("batch") is payload.events else None
+    batch_ip = shared.get("ip") if isinstance(shared, dict) else None
+    fill = batch_ip if batch_ip else ip
     for event in payload.events:
         ctx = event.get("context")
         if ctx is None:
-            event["context"] = {"ip": ip}
+            event["context"] = {"ip": fill}
         elif not ctx.get("ip"):
-            ctx["ip"] = ip
+            ctx["ip"] = fill
+        mid = event.get("messageId")
+        if not isinstance(mid, str) or not mid:
+            event["messageId"] = str(uuid.uuid4())

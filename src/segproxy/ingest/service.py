@@ -8,7 +8,12 @@ events and retry: nothing is dropped.
 Delivery with ``[queue] backend = "none"``: each request is forwarded synchronously to the one
 configured API upstream and Segment's answer (status, body, ``Retry-After``) is passed back, so
 clients keep their own retry behaviour. If the upstream cannot be reached, the client gets a
-502/503 with ``Retry-After`` and keeps the events.
+502/503 with ``Retry-After`` and keeps the events. A redirect (or any other answer below 400
+that is not a 2xx) is not a delivery and is never relayed (a browser would follow it with the
+event, or drop it; Segment's server libraries fail on any 3xx): the client gets a 502
+``upstream_redirect`` with ``Retry-After`` and retries, and the log names the status and
+``Location`` as the proxy's configuration fault (the client is told nothing about the upstream),
+like the forwarder does in durable mode (forward/retry.py).
 """
 
 from __future__ import annotations
@@ -18,13 +23,11 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
-
-import orjson
 
 from segproxy.config import Config
 from segproxy.edge.http import Deferred, Headers, Request, Response, error_response
-from segproxy.forward.batcher import prepare_events
+from segproxy.forward.retry import MISDIRECTED, Throttle, fault, held_back
+from segproxy.ingest import prepare
 from segproxy.ingest.parse import (
     JSON_SEEN,
     IngestError,
@@ -34,7 +37,8 @@ from segproxy.ingest.parse import (
     parse,
     parse_single,
 )
-from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull, new_row
+from segproxy.ingest.prepare import encode, single_body_checked, single_row
+from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
 from segproxy.ratelimit import rate_limited, table
 from segproxy.routes import API_ENDPOINTS, Route
 from segproxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
@@ -46,14 +50,6 @@ EXPOSE_HEADERS = b"Retry-After, X-RateLimit-Reset"
 _ORIGIN_RE = re.compile(rb"^(?:null|https?://[A-Za-z0-9.:\[\]-]{1,260})$")
 PASS_HEADERS = (b"retry-after", b"x-ratelimit-reset", b"content-type")
 RETRY_AFTER_SECONDS = b"5"
-
-
-def encode(obj: object) -> bytes:
-    """Serialise what we forward; a body orjson cannot write (nested > 255 deep) is a 400."""
-    try:
-        return orjson.dumps(obj)
-    except orjson.JSONEncodeError as exc:
-        raise IngestError(400, "bad_event", f"the event cannot be re-encoded: {exc}") from exc
 
 
 def cors_headers(origin: bytes | None) -> Headers:
@@ -103,15 +99,6 @@ def preflight(origin: bytes | None) -> Response:
 SUCCESS = b'{"success":true}'
 
 
-def event_row(write_key: str, event: dict[str, Any], now: float) -> NewRow:
-    """An event's queue row: its JSON without ``sentAt``, which the row keeps apart."""
-    sent_at = event.get("sentAt")
-    if isinstance(sent_at, str):
-        del event["sentAt"]
-        return new_row(write_key, "event", now, encode(event), sent_at)
-    return new_row(write_key, "event", now, encode(event))
-
-
 def upstream_headers(authorization: bytes | None, write_key: str | None) -> Headers:
     """Passthrough: the client's own Basic header, else one made from the body's write key."""
     headers: Headers = [(b"content-type", b"application/json")]
@@ -148,6 +135,7 @@ class IngestService:
         # Passthrough: Segment's small answers (its 200, say) as relayed, per what they carry
         # and the allowed origin, built once too.
         self._relayed: dict[tuple[object, ...], Response] = {}
+        self.reports = Throttle()  # redirect warnings: one per fault every 10 s
 
     def ok(self, cors: Headers) -> Response:
         allow = cors[0][1]  # cors_headers(): access-control-allow-origin comes first
@@ -193,9 +181,9 @@ class IngestService:
                 if wait is not None:
                     return rate_limited(wait, "for this write key", cors)
             if self.queue is not None:
-                rows = self.rows(payload)
+                rows = prepare.rows(payload, time.time(), self.limits)
             else:
-                body = encode(payload.doc)
+                body = prepare.forwarded_body(payload, self.limits)
         except IngestError as exc:
             return error_response(exc.status, exc.code, exc.message, cors)
         if self.queue is not None:
@@ -217,18 +205,9 @@ class IngestService:
             return None
         doc, key = single
         if self.queue is None:
-            return self.forward(route, encode(doc), upstream_headers(auth, key), cors)
-        prepare_events(doc, [doc], implied)
-        return self.enqueue([event_row(key, doc, time.time())], cors)
-
-    def rows(self, payload: Payload) -> list[NewRow]:
-        """One queue row per event (or one for a metrics request), as it will be sent."""
-        now = time.time()
-        if payload.endpoint == "m":
-            return [NewRow("", "metrics", now, encode(payload.doc))]
-        key = payload.write_key or ""
-        events = prepare_events(payload.doc, payload.events, API_ENDPOINTS.get(payload.endpoint))
-        return [event_row(key, event, now) for event in events]
+            body = single_body_checked(encode(doc), self.limits)
+            return self.forward(route, body, upstream_headers(auth, key), cors)
+        return self.enqueue([single_row(key, doc, implied, time.time(), self.limits)], cors)
 
     def enqueue(self, rows: list[NewRow], cors: Headers) -> Response | Deferred:
         """200 once the rows are committed (the commit resolves the answer), else 503."""
@@ -284,13 +263,8 @@ class IngestService:
                 "Segment's API could not be reached; retry later",
                 [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
             )
-        if 300 <= resp.status < 400:
-            return error_response(
-                502,
-                "upstream_redirect",
-                f"Segment's API answered a redirect ({resp.status})",
-                [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
-            )
+        if not 200 <= resp.status < 300 and resp.status < 400:
+            return self._not_delivered(resp, route, cors)
         passed = [(name, resp.headers.get(name)) for name in PASS_HEADERS]
         key = (resp.status, resp.body, cors[0][1], *passed)
         answer = self._relayed.get(key)
@@ -303,3 +277,24 @@ class IngestService:
                     self._relayed.clear()
                 self._relayed[key] = answer
         return answer
+
+    def _not_delivered(self, resp: UpstreamResponse, route: Route, cors: Headers) -> Response:
+        """A redirect from the API upstream: 502 for the client (who keeps the events and
+        retries), the status and Location in the log (not for the client: internal address)."""
+        why = fault(resp.status, resp.header(b"location"))
+        held = self.reports.due(why, time.time())
+        if held is not None:
+            log.warning(
+                "Segment's API answered %s for %s: %s: the client is answered 502 and retries%s",
+                why,
+                route.upstream_path,
+                MISDIRECTED,
+                held_back(held),
+            )
+        return error_response(
+            502,
+            "upstream_redirect",
+            f"the proxy's upstream answered {resp.status} instead of accepting the events:"
+            " a proxy configuration fault; retry later",
+            [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
+        )

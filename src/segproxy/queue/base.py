@@ -168,3 +168,13 @@ class Queue(Protocol):
         """Re-read counters from storage (another process may have changed it)."""
 
     async def close(self) -> None: ...
+
+
+# How the forwarder sends an event row (forward/batcher.py): its stored ``body`` with
+# ``,"sentAt":"..."`` put back as its last member, holding the row's ``sent_at`` as it came or
+# moved forward by the time the event waited, written then in analytics.js's 24-character
+# form. So a row is sent as ``len(body) + SENT_AT_MEMBER_BYTES + max(len(sent_at),
+# SENT_AT_MOVED_CHARS)`` bytes at most (for a sent_at JSON writes without escapes, as ingest
+# accepts); ingest checks Segment's 32 KB per event on that (ingest/prepare.py).
+SENT_AT_MEMBER_BYTES = len(b',"sentAt":""')
+SENT_AT_MOVED_CHARS = len("2026-01-01T00:00:00.000Z")
