@@ -440,7 +440,9 @@ class SqliteQueue:
     ) -> None:
         self.path = path
         self.max_dead_bytes = max_dead_bytes
-        self.dead_bytes = 0  # bytes of dead letters (stale after the CLI's replay or purge)
+        # Bytes of dead letters, read and set by the jobs only (stale after the CLI's replay
+        # or purge until a recount; the file decides before anything is evicted).
+        self.dead_bytes = 0
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.min_free_disk = min_free_disk_bytes
@@ -1141,10 +1143,9 @@ class SqliteQueue:
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         self._memory_leased.difference_update(ids)
 
-        def moved(result: tuple[int, int, int, int]) -> None:
-            added, evicted, freed, total = result
+        def moved(result: tuple[int, int]) -> None:
+            evicted, freed = result
             self._forget(ids)
-            self.dead_bytes = total if total >= 0 else self.dead_bytes + added
             if evicted:
                 log.warning(
                     "dead letters over queue.max_dead_bytes (%d): evicted the %d oldest"
@@ -1156,12 +1157,11 @@ class SqliteQueue:
 
         await self._run(self._dead_job, ids, status, reason, now, then=moved)
 
-    def _dead_job(
-        self, ids: list[int], status: int, reason: str, now: float
-    ) -> tuple[int, int, int, int]:
+    def _dead_job(self, ids: list[int], status: int, reason: str, now: float) -> tuple[int, int]:
         """Move rows (by id) and packed events (from memory) to ``dead``, in one transaction,
-        evicting the oldest dead letters past their cap; returns the bytes added, how many
-        were evicted with their bytes, and the dead letters' bytes (-1: not counted)."""
+        evicting the oldest dead letters past their cap; returns how many were evicted, and
+        their bytes. (The dead letters' byte counter is the jobs' own: each job reads it
+        and, once its transaction committed, sets it.)"""
         leaving = self._packs.plan(ids)
         with self._no_fsync() as db, _Transaction(db):
             before = int(db.execute("SELECT coalesce(max(id), 0) FROM dead").fetchone()[0])
@@ -1188,11 +1188,12 @@ class SqliteQueue:
             )
             # The counter says when to look (no scan per dead letter); the file decides (the
             # CLI may have replayed or purged meanwhile).
-            evicted, freed, total = 0, 0, -1
-            if self.dead_bytes + added > self.max_dead_bytes:
+            evicted, freed, total = 0, 0, self.dead_bytes + added
+            if total > self.max_dead_bytes:
                 evicted, freed, total = evict_dead(db, self.max_dead_bytes)
         self._packs.remember(leaving)
-        return added, evicted, freed, total
+        self.dead_bytes = total
+        return evicted, freed
 
     def _delete_sync(self, ids: list[int], changes: PackChanges = NO_PACK_CHANGES) -> None:
         """Delete delivered rows, by id ranges when they run on (the usual batch), else by id,
