@@ -121,6 +121,7 @@ class Runner:
         return run
 
     def _before(self, t: Target) -> _Before:
+        """Every counter the run is measured against, read just before wrk starts."""
         cpu = cpu_times()
         disk = disk_counters()
         foreign = foreign_cpu_ticks()
