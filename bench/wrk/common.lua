@@ -1,5 +1,6 @@
 -- Shared by the bench scripts: print wrk's summary as one machine-readable line.
--- bench/run.py parses the line that starts with "WRK_RESULT ". Times are microseconds.
+-- bench/harness/workloads.py (run_wrk) parses the line that starts with "WRK_RESULT ".
+-- Times are microseconds.
 local M = {}
 
 function M.done(summary, latency, requests)

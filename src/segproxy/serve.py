@@ -37,10 +37,10 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(config: Config) -> None:
+def warn_at_start(config: Config) -> None:
+    """Log what is allowed but probably not meant: unknown variables, an open door."""
     for warning in env_warnings(os.environ):  # never fatal: see config.env_warnings
         log.warning("%s", warning)
-    loop = asyncio.get_running_loop()
     if not config.sources.write_keys:
         log.warning(
             "[sources] write_keys is empty: any write key is accepted and proxied; "
@@ -54,6 +54,11 @@ async def serve(config: Config) -> None:
             "host the trusted proxies forward (X-Forwarded-Host, Forwarded, Host); list your "
             "public host names in public_hosts"
         )
+
+
+async def serve(config: Config) -> None:
+    warn_at_start(config)
+    loop = asyncio.get_running_loop()
     app = App(config)
     await app.start()
     edge = EdgeServer(app, config.limits, loop, tls_context(config))
