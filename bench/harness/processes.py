@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 import brotli
+
 from harness.common import BenchError
 
 

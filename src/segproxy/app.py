@@ -16,12 +16,13 @@ from collections.abc import Coroutine
 from typing import Any
 
 from segproxy import __version__
-from segproxy.cdn.service import CORS_CDN, CdnService
+from segproxy.cdn.service import CdnService
+from segproxy.clients import client_ip, host_allowed, public_origin
 from segproxy.config import Config, Upstream
-from segproxy.edge.forwarded import client_ip, host_allowed, public_origin
+from segproxy.cors import FOR_CDN, for_api
 from segproxy.edge.http import Deferred, Request, Response, error_response, json_response
 from segproxy.forward.forwarder import Forwarder
-from segproxy.ingest.service import IngestService, cors_headers
+from segproxy.ingest.service import IngestService
 from segproxy.queue import open_queue
 from segproxy.queue.base import Queue
 from segproxy.ratelimit import client_bucket, exempt, rate_limited, table
@@ -104,8 +105,8 @@ class App:
             # Exemptions are looked up only once a client is over its limit (cheaper).
             if wait is not None and not exempt(ip, self.exempt_ips):
                 if kind in CDN_KINDS:
-                    return rate_limited(wait, "from this address", CORS_CDN)
-                return rate_limited(wait, "from this address", cors_headers(req.header(b"origin")))
+                    return rate_limited(wait, "from this address", FOR_CDN)
+                return rate_limited(wait, "from this address", for_api(req.header(b"origin")))
         origin = None
         if kind is Kind.SETTINGS or cfg.public_hosts:
             origin = public_origin(req.peer, req.scheme, req.headers, cfg.trusted_proxies)

@@ -23,7 +23,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from segproxy.edge.forwarded import Network, is_trusted
+from segproxy.clients import Network, is_trusted
 from segproxy.edge.http import Headers, Response, error_response
 
 

@@ -1,7 +1,7 @@
 """Pure routing: (method, request target) -> what to do, or why not.
 
-Only the CDN and Tracking API paths that real Segment clients use (../shared/PROTOCOL.md) are
-routed; everything else is a 404. The target is never decoded: a path with ``%``, ``\\``,
+Only the CDN and Tracking API paths that real Segment clients use are routed; everything else
+is a 404 (docs/threat-model.md, "Routing"). The target is never decoded: a path with ``%``, ``\\``,
 ``//`` or a ``.``/``..`` segment is refused outright, so no spelling of a path can reach a file
 or host other than the one its route names. Upstream paths are rebuilt from validated parts,
 not copied from the request. The query string is dropped (never forwarded, never a cache key).
@@ -27,7 +27,6 @@ class Kind(enum.Enum):
 
 
 CDN_KINDS = frozenset({Kind.SCRIPT, Kind.SETTINGS, Kind.BUNDLE, Kind.INTEGRATION})
-API_KINDS = frozenset({Kind.TRACK, Kind.METRICS})
 
 # Single-event endpoints and the event type each implies; "b", "batch" and "import" carry a batch.
 API_ENDPOINTS: dict[str, str | None] = {

@@ -1,9 +1,11 @@
 """A small keep-alive HTTP/1.1 client for exactly one configured upstream origin.
 
-Why hand-written: DESIGN.md measured general clients at 3-6x the cost of a lean asyncio
-Protocol on this path. Why safe: a pool is bound to one :class:`~segproxy.config.Upstream` at
-construction; callers give only a path, and the ``Host`` header is always the upstream's own
-(forwarding a visitor's Host is the classic 403 from Segment's CDN).
+Why hand-written: on the ingest path, general-purpose HTTP frameworks cost 3-6x a lean asyncio
+Protocol (docs/architecture.md, "Why a hand-written edge"), and passthrough ingest sends every
+request through this client. Why safe: a pool is bound to one
+:class:`~segproxy.config.Upstream` at construction; callers give only a path, and the ``Host``
+header is always the upstream's own (forwarding a visitor's Host is the classic 403 from
+Segment's CDN).
 
 Errors (all :class:`UpstreamError`, ``kind`` says which)::
 
@@ -31,6 +33,7 @@ from typing import Literal, cast
 import httptools
 
 from segproxy.config import Upstream
+from segproxy.memo import Memo
 
 log = logging.getLogger("segproxy.upstream")
 
@@ -209,7 +212,7 @@ class UpstreamPool:
         )
         self.host_header = b"host: " + upstream.authority.encode("idna") + b"\r\n"
         self.user_agent = user_agent
-        self._heads: dict[tuple[object, ...], bytes] = {}  # request line + headers
+        self._heads: Memo[tuple[object, ...], bytes] = Memo(1024)  # request line + headers
         self.closed = False
 
     def _forget(self, conn: _Conn) -> None:
@@ -248,10 +251,7 @@ class UpstreamPool:
                 b"user-agent: " + self.user_agent + b"\r\n",
             ]
             lines += [k + b": " + v + b"\r\n" for k, v in headers]
-            head = b"".join(lines)
-            if len(self._heads) >= 1024:
-                self._heads.clear()
-            self._heads[key] = head
+            head = self._heads.put(key, b"".join(lines))
         if body or method in ("POST", "PUT", "PATCH"):
             length = str(len(body)).encode()
             return b"".join((head, b"content-length: ", length, b"\r\n\r\n")), body

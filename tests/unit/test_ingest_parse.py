@@ -468,6 +468,16 @@ def test_enrich_sets_the_ip_on_every_batch_event_that_lacks_one() -> None:
     assert "context" not in payload.doc  # the envelope is not an event
 
 
+@pytest.mark.parametrize("batch_ip", ["198.51.100.1", 5, ["x"], {"v": 6}])
+def test_a_batchs_own_context_ip_stands_for_its_events_as_the_client_sent_it(
+    batch_ip: object,
+) -> None:
+    doc = {"batch": [track(), track(context={"ip": "10.0.0.1"})], "context": {"ip": batch_ip}}
+    payload = accept("b", body(doc), auth=basic(KEY))
+    enrich(payload, "203.0.113.7")
+    assert [event["context"]["ip"] for event in payload.doc["batch"]] == [batch_ip, "10.0.0.1"]
+
+
 def test_enrich_leaves_metrics_untouched() -> None:
     doc = {"series": [{"type": "Counter", "metric": "m", "value": 1, "tags": {}}]}
     payload = accept("m", body(doc))

@@ -12,10 +12,8 @@ from hypothesis import strategies as st
 
 from segproxy.forward.retry import (
     Action,
-    Throttle,
     backoff,
     classify,
-    fault,
     parse_retry_after,
     splits,
 )
@@ -23,8 +21,8 @@ from segproxy.forward.retry import (
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 # ---------------------------------------------------------------------------------------------
-# classify: only 2xx is delivery (PROTOCOL.md "Client retry rules", except that a redirect is
-# retried instead of counted as success: see retry.py)
+# classify: only 2xx is delivery (docs/architecture.md, the durable path, step 7: Segment's
+# clients' retry rules, except that a redirect is retried instead of counted as success)
 
 RETRYABLE_5XX = [s for s in range(500, 600) if s not in (501, 505, 511)]
 
@@ -156,63 +154,6 @@ def test_a_refusal_of_the_credentials_or_the_path_is_not_split(status: int) -> N
 @pytest.mark.parametrize("status", [200, 301, 408, 429, 503])
 def test_only_final_answers_are_split(status: int) -> None:
     assert not splits(status)
-
-
-# ---------------------------------------------------------------------------------------------
-# The fault a retry is reported with (queue stats, logs)
-
-
-@pytest.mark.parametrize(
-    ("status", "location", "error", "expected"),
-    [
-        (503, None, "", "HTTP 503"),
-        (429, None, "", "HTTP 429"),
-        (
-            301,
-            b"https://api.segment.io/v1/batch",
-            "",
-            "HTTP 301 redirect to https://api.segment.io/v1/batch",
-        ),
-        (308, b"https://x.example/v1/batch", "", "HTTP 308 redirect to https://x.example/v1/batch"),
-        (302, None, "", "HTTP 302 redirect (no Location)"),
-        (None, None, "timeout", "network: timeout"),
-        (None, None, "connect", "network: connect"),
-    ],
-)
-def test_every_retry_names_its_fault(
-    status: int | None, location: bytes | None, error: str, expected: str
-) -> None:
-    assert fault(status, location, error) == expected
-
-
-def test_a_location_is_shown_printable_and_short() -> None:
-    hostile = b"https://x.example/\x1b[31m\r\nFAKE LOG LINE" + b"a" * 5000
-    shown = fault(301, hostile, "")
-    assert shown.startswith("HTTP 301 redirect to https://x.example/")
-    assert "\x1b" not in shown and "\r" not in shown and "\n" not in shown
-    assert len(shown) < 300
-
-
-# ---------------------------------------------------------------------------------------------
-# Loud but not one line per batch: at most one log line per fault per window, with a count
-
-
-def test_a_repeated_fault_is_logged_once_per_window_with_the_count_held_back() -> None:
-    throttle = Throttle(every=10.0)
-    assert throttle.due("HTTP 301 redirect to https://a", 100.0) == 0
-    assert [throttle.due("HTTP 301 redirect to https://a", 100.0 + i) for i in range(1, 9)] == [
-        None
-    ] * 8
-    assert throttle.due("HTTP 302 redirect to https://b", 101.0) == 0  # another fault: its own
-    assert throttle.due("HTTP 301 redirect to https://a", 110.5) == 8  # the 8 held back
-    assert throttle.due("HTTP 301 redirect to https://a", 111.0) is None
-
-
-def test_the_throttle_remembers_a_bounded_number_of_faults() -> None:
-    throttle = Throttle(every=10.0, max_keys=16)
-    for i in range(1000):
-        assert throttle.due(f"HTTP 301 redirect to https://h{i}", 1.0) == 0
-    assert len(throttle.last) <= 16
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,7 +15,6 @@ from segproxy.cdn.rewrite import (
     CDN_PRELUDE,
     RewriteError,
     rewrite_script,
-    rewrite_settings,
     settings_template,
 )
 
@@ -54,6 +54,18 @@ EU_SETTINGS: dict[str, Any] = {
     "autoInstrumentationSettings": {"sampleRate": 0},
     "someFutureKey": {"nested": [1, 2.5, None, "x"]},
 }
+
+
+@dataclass(frozen=True)
+class RewrittenSettings:
+    body: bytes
+    upstream_api_host: str | None
+
+
+def rewrite_settings(raw: bytes, api_host: str, protocol: str) -> RewrittenSettings:
+    """One rendering, as the CDN service makes it: a template per fill, rendered per origin."""
+    template = settings_template(raw)
+    return RewrittenSettings(template.render(api_host, protocol), template.upstream_api_host)
 
 
 def rewritten(doc: object, api_host: str = PROXY_API, protocol: str = "https") -> Any:

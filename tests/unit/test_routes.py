@@ -27,7 +27,7 @@ def reject_of(method: str, target: str, prefix: str = "") -> Reject:
 
 
 # ---------------------------------------------------------------------------------------------
-# CDN paths (PROTOCOL.md "CDN paths")
+# CDN paths (the ones analytics.js loads; docs/threat-model.md, "Routing")
 
 
 @pytest.mark.parametrize("file", ["analytics.min.js", "analytics.classic.js"])
@@ -125,7 +125,7 @@ def test_cdn_paths_refuse_other_methods_with_405_and_allow(method: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tracking API paths (PROTOCOL.md "Tracking API")
+# Tracking API paths (the ones Segment's clients post to; docs/threat-model.md, "Routing")
 
 
 @pytest.mark.parametrize("endpoint", ["t", "p", "i", "g", "a", "s", "b"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -27,6 +26,8 @@ import brotli
 
 from segproxy.cdn.rewrite import SettingsTemplate
 from segproxy.edge.http import Response
+from segproxy.gunzip import CUT_SHORT, TOO_LARGE, TOO_MANY_MEMBERS, GzipError, gunzip
+from segproxy.memo import Memo
 
 COMPRESSIBLE = (b"javascript", b"json", b"text/", b"xml", b"svg")
 MIN_COMPRESS = 256
@@ -119,36 +120,33 @@ class BrokenBody(ValueError):
     """The CDN's answer is not a whole, valid body: it never becomes an entry."""
 
 
-MAX_GZIP_MEMBERS = 16
+MAX_GZIP_MEMBERS = 16  # per body from the CDN (RFC 1952 allows several; it sends one)
 
 
 def gunzip_whole(data: bytes, limit: int) -> bytes:
     """Decode a gzip body, accepting only whole members, at most ``limit`` bytes out.
 
     ``zlib`` alone returns what it could decode from a stream cut short, without an error: a
-    truncated script would be cached as a good copy (issue 11, item 6). A member is whole when
-    zlib reached its end (``eof``), which also means its trailer's CRC-32 and length matched.
-    Bytes after a member must be another member (RFC 1952 allows several), a few at most.
+    truncated script would be cached as a good copy (issue 11, item 6). The reader
+    (``gunzip.py``) accepts whole members only, a few at most; anything else is a
+    :class:`BrokenBody`.
     """
-    out: list[bytes] = []
-    total = 0
-    rest = data
-    for _ in range(MAX_GZIP_MEMBERS):
-        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            chunk = d.decompress(rest, limit - total + 1)  # never 0: that means unbounded
-        except zlib.error as exc:
-            raise BrokenBody(f"invalid gzip data: {exc}") from exc
-        total += len(chunk)
-        if total > limit or d.unconsumed_tail:
-            raise BrokenBody(f"the gzip body decodes to more than {limit} bytes")
-        if not d.eof:
-            raise BrokenBody(f"the gzip stream is cut short ({len(data)} bytes received)")
-        out.append(chunk)
-        rest = d.unused_data
-        if not rest:
-            return out[0] if len(out) == 1 else b"".join(out)
-    raise BrokenBody(f"more than {MAX_GZIP_MEMBERS} gzip members")
+    try:
+        return gunzip(data, limit, MAX_GZIP_MEMBERS)
+    except GzipError as exc:
+        raise BrokenBody(_broken_gzip(exc, len(data), limit)) from exc
+
+
+def _broken_gzip(exc: GzipError, received: int, limit: int) -> str:
+    """Why a gzip body from the CDN is not stored, for the log."""
+    reason = exc.reason
+    if reason == TOO_LARGE:
+        return f"the gzip body decodes to more than {limit} bytes"
+    if reason == CUT_SHORT:
+        return f"the gzip stream is cut short ({received} bytes received)"
+    if reason == TOO_MANY_MEMBERS:
+        return f"more than {MAX_GZIP_MEMBERS} gzip members"
+    return f"invalid gzip data: {exc.detail}"
 
 
 def make_representation(
@@ -185,7 +183,8 @@ def render_etag(base: str, *parts: str) -> str:
     return hashlib.blake2b(seed, digest_size=12).hexdigest()
 
 
-_ACCEPTED: dict[bytes, frozenset[bytes]] = {}
+# Accept-Encoding value -> the codings it accepts. Bounded: arbitrary values cannot grow it.
+_ACCEPTED: Memo[bytes, frozenset[bytes]] = Memo(256)
 
 
 def accepted_encodings(header: bytes | None) -> frozenset[bytes]:
@@ -194,10 +193,7 @@ def accepted_encodings(header: bytes | None) -> frozenset[bytes]:
         return frozenset()
     hit = _ACCEPTED.get(header)
     if hit is None:
-        hit = frozenset(_parse_accept_encoding(header))
-        if len(_ACCEPTED) >= 256:  # bounded: arbitrary values cannot grow it
-            _ACCEPTED.clear()
-        _ACCEPTED[header] = hit
+        hit = _ACCEPTED.put(header, frozenset(_parse_accept_encoding(header)))
     return hit
 
 

@@ -34,12 +34,6 @@ class RewriteError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class RewrittenSettings:
-    body: bytes
-    upstream_api_host: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class SettingsTemplate:
     """Settings rewritten once per fill, with the three values that name the proxy left open.
 
@@ -111,12 +105,6 @@ def _point_at_proxy(doc: dict[str, Any], api_host: str, protocol: str) -> str | 
         doc["metrics"] = metrics
     metrics["host"] = api_host
     return upstream if isinstance(upstream, str) and upstream else None
-
-
-def rewrite_settings(raw: bytes, api_host: str, protocol: str) -> RewrittenSettings:
-    """``api_host`` is ``host[:port]<prefix>/v1`` (no scheme), ``protocol`` http or https."""
-    template = settings_template(raw)
-    return RewrittenSettings(template.render(api_host, protocol), template.upstream_api_host)
 
 
 def rewrite_script(raw: bytes) -> bytes:

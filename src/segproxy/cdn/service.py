@@ -45,8 +45,9 @@ from segproxy.cdn.rewrite import (
     rewrite_script,
     settings_template,
 )
+from segproxy.clients import PublicOrigin
 from segproxy.config import REGION_PRESETS, Config
-from segproxy.edge.forwarded import PublicOrigin
+from segproxy.cors import CDN_PREFLIGHT, FOR_CDN
 from segproxy.edge.http import Headers, Request, Response, error_response
 from segproxy.redact import mask, redact_path
 from segproxy.routes import CDN_KINDS, Kind, Route
@@ -60,12 +61,6 @@ MAX_UPSTREAM_BODY = 16 * 1024 * 1024
 LOOP_COMPRESS_MAX = 16 * 1024
 GZIP_CODINGS = (b"gzip", b"x-gzip")
 SEGMENT_API_HOSTS = frozenset(urlsplit(api).hostname or "" for _, api in REGION_PRESETS.values())
-CORS_CDN: Headers = [(b"access-control-allow-origin", b"*")]
-PREFLIGHT_CDN: Headers = [
-    *CORS_CDN,
-    (b"access-control-allow-methods", b"GET, HEAD, OPTIONS"),
-    (b"access-control-max-age", b"86400"),
-]
 
 
 @dataclass(slots=True)
@@ -361,15 +356,15 @@ class CdnService:
     ) -> Response | Coroutine[Any, Any, Response]:
         """Fresh cache hits and refusals are answered at once; the rest after a fetch."""
         if req.method == "OPTIONS":
-            return Response(204, list(PREFLIGHT_CDN))
+            return Response(204, list(CDN_PREFLIGHT))
         if route.kind is Kind.SETTINGS and origin is None:
             return error_response(
-                400, "bad_host", "a valid Host header is needed to serve settings", CORS_CDN
+                400, "bad_host", "a valid Host header is needed to serve settings", FOR_CDN
             )
         keys = self.config.sources.write_keys
         if route.write_key is not None and keys and route.write_key not in keys:
             return error_response(
-                403, "write_key_not_allowed", "this write key is not served here", CORS_CDN
+                403, "write_key_not_allowed", "this write key is not served here", FOR_CDN
             )
         entry = self.entries.get(route.upstream_path)
         if entry is not None and self.loop.time() - entry.fetched_at < entry.ttl:
@@ -381,7 +376,7 @@ class CdnService:
     ) -> Response:
         result, status = await self.lookup(route)
         if isinstance(result, _Failure):
-            headers = [*CORS_CDN, (b"cache-control", b"no-store")]
+            headers = [*FOR_CDN, (b"cache-control", b"no-store")]
             if result.cacheable_failure:
                 headers.append((b"retry-after", b"5"))
             return error_response(result.status, result.code, result.message, headers)
@@ -410,7 +405,7 @@ class CdnService:
         headers = [
             (b"content-type", rep.content_type),
             (b"cache-control", self.cache_controls[route.kind]),
-            *CORS_CDN,
+            *FOR_CDN,
             (b"x-segproxy-cache", status),
         ]
         if route.kind is Kind.SETTINGS:

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
-_HOST_RE = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9-]{1,63})*$"
-)
+from segproxy.hosts import valid_authority, valid_name
+
 _WRITE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -73,7 +72,7 @@ def parse_upstream(key: str, value: object) -> Upstream:
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError(key, value, expected)
     host = parts.hostname.lower()
-    if not _HOST_RE.match(host):
+    if not valid_name(host):
         try:
             ipaddress.ip_address(host)
         except ValueError as exc:
@@ -154,8 +153,7 @@ def _hosts(key: str, value: object) -> frozenset[str]:
     hosts = set()
     for h in _str_list(key, value):
         name = h.lower().removesuffix(":443").removesuffix(":80")  # default ports never show
-        hostpart = name.rsplit(":", 1)[0] if re.search(r":\d+$", name) else name
-        if not _HOST_RE.match(hostpart):
+        if not valid_authority(name):  # the grammar a request's Host is read by (hosts.py)
             raise ConfigError(key, h, "host names like analytics.example.com (optional :port)")
         hosts.add(name)
     return frozenset(hosts)

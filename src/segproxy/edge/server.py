@@ -61,6 +61,7 @@ from typing import Any, cast
 import httptools
 
 from segproxy.config import LimitsConfig
+from segproxy.cors import FOR_EDGE
 from segproxy.edge.http import (
     SECURITY_HEADERS,
     Deferred,
@@ -128,11 +129,7 @@ _OVER_BUDGET = error_response(
     503,
     "server_busy",
     "the server is receiving too many request bodies at once; retry",
-    [
-        (b"retry-after", b"1"),
-        (b"access-control-allow-origin", b"*"),
-        (b"access-control-expose-headers", b"Retry-After"),
-    ],
+    [(b"retry-after", b"1"), *FOR_EDGE],
 )
 
 

@@ -1,88 +1,30 @@
 """Pure: queued rows -> ``/v1/batch`` bodies (ingest/prepare.py prepares events at accept).
 
-Clock correction (PROTOCOL.md): Segment sets ``timestamp = receivedAt - (sentAt -
-originalTimestamp)``. An event the proxy holds for D seconds reaches Segment D seconds later
-than its ``sentAt`` says, which would move its timestamp D seconds into the future. So when a
-row is sent, its ``sentAt`` is moved forward by the time it waited (send time - accept time),
-measured on the proxy's clock. A batch-level ``sentAt`` is folded into each event at accept
-time, and no batch-level ``sentAt`` is sent (it would carry the proxy's clock, not the client's).
+Clock correction (docs/configuration.md, ``[forward]``): Segment sets ``timestamp =
+receivedAt - (sentAt - originalTimestamp)``. An event the proxy holds for D seconds reaches
+Segment D seconds later than its ``sentAt`` says, which would move its timestamp D seconds into
+the future. So when a row is sent, its ``sentAt`` is moved forward by the time it waited
+(send time - accept time), measured on the proxy's clock. A batch-level ``sentAt`` is folded
+into each event at accept time, and no batch-level ``sentAt`` is sent (it would carry the
+proxy's clock, not the client's). Timestamps are read and written by ``timestamps.py``, in
+analytics.js's form.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from segproxy.memo import Memo
 from segproxy.queue.base import Row
+from segproxy.timestamps import epoch, format_epoch, is_ms, js_form, known_second
 
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_EVENTS = 2500
 _ENVELOPE = len(b'{"batch":[]}')
-
-
-def parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-
-
-def format_time(value: datetime) -> str:
-    return format_epoch(value.timestamp())
-
-
-_SECONDS: dict[int, str] = {}  # whole second -> "YYYY-MM-DDTHH:MM:SS" (UTC), bounded
-
-
-def format_epoch(t: float) -> str:
-    """ISO 8601 UTC with milliseconds and a Z, as analytics.js writes it.
-
-    The forwarder formats one per event; events sent together share their second, so the
-    date part comes from a small cache and only the milliseconds are formatted each time.
-    """
-    # Microseconds first (absorbs float error), then truncated to milliseconds, like
-    # datetime.isoformat(timespec="milliseconds").
-    second, ms = divmod(round(t * 1_000_000) // 1000, 1000)
-    prefix = _SECONDS.get(second)
-    if prefix is None:
-        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        if len(_SECONDS) >= 4096:
-            _SECONDS.clear()
-        _SECONDS[second] = prefix
-    return f"{prefix}.{ms:03d}Z"
-
-
-def _is_ms(digits: str) -> bool:
-    """Three ASCII digits (``str.isdigit`` alone also takes "²", which ``int`` refuses)."""
-    return digits.isascii() and digits.isdigit()
-
-
-_EPOCHS: dict[str, float] = {}  # "YYYY-MM-DDTHH:MM:SS" (UTC) -> unix seconds, bounded
-
-
-def _epoch(value: str) -> float | None:
-    """Unix time of an ISO 8601 timestamp; analytics.js's own form without datetime."""
-    # "2026-11-25T19:11:13.967Z": what analytics.js and most SDKs send; one per event here.
-    if len(value) == 24 and value[19] == "." and value[23] == "Z" and _is_ms(value[20:23]):
-        second = _EPOCHS.get(value[:19])
-        if second is None:
-            parsed = parse_time(value[:19])
-            if parsed is None:
-                return None
-            second = parsed.timestamp()
-            if len(_EPOCHS) >= 4096:
-                _EPOCHS.clear()
-            _EPOCHS[value[:19]] = second
-        return second + int(value[20:23]) / 1000
-    parsed = parse_time(value)
-    return None if parsed is None else parsed.timestamp()
 
 
 def shifted(sent_at: str, waited: float) -> str:
@@ -92,13 +34,13 @@ def shifted(sent_at: str, waited: float) -> str:
     # analytics.js's form, from a second seen before (so known to parse), moved by a wait that
     # keeps it within that second, as most are under load: only the milliseconds change.
     # (The same milliseconds as below: the wait to the microsecond, truncated.)
-    if len(sent_at) == 24 and sent_at[19] == "." and sent_at[23] == "Z":
+    if js_form(sent_at):
         digits = sent_at[20:23]
-        if _is_ms(digits) and sent_at[:19] in _EPOCHS:
+        if is_ms(digits) and known_second(sent_at):
             ms = int(digits) + round(waited * 1_000_000) // 1000
             if ms < 1000:
                 return f"{sent_at[:20]}{ms:03d}Z"
-    sent = _epoch(sent_at)
+    sent = epoch(sent_at)
     if sent is None:
         return sent_at
     return format_epoch(sent + waited)
@@ -119,27 +61,25 @@ def _closed_with(body: bytes, field: bytes) -> bytes:
 # The end of an event sent with its sentAt moved forward, in two cached halves (the forwarder
 # writes one per event): b',"sentAt":"YYYY-MM-DDTHH:MM:SS.' per second seen (bounded), and
 # b'mmmZ"}' per millisecond.
-_FIELD_HEADS: dict[str, bytes] = {}
+_FIELD_HEADS: Memo[str, bytes] = Memo(4096)
 _FIELD_TAILS = [b'%03dZ"}' % ms for ms in range(1000)]
 
 
 def sent_at_field(sent_at: str, waited: float) -> bytes:
     """``,"sentAt":"..."}``: the last member of an event kept without its sentAt, that
     sentAt moved forward by ``waited`` seconds (the same value as :func:`shifted`)."""
-    if len(sent_at) == 24 and sent_at[19] == "." and sent_at[23] == "Z":
+    if js_form(sent_at):
         head = _FIELD_HEADS.get(sent_at[:20])
         digits = sent_at[20:23]
-        if head is not None and _is_ms(digits):
+        if head is not None and is_ms(digits):
             # Moved within its second, as most are under load: only the milliseconds change.
             ms = int(digits) + (round(waited * 1_000_000) // 1000 if waited > 0 else 0)
             if ms < 1000:
                 return head + _FIELD_TAILS[ms]
     value = shifted(sent_at, waited)
-    if len(value) == 24 and value[19] == "." and value[23] == "Z" and value[:19] in _EPOCHS:
+    if js_form(value) and known_second(value):
         # analytics.js's form, its second known to parse: cache the head for the next ones.
-        if len(_FIELD_HEADS) >= 4096:
-            _FIELD_HEADS.clear()
-        _FIELD_HEADS[value[:20]] = b',"sentAt":' + orjson.dumps(value[:20])[:-1]
+        _FIELD_HEADS.put(value[:20], b',"sentAt":' + orjson.dumps(value[:20])[:-1])
     return b',"sentAt":' + orjson.dumps(value) + b"}"
 
 
@@ -161,10 +101,6 @@ class Batch:
     def body(self) -> bytes:
         """The request body, copied once (a batch is up to 500 KB)."""
         return b"".join([*self.parts, _CLOSE])
-
-    @property
-    def ids(self) -> list[int]:
-        return [r.id for r in self.rows]
 
 
 def build_batches(

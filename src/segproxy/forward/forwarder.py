@@ -29,7 +29,6 @@ One loop task owns the work; each batch send is its own task, tracked and cancel
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import logging
 import random
@@ -40,18 +39,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from segproxy.config import ForwardConfig
-from segproxy.forward.batcher import Batch, build_batches
-from segproxy.forward.retry import (
+from segproxy.delivery import (
     MISDIRECTED,
-    Action,
     Throttle,
-    backoff,
-    classify,
+    api_headers,
+    basic_authorization,
+    delivered,
     fault,
     held_back,
-    parse_retry_after,
-    splits,
+    misdirected,
 )
+from segproxy.forward.batcher import Batch, build_batches
+from segproxy.forward.retry import Action, backoff, classify, parse_retry_after, splits
 from segproxy.queue.base import Queue, Row
 from segproxy.redact import mask
 from segproxy.upstream import UpstreamError, UpstreamPool
@@ -270,10 +269,6 @@ class Forwarder:
 
         task.add_done_callback(done)
 
-    def _auth(self, write_key: str) -> list[tuple[bytes, bytes]]:
-        token = base64.b64encode(write_key.encode() + b":")
-        return [(b"content-type", b"application/json"), (b"authorization", b"Basic " + token)]
-
     async def _send_batch(self, batch: Batch) -> None:
         await self._deliver(batch.write_key, "/v1/batch", batch.body(), batch.rows)
 
@@ -289,15 +284,15 @@ class Forwarder:
         self, key: str, path: str, body: bytes
     ) -> tuple[int | None, str, float | None, str]:
         """Segment's status (None: no answer), its body (or the error), its Retry-After, and
-        the fault a retry names (retry.fault; "" for a 2xx)."""
-        headers = self._auth(key) if key else [(b"content-type", b"application/json")]
+        the fault a retry names (delivery.fault; "" for a 2xx)."""
+        headers = api_headers(basic_authorization(key) if key else None)
         self.counters.requests += 1
         try:
             resp = await self.pool.request("POST", path, headers, body)
         except UpstreamError as exc:
             return None, str(exc), None, fault(None, None, exc.kind)
         status = resp.status
-        if 200 <= status < 300:
+        if delivered(status):
             return status, "", None, ""
         detail = resp.body[:1000].decode("utf-8", "replace")
         retry_after = parse_retry_after(resp.header(b"retry-after"), time.time())
@@ -371,7 +366,7 @@ class Forwarder:
         )
         if retry_after is not None or status == 429:
             self.blocked_until[key] = max(self.blocked_until.get(key, 0.0), now + delay)
-        if status is not None and status < 400:
+        if status is not None and misdirected(status):
             # Not a delivery, and not Segment being down: the proxy is pointed at the wrong
             # address. Loud, but one line per fault every 10 s, not one per batch.
             held = self.reports.due(why, now)

@@ -1,4 +1,6 @@
-"""Pure retry policy: what to do with an upstream answer, and how long to wait.
+"""Pure retry policy of batch delivery: what to do with Segment's answer to a batch, and how
+long to wait. (What an answer means and how a failure is named, which the passthrough shares,
+is ``delivery.py``'s.)
 
 Only a ``2xx`` is a delivery. The rest follows Segment's own clients (their retry rules),
 except that they count any answer below 400 as success, and a proxy must not:
@@ -17,8 +19,8 @@ except that they count any answer below 400 as success, and a proxy must not:
   dead letters, with Segment's status and body, never silently dropped.
 
 Backoff is "full jitter" (delay uniform in [0, min(cap, base * 2**attempt)]); a ``Retry-After``
-from Segment is a floor under that delay. Every retry names its fault (:func:`fault`): "HTTP
-503", "HTTP 301 redirect to <Location>", "network: timeout".
+from Segment is a floor under that delay. Every retry names its fault (``delivery.fault``):
+"HTTP 503", "HTTP 301 redirect to <Location>", "network: timeout".
 """
 
 from __future__ import annotations
@@ -28,19 +30,14 @@ import math
 import random
 from email.utils import parsedate_to_datetime
 
+from segproxy.delivery import delivered
+
 RETRYABLE_4XX = frozenset({408, 410, 429, 460})
 FINAL_5XX = frozenset({501, 505, 511})
 # Final refusals about the request itself, not the events in it: the credentials (the write key
 # every event of the request shares) or the path. Splitting such a batch would only repeat the
 # same refusal, up to 2n - 1 requests for n events.
 NOT_SPLIT = frozenset({401, 403, 404, 405, 407})
-LOCATION_SHOWN = 200  # characters of a Location kept in a fault (logs, queue stats)
-REPORT_EVERY = 10.0  # seconds between two WARNINGs about the same fault
-# What a redirect from the API means, for the WARNING that reports it.
-MISDIRECTED = (
-    "a configuration fault (is upstream.api an http:// address that redirects to https://?"
-    " set it to the address it redirects to); not a delivery"
-)
 
 
 class Action(enum.Enum):
@@ -54,7 +51,7 @@ def classify(status: int | None) -> Action:
     if status is None:
         return Action.RETRY
     if status < 400:
-        return Action.ACK if 200 <= status < 300 else Action.RETRY
+        return Action.ACK if delivered(status) else Action.RETRY
     if status >= 500:
         return Action.DEAD if status in FINAL_5XX else Action.RETRY
     return Action.RETRY if status in RETRYABLE_4XX else Action.DEAD
@@ -69,58 +66,6 @@ def splits(status: int | None) -> bool:
         and classify(status) is Action.DEAD
         and (status not in NOT_SPLIT)
     )
-
-
-def fault(status: int | None, location: bytes | None = None, error: str = "") -> str:
-    """Why a delivery failed, in a few words: "HTTP 503", "HTTP 301 redirect to <Location>",
-    "network: <error kind>". Shown in logs and ``segproxy queue stats``."""
-    if status is None:
-        return f"network: {error or 'error'}"
-    if 300 <= status < 400:
-        if not location:
-            return f"HTTP {status} redirect (no Location)"
-        return f"HTTP {status} redirect to {printable(location, LOCATION_SHOWN)}"
-    return f"HTTP {status}"
-
-
-def printable(value: bytes, limit: int) -> str:
-    """``value`` as text safe for one log line: control characters dropped, cut at ``limit``."""
-    text = value[: limit * 4].decode("utf-8", "replace")
-    clean = "".join(c for c in text if c.isprintable())
-    return clean if len(clean) <= limit else clean[: limit - 1] + "\u2026"
-
-
-class Throttle:
-    """Loud but bounded: at most one log line per key (a fault) every ``every`` seconds.
-
-    ``due(key, now)`` is None when the line is to be held back (and counted), else how many
-    were held back since the key's last line. Remembers at most ``max_keys`` keys, so faults
-    naming ever new Locations cannot grow it.
-    """
-
-    __slots__ = ("every", "held", "last", "max_keys")
-
-    def __init__(self, every: float = REPORT_EVERY, max_keys: int = 256) -> None:
-        self.every = every
-        self.max_keys = max_keys
-        self.last: dict[str, float] = {}
-        self.held: dict[str, int] = {}
-
-    def due(self, key: str, now: float) -> int | None:
-        last = self.last.get(key)
-        if last is not None and now - last < self.every:
-            self.held[key] = self.held.get(key, 0) + 1
-            return None
-        if last is None and len(self.last) >= self.max_keys:
-            self.last.clear()
-            self.held.clear()
-        self.last[key] = now
-        return self.held.pop(key, 0)
-
-
-def held_back(count: int) -> str:
-    """The end of a throttled WARNING: how many like it were not logged."""
-    return f" ({count} more like it in the last {REPORT_EVERY:.0f} s)" if count else ""
 
 
 def parse_retry_after(value: bytes | str | None, now: float) -> float | None:

@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from segproxy.config import LimitsConfig
+from segproxy.gunzip import CUT_SHORT, TOO_LARGE, TOO_MANY_MEMBERS, GzipError, gunzip
+from segproxy.memo import Memo
 from segproxy.routes import API_ENDPOINTS
+from segproxy.timestamps import valid_sent_at
 
 JSON_TYPES = (b"application/json", b"text/plain", b"application/x-json", b"text/json")
 
@@ -115,37 +116,32 @@ MAX_GZIP_MEMBERS = 16
 
 def _gunzip(body: bytes, limit: int) -> bytes:
     """Decode the gzip members (at most :data:`MAX_GZIP_MEMBERS`), never past ``limit`` bytes."""
-    out: list[bytes] = []
-    total = 0
-    data = body
-    while True:
-        if len(out) == MAX_GZIP_MEMBERS:
-            raise IngestError(
-                400,
-                "too_many_gzip_members",
-                f"the gzip body has more than {MAX_GZIP_MEMBERS} members; send it as one",
-            )
-        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            chunk = d.decompress(data, limit + 1 - total)
-        except zlib.error as exc:
-            raise IngestError(400, "bad_gzip", f"the gzip body is invalid: {exc}") from exc
-        total += len(chunk)
-        out.append(chunk)
-        if total > limit or d.unconsumed_tail:
-            raise IngestError(
-                400,
-                "request_too_large",
-                f"the gzip body decompresses to more than {limit} bytes",
-            )
-        if not d.eof:
-            raise IngestError(400, "bad_gzip", "the gzip body is truncated")
-        data = d.unused_data
-        if not data:
-            return b"".join(out)
+    try:
+        return gunzip(body, limit, MAX_GZIP_MEMBERS)
+    except GzipError as exc:
+        raise _gzip_refusal(exc, limit) from exc
 
 
-_AUTH_CACHE: dict[bytes, str | None] = {}
+def _gzip_refusal(exc: GzipError, limit: int) -> IngestError:
+    reason = exc.reason
+    if reason == TOO_MANY_MEMBERS:
+        return IngestError(
+            400,
+            "too_many_gzip_members",
+            f"the gzip body has more than {MAX_GZIP_MEMBERS} members; send it as one",
+        )
+    if reason == TOO_LARGE:
+        return IngestError(
+            400, "request_too_large", f"the gzip body decompresses to more than {limit} bytes"
+        )
+    if reason == CUT_SHORT:
+        return IngestError(400, "bad_gzip", "the gzip body is truncated")
+    return IngestError(400, "bad_gzip", f"the gzip body is invalid: {exc.detail}")
+
+
+# Basic Authorization header -> its write key (checked for length). Bounded: a flood of
+# distinct headers cannot grow it.
+_AUTH_CACHE: Memo[bytes, str] = Memo(1024)
 
 # A write key's bytes, at most. Segment's are 32 characters; every event stores its key and
 # the forwarder sends it in each request's Authorization header, so a longer one is refused
@@ -173,9 +169,7 @@ def write_key_from_auth(authorization: bytes | None) -> str | None:
     key = _decode_basic(authorization)
     if key is not None:
         _check_key_length(key)  # before the cache: the fast lane trusts what it holds
-        if len(_AUTH_CACHE) >= 1024:  # bounded: a flood of distinct headers cannot grow it
-            _AUTH_CACHE.clear()
-        _AUTH_CACHE[authorization] = key
+        _AUTH_CACHE.put(authorization, key)
     return key
 
 
@@ -283,17 +277,8 @@ def parse_single(
     sent_at = doc.get("sentAt")
     if sent_at is not None and (type(sent_at) is not str or not valid_sent_at(sent_at)):
         return None
-    ctx = doc.get("context")
-    if ctx is None:
-        doc["context"] = {"ip": ip}
-    elif type(ctx) is dict:
-        if not ctx.get("ip"):
-            ctx["ip"] = ip
-    else:
+    if not stamp(doc, ip):
         return None
-    mid = doc.get("messageId")
-    if type(mid) is not str or not mid:
-        doc["messageId"] = str(uuid.uuid4())
     return doc, key
 
 
@@ -302,38 +287,6 @@ def _check_event(event: dict[str, Any], where: str, sent_at_where: str) -> None:
     if ctx is not None and not isinstance(ctx, dict):
         raise IngestError(400, "bad_event", f"{where}: 'context' must be an object")
     check_sent_at(event.get("sentAt"), sent_at_where)
-
-
-# sentAt as Segment's libraries write it: an ISO 8601 / RFC 3339 date and time, the seconds,
-# their fraction (1-9 digits) and the offset optional. analytics.js, analytics-node and the
-# mobile SDKs write "2026-11-25T19:11:13.967Z"; analytics-python "...13.967123+00:00"; Go and
-# .NET up to nine digits. Years 1000-2999: the forwarder moves it forward, which must not
-# leave the years datetime can write. At most 35 characters.
-_SENT_AT = re.compile(
-    r"[12]\d{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])[Tt ](?:[01]\d|2[0-3]):[0-5]\d"
-    r"(?::[0-5]\d(?:[.,]\d{1,9})?)?(?:Z|[+-](?:[01]\d|2[0-3])(?::?[0-5]\d)?)?",
-    re.ASCII,
-)
-
-
-# "YYYY-MM-DDTHH:MM:SS" of sentAt values in analytics.js's form already matched (bounded): the
-# events of one second share it, so most are checked with a few string operations.
-_SECONDS_SEEN: set[str] = set()
-
-
-def valid_sent_at(value: str) -> bool:
-    """The value is a timestamp of a shape clients send (:data:`_SENT_AT`)."""
-    if len(value) == 24 and value[19] == "." and value[23] == "Z":
-        if value[:19] in _SECONDS_SEEN:
-            ms = value[20:23]
-            return ms.isascii() and ms.isdigit()
-        if _SENT_AT.fullmatch(value) is None:
-            return False
-        if len(_SECONDS_SEEN) >= 4096:
-            _SECONDS_SEEN.clear()
-        _SECONDS_SEEN.add(value[:19])
-        return True
-    return _SENT_AT.fullmatch(value) is not None
 
 
 def check_sent_at(value: object, where: str) -> None:
@@ -367,11 +320,25 @@ def enrich(payload: Payload, ip: str) -> None:
     batch_ip = shared.get("ip") if isinstance(shared, dict) else None
     fill = batch_ip if batch_ip else ip
     for event in payload.events:
-        ctx = event.get("context")
-        if ctx is None:
-            event["context"] = {"ip": fill}
-        elif not ctx.get("ip"):
-            ctx["ip"] = fill
-        mid = event.get("messageId")
-        if not isinstance(mid, str) or not mid:
-            event["messageId"] = str(uuid.uuid4())
+        stamp(event, fill)  # (parse() has checked that each context is an object)
+
+
+def stamp(event: dict[str, Any], ip: object) -> bool:
+    """Give one event the ``context.ip`` and ``messageId`` it lacks: the one place both are set,
+    for the fast lane and the general path alike. False (and no messageId) when its
+    ``context`` is not an object: the general path refuses that event.
+
+    ``ip`` is the client's address, or a batch's own ``context.ip`` as the client sent it
+    (any JSON value: it is the client's word, copied as it came, so not typed ``str``)."""
+    ctx = event.get("context")
+    if ctx is None:
+        event["context"] = {"ip": ip}
+    elif type(ctx) is dict:
+        if not ctx.get("ip"):
+            ctx["ip"] = ip
+    else:
+        return False
+    mid = event.get("messageId")
+    if type(mid) is not str or not mid:
+        event["messageId"] = str(uuid.uuid4())
+    return True

@@ -1,32 +1,41 @@
-"""The Tracking API: CORS, parse/validate/enrich, then deliver.
+"""The Tracking API: parse/validate/enrich, then deliver (queue it, or relay it).
 
 Delivery with a queue (``sqlite``, the default): the request's events are committed to the
 queue and only then answered ``200 {"success": true}``; the forwarder sends them on. A full
 queue or disk answers ``503`` with ``Retry-After`` (exposed to browsers) so clients keep the
 events and retry: nothing is dropped.
 
-Delivery with ``[queue] backend = "none"``: each request is forwarded synchronously to the one
-configured API upstream and Segment's answer (status, body, ``Retry-After``) is passed back, so
-clients keep their own retry behaviour. If the upstream cannot be reached, the client gets a
-502/503 with ``Retry-After`` and keeps the events. A redirect (or any other answer below 400
-that is not a 2xx) is not a delivery and is never relayed (a browser would follow it with the
-event, or drop it; Segment's server libraries fail on any 3xx): the client gets a 502
-``upstream_redirect`` with ``Retry-After`` and retries, and the log names the status and
-``Location`` as the proxy's configuration fault (the client is told nothing about the upstream),
-like the forwarder does in durable mode (forward/retry.py).
+Delivery with ``[queue] backend = "none"`` (passthrough): each request is relayed
+synchronously to the one configured API upstream and Segment's answer (status, body,
+``Retry-After``) is passed back, so clients keep their own retry behaviour. If the upstream
+cannot be reached, the client gets a 502/503 with ``Retry-After`` and keeps the events. A
+redirect (or any other answer below 400 that is not a 2xx) is not a delivery and is never
+relayed (a browser would follow it with the event, or drop it; Segment's server libraries fail
+on any 3xx): the client gets a 502 ``upstream_redirect`` with ``Retry-After`` and retries, and
+the log names the status and ``Location`` as the proxy's configuration fault (the client is
+told nothing about the upstream), like the forwarder does in durable mode (both read Segment's
+answers by ``delivery.py``).
+CORS headers are ``cors.py``'s.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import re
 import time
 from collections.abc import Callable
 
 from segproxy.config import Config
+from segproxy.cors import api_preflight, for_api
+from segproxy.delivery import (
+    MISDIRECTED,
+    Throttle,
+    api_headers,
+    basic_authorization,
+    fault,
+    held_back,
+    misdirected,
+)
 from segproxy.edge.http import Deferred, Headers, Request, Response, error_response
-from segproxy.forward.retry import MISDIRECTED, Throttle, fault, held_back
 from segproxy.ingest import prepare
 from segproxy.ingest.parse import (
     JSON_SEEN,
@@ -38,6 +47,7 @@ from segproxy.ingest.parse import (
     parse_single,
 )
 from segproxy.ingest.prepare import encode, single_body_checked, single_row
+from segproxy.memo import Memo
 from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
 from segproxy.ratelimit import rate_limited, table
 from segproxy.routes import API_ENDPOINTS, Route
@@ -45,69 +55,17 @@ from segproxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("segproxy.ingest")
 
-ALLOW_HEADERS = b"authorization, content-type, x-retry-count"
-EXPOSE_HEADERS = b"Retry-After, X-RateLimit-Reset"
-_ORIGIN_RE = re.compile(rb"^(?:null|https?://[A-Za-z0-9.:\[\]-]{1,260})$")
 PASS_HEADERS = (b"retry-after", b"x-ratelimit-reset", b"content-type")
 RETRY_AFTER_SECONDS = b"5"
-
-
-def cors_headers(origin: bytes | None) -> Headers:
-    """Reflect a well-formed Origin (never with credentials), else ``*``.
-
-    The returned list is shared: callers copy it (``[*cors, ...]``), never mutate it.
-    """
-    if origin is None:
-        return _CORS_ANY
-    cors = _CORS_SEEN.get(origin)
-    if cors is None:
-        allow = origin if _ORIGIN_RE.match(origin) else b"*"
-        cors = [
-            (b"access-control-allow-origin", allow),
-            (b"access-control-expose-headers", EXPOSE_HEADERS),
-            (b"vary", b"Origin"),
-        ]
-        if len(_CORS_SEEN) >= _SEEN_MAX:  # bounded: a flood of origins cannot grow it
-            _CORS_SEEN.clear()
-        _CORS_SEEN[origin] = cors
-    return cors
-
-
-_SEEN_MAX = 1024
-_CORS_SEEN: dict[bytes, Headers] = {}
-
-
-_CORS_ANY: Headers = [
-    (b"access-control-allow-origin", b"*"),
-    (b"access-control-expose-headers", EXPOSE_HEADERS),
-    (b"vary", b"Origin"),
-]
-
-
-def preflight(origin: bytes | None) -> Response:
-    return Response(
-        204,
-        [
-            *cors_headers(origin),
-            (b"access-control-allow-methods", b"POST, OPTIONS"),
-            (b"access-control-allow-headers", ALLOW_HEADERS),
-            (b"access-control-max-age", b"86400"),
-        ],
-    )
-
-
 SUCCESS = b'{"success":true}'
+_ANSWERS_KEPT = 1024  # answers built once and reused, per kind (a bound: see memo.py)
 
 
 def upstream_headers(authorization: bytes | None, write_key: str | None) -> Headers:
     """Passthrough: the client's own Basic header, else one made from the body's write key."""
-    headers: Headers = [(b"content-type", b"application/json")]
-    if authorization is not None:
-        headers.append((b"authorization", authorization))
-    elif write_key is not None:
-        token = base64.b64encode(write_key.encode() + b":")
-        headers.append((b"authorization", b"Basic " + token))
-    return headers
+    if authorization is None and write_key is not None:
+        authorization = basic_authorization(write_key)
+    return api_headers(authorization)
 
 
 class IngestService:
@@ -131,20 +89,18 @@ class IngestService:
         self.exempt_keys = rl.exempt_write_keys
         # The 200 per allowed origin (which decides the CORS headers), built once: the edge
         # then reuses its header bytes too.
-        self._ok: dict[bytes, Response] = {}
+        self._ok: Memo[bytes, Response] = Memo(_ANSWERS_KEPT)
         # Passthrough: Segment's small answers (its 200, say) as relayed, per what they carry
         # and the allowed origin, built once too.
-        self._relayed: dict[tuple[object, ...], Response] = {}
+        self._relayed: Memo[tuple[object, ...], Response] = Memo(_ANSWERS_KEPT)
         self.reports = Throttle()  # redirect warnings: one per fault every 10 s
 
     def ok(self, cors: Headers) -> Response:
-        allow = cors[0][1]  # cors_headers(): access-control-allow-origin comes first
+        allow = cors[0][1]  # for_api(): the allowed origin comes first
         resp = self._ok.get(allow)
         if resp is None:
             resp = Response(200, [(b"content-type", b"application/json"), *cors], SUCCESS)
-            if len(self._ok) >= _SEEN_MAX:  # bounded, like the CORS lists themselves
-                self._ok.clear()
-            self._ok[allow] = resp
+            self._ok.put(allow, resp)
         return resp
 
     def accept(self, req: Request, route: Route, ip: str) -> Payload:
@@ -166,12 +122,12 @@ class IngestService:
         """Refusals are answered at once; accepted events later (commit or upstream)."""
         origin = req.headers.get(b"origin")
         if req.method == "OPTIONS":
-            return preflight(origin)
-        cors = cors_headers(origin)
+            return Response(204, api_preflight(origin))
+        cors = for_api(origin)
         try:
             implied = API_ENDPOINTS.get(route.endpoint)
             if implied is not None and self.key_limit is None:
-                answer = self._lane(req, route, ip, implied, cors)
+                answer = self._try_fast_single_event(req, route, ip, implied, cors)
                 if answer is not None:
                     return answer
             payload = self.accept(req, route, ip)
@@ -189,13 +145,14 @@ class IngestService:
         if self.queue is not None:
             return self.enqueue(rows, cors)
         headers = upstream_headers(payload.authorization, payload.write_key)
-        return self.forward(route, body, headers, cors)
+        return self.relay(route, body, headers, cors)
 
-    def _lane(
+    def _try_fast_single_event(
         self, req: Request, route: Route, ip: str, implied: str, cors: Headers
     ) -> Response | Deferred | None:
-        """The usual request (one event, plain JSON, a Basic header seen before) in a few
-        calls, with the same result as the general path; None: take that path."""
+        """The fast lane: the usual request (one event, plain JSON, a Basic header seen
+        before) in a few calls, with the same result as the general path; None: take that
+        path."""
         headers = req.headers
         if b"content-encoding" in headers or headers.get(b"content-type") not in JSON_SEEN:
             return None
@@ -206,7 +163,7 @@ class IngestService:
         doc, key = single
         if self.queue is None:
             body = single_body_checked(encode(doc), self.limits)
-            return self.forward(route, body, upstream_headers(auth, key), cors)
+            return self.relay(route, body, upstream_headers(auth, key), cors)
         return self.enqueue([single_row(key, doc, implied, time.time(), self.limits)], cors)
 
     def enqueue(self, rows: list[NewRow], cors: Headers) -> Response | Deferred:
@@ -238,17 +195,17 @@ class IngestService:
             503, "queue_error", "the events could not be stored; retry later", headers
         )
 
-    def forward(self, route: Route, body: bytes, headers: Headers, cors: Headers) -> Deferred:
-        """Send the request on as it is (passthrough); Segment's answer is the client's."""
+    def relay(self, route: Route, body: bytes, headers: Headers, cors: Headers) -> Deferred:
+        """Passthrough: send the request on as it is; Segment's answer is the client's."""
         answer = Deferred()
 
         def done(resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
-            answer.resolve(self._relay(resp, exc, route, cors))
+            answer.resolve(self._relayed_answer(resp, exc, route, cors))
 
         self.pool.send_then("POST", route.upstream_path, headers, body, done)
         return answer
 
-    def _relay(
+    def _relayed_answer(
         self,
         resp: UpstreamResponse | None,
         exc: UpstreamError | None,
@@ -263,7 +220,7 @@ class IngestService:
                 "Segment's API could not be reached; retry later",
                 [*cors, (b"retry-after", RETRY_AFTER_SECONDS)],
             )
-        if not 200 <= resp.status < 300 and resp.status < 400:
+        if misdirected(resp.status):
             return self._not_delivered(resp, route, cors)
         passed = [(name, resp.headers.get(name)) for name in PASS_HEADERS]
         key = (resp.status, resp.body, cors[0][1], *passed)
@@ -273,9 +230,7 @@ class IngestService:
             out += [(name, value) for name, value in passed if value is not None]
             answer = Response(resp.status, out, resp.body)
             if len(resp.body) <= 256:  # small answers repeat; big ones are not kept
-                if len(self._relayed) >= _SEEN_MAX:
-                    self._relayed.clear()
-                self._relayed[key] = answer
+                self._relayed.put(key, answer)
         return answer
 
     def _not_delivered(self, resp: UpstreamResponse, route: Route, cors: Headers) -> Response:

@@ -1,4 +1,8 @@
-"""Pure: the real client address and the host/scheme the browser used.
+"""Pure: the real client address and the host/scheme the browser used (client-address policy).
+
+Used by the services and the app alike (ingest's ``context.ip``, the CDN's settings origin, the
+rate limit's buckets, ``public_hosts``), so it lives beside them, not in the edge. Host values
+are read by the one host grammar (``hosts.py``), the one ``public_hosts`` entries are read by.
 
 Forwarded headers (``X-Forwarded-For``/``-Host``/``-Proto`` and RFC 7239 ``Forwarded``) are
 believed only when the TCP peer is one of the configured ``trusted_proxies``; from anyone else
@@ -38,14 +42,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from segproxy.hosts import valid_authority
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-# host[:port] per RFC 3986 reg-name (letters, digits, '-', '.') or an IPv6 literal.
-_HOST_RE = re.compile(
-    r"^(?:(?P<name>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)|\[(?P<v6>[0-9A-Fa-f:.]{2,45})\])"
-    r"(?::(?P<port>[0-9]{1,5}))?$"
-)
 
 # RFC 7239 section 4: forwarded-pair = token "=" value; value = token / quoted-string
 # (RFC 9110 5.6.2 and 5.6.4). One pair (or none: empty pairs and elements are allowed), with the
@@ -188,26 +188,11 @@ def client_ip(peer: str, headers: Mapping[bytes, bytes], trusted: Sequence[Netwo
 # -- the public origin --------------------------------------------------------------------------
 
 
-def valid_host(value: str) -> bool:
-    m = _HOST_RE.fullmatch(value)
-    if not m:
-        return False
-    port = m.group("port")
-    if port is not None and not 0 < int(port) < 65536:
-        return False
-    if m.group("v6") is not None:
-        try:
-            ipaddress.IPv6Address(m.group("v6"))
-        except ValueError:
-            return False
-    return True
-
-
 def _host_value(value: str | None) -> str | None:
     if value is None:
         return None
     text = value.lower()
-    return text if valid_host(text) else None
+    return text if valid_authority(text) else None
 
 
 def _scheme_value(value: str | None) -> str | None:
@@ -268,7 +253,7 @@ def public_origin(
             text = fwd_host
         if fwd_scheme is not None:
             scheme = fwd_scheme
-    if not text or not valid_host(text):
+    if not text or not valid_authority(text):
         return None
     # Drop a default port so the same site gives the same origin either way.
     if (scheme == "https" and text.endswith(":443")) or (scheme == "http" and text.endswith(":80")):

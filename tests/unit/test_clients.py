@@ -8,16 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segproxy.edge.forwarded import (
+from segproxy.clients import (
     Network,
     PublicOrigin,
     host_allowed,
     is_trusted,
     parse_forwarded,
     public_origin,
-    valid_host,
 )
-from segproxy.edge.forwarded import client_ip as client_ip_of
+from segproxy.clients import client_ip as client_ip_of
+from segproxy.hosts import valid_authority
 
 TRUSTED: tuple[Network, ...] = (
     ipaddress.ip_network("10.0.0.0/8"),
@@ -215,7 +215,7 @@ def test_junk_host_gives_no_public_origin(host: bytes | None) -> None:
 
 
 def test_host_with_a_trailing_newline_is_rejected() -> None:
-    assert not valid_host("shop.example.com\n")
+    assert not valid_authority("shop.example.com\n")
     assert origin(b"shop.example.com\n") is None
 
 
@@ -626,7 +626,7 @@ def test_any_forwarded_headers_give_a_safe_origin_and_an_address_never_an_error(
     result = public_origin(peer, "https", headers, TRUSTED)
     if result is not None:
         assert result.scheme in ("http", "https")
-        assert valid_host(result.host)
+        assert valid_authority(result.host)
     ip = client_ip_of(peer, headers, TRUSTED)
     if ip != peer:
         ipaddress.ip_address(ip)
