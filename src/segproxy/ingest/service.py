@@ -25,7 +25,14 @@ import time
 from collections.abc import Callable
 
 from segproxy.config import Config
-from segproxy.edge.http import Deferred, Headers, Request, Response, error_response
+from segproxy.edge.http import (
+    Deferred,
+    Headers,
+    Request,
+    Response,
+    error_response,
+    rate_limited,
+)
 from segproxy.forward.retry import MISDIRECTED, Throttle, fault, held_back
 from segproxy.ingest import prepare
 from segproxy.ingest.parse import (
@@ -39,7 +46,7 @@ from segproxy.ingest.parse import (
 )
 from segproxy.ingest.prepare import encode, single_body_checked, single_row
 from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
-from segproxy.ratelimit import rate_limited, table
+from segproxy.ratelimit import table
 from segproxy.routes import API_ENDPOINTS, Route
 from segproxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
