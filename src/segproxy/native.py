@@ -40,6 +40,7 @@ COMPILED = (
     "redact.py",
     "upstream.py",
     "edge/http.py",
+    "edge/framing.py",
     "edge/forwarded.py",
     "edge/server.py",
     "ingest/parse.py",
