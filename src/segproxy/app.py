@@ -20,12 +20,19 @@ from segproxy.cdn.service import CdnService
 from segproxy.clients import client_ip, host_allowed, public_origin
 from segproxy.config import Config, Upstream
 from segproxy.cors import FOR_CDN, for_api
-from segproxy.edge.http import Deferred, Request, Response, error_response, json_response
+from segproxy.edge.http import (
+    Deferred,
+    Request,
+    Response,
+    error_response,
+    json_response,
+    rate_limited,
+)
 from segproxy.forward.forwarder import Forwarder
 from segproxy.ingest.service import IngestService
 from segproxy.queue import open_queue
 from segproxy.queue.base import Queue
-from segproxy.ratelimit import client_bucket, exempt, rate_limited, table
+from segproxy.ratelimit import client_bucket, exempt, table
 from segproxy.routes import CDN_KINDS, Kind, Reject, match
 from segproxy.upstream import UpstreamPool
 

@@ -48,6 +48,7 @@ COMPILED = (
     "gunzip.py",
     "timestamps.py",
     "edge/http.py",
+    "edge/framing.py",
     "edge/server.py",
     "ingest/parse.py",
     "ingest/prepare.py",

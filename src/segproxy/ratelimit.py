@@ -13,18 +13,17 @@ address by its /64 (one subscriber or host usually holds a whole /64, so per-add
 would let it rotate addresses past the limit).
 
 A rate of 0 turns a limit off; :func:`table` then returns None so the caller holds None and the
-hot path pays one ``is not None`` check, nothing more.
+hot path pays one ``is not None`` check, nothing more. The 429 a refused request gets is built
+with the other responses, in ``edge/http.py`` (``rate_limited``).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from segproxy.clients import Network, is_trusted
-from segproxy.edge.http import Headers, Response, error_response
 
 
 class _Bucket:
@@ -86,22 +85,6 @@ def table(rate: float, burst: float, max_tracked: int) -> TokenBuckets | None:
     if rate <= 0:
         return None
     return TokenBuckets(rate, burst, max_tracked)
-
-
-def retry_after(wait: float) -> int:
-    """Whole seconds for ``Retry-After``: rounded up, at least 1."""
-    return max(1, math.ceil(wait))
-
-
-def rate_limited(wait: float, what: str, headers: Headers) -> Response:
-    """``429`` with ``Retry-After``; ``headers`` carries the route's CORS headers."""
-    seconds = retry_after(wait)
-    return error_response(
-        429,
-        "rate_limited",
-        f"too many requests {what}; retry after {seconds} s",
-        [*headers, (b"retry-after", str(seconds).encode()), (b"cache-control", b"no-store")],
-    )
 
 
 def client_bucket(ip: str) -> str:

@@ -9,14 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from segproxy.ratelimit import (
-    TokenBuckets,
-    client_bucket,
-    exempt,
-    rate_limited,
-    retry_after,
-    table,
-)
+from segproxy.edge.http import rate_limited, retry_after
+from segproxy.ratelimit import TokenBuckets, client_bucket, exempt, table
 
 
 def allowed_in_a_row(buckets: TokenBuckets, key: str, now: float, limit: int = 1000) -> int:

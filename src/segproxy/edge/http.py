@@ -1,11 +1,17 @@
-"""The request and response values handlers see; no sockets here.
+"""The request and response values handlers see, and the responses every layer shares; no
+sockets here.
 
 Header names are lower-case bytes. A repeated header is joined with ", " (RFC 9110 5.3), except
 ``Host``, which the edge refuses to receive twice.
+
+The refusals more than one place gives are built here, once: the 413 for a body over
+``limits.max_body_bytes``, the 503s for too many connections and for the memory budget, and the
+429 of the rate limits.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -109,4 +115,45 @@ def error_response(
     """Every rejection: the status plus a JSON body that names the problem."""
     return json_response(
         status, {"success": False, "code": code, "message": message}, headers=headers
+    )
+
+
+def body_too_large(limit: int) -> Response:
+    """413: a request body over ``limits.max_body_bytes`` (declared, or as it arrives)."""
+    return error_response(413, "body_too_large", f"request body is over {limit} bytes")
+
+
+# Over ``limits.max_connections``: answered at accept, then the connection is closed.
+TOO_MANY_CONNECTIONS = error_response(
+    503,
+    "too_many_connections",
+    "the server has too many open connections; retry",
+    [(b"retry-after", b"1")],
+)
+
+
+def server_busy(cors: Headers) -> Response:
+    """503 over the memory budget for request bodies; ``cors`` (``cors.FOR_EDGE``) lets a
+    browser's script read the ``Retry-After``."""
+    return error_response(
+        503,
+        "server_busy",
+        "the server is receiving too many request bodies at once; retry",
+        [(b"retry-after", b"1"), *cors],
+    )
+
+
+def retry_after(wait: float) -> int:
+    """Whole seconds for ``Retry-After``: rounded up, at least 1."""
+    return max(1, math.ceil(wait))
+
+
+def rate_limited(wait: float, what: str, headers: Headers) -> Response:
+    """``429`` with ``Retry-After``; ``headers`` carries the route's CORS headers."""
+    seconds = retry_after(wait)
+    return error_response(
+        429,
+        "rate_limited",
+        f"too many requests {what}; retry after {seconds} s",
+        [*headers, (b"retry-after", str(seconds).encode()), (b"cache-control", b"no-store")],
     )

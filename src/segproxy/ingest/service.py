@@ -35,7 +35,14 @@ from segproxy.delivery import (
     held_back,
     misdirected,
 )
-from segproxy.edge.http import Deferred, Headers, Request, Response, error_response
+from segproxy.edge.http import (
+    Deferred,
+    Headers,
+    Request,
+    Response,
+    error_response,
+    rate_limited,
+)
 from segproxy.ingest import prepare
 from segproxy.ingest.parse import (
     JSON_SEEN,
@@ -49,7 +56,7 @@ from segproxy.ingest.parse import (
 from segproxy.ingest.prepare import encode, single_body_checked, single_row
 from segproxy.memo import Memo
 from segproxy.queue.base import NewRow, Queue, QueueError, QueueFull
-from segproxy.ratelimit import rate_limited, table
+from segproxy.ratelimit import table
 from segproxy.routes import API_ENDPOINTS, Route
 from segproxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
