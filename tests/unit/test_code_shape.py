@@ -32,7 +32,6 @@ MARKERS = ("Long because", "(hot path")
 
 # TEMPORARY (issue 12 merge): being split on other branches; the lead removes these entries.
 TEMPORARY = {
-    "edge/server.py",  # HttpProtocol and its framing core: the edge branch
     "queue/sqlite.py",  # the queue package split: the queue branch
     "queue/sqlite.py::SqliteQueue.__init__",
 }

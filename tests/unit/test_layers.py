@@ -92,7 +92,7 @@ def test_the_graph_is_read() -> None:
     g = graph()
     assert "segproxy.ingest.service" in g
     assert "segproxy.edge.http" in g["segproxy.ingest.service"]
-    assert "segproxy.cors" in g["segproxy.edge.server"]  # a `from segproxy.x import y` arrow
+    assert "segproxy.cors" in g["segproxy.edge.framing"]  # a `from segproxy.x import y` arrow
     assert "segproxy.queue.admin" in g["segproxy.cli"]  # one inside a function
 
 
