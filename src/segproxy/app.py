@@ -71,14 +71,20 @@ class App:
         )
 
     async def start(self) -> None:
-        self.queue = await open_queue(self.config)
+        self.queue = await open_queue(self.config, on_commit=self._committed)
         if self.queue is not None:
             self.forwarder = Forwarder(self.queue, self.api_pool, self.config.forward)
             self.ingest.queue = self.queue
-            self.ingest.on_queued = self.forwarder.notify
             self.forwarder.start()
             self._recount = asyncio.get_running_loop().create_task(self._recount_loop())
         self.ready = True
+
+    def _committed(self, rows: int) -> None:
+        """The queue's commit hook (given when it is made, before the forwarder that reads
+        it can be): ``rows`` were committed, the forwarder wakes. Once per commit."""
+        forwarder = self.forwarder
+        if forwarder is not None:
+            forwarder.notify(rows)
 
     async def _recount_loop(self) -> None:
         # The CLI may replay or purge rows in the file meanwhile; keep the caps' counters true.

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from segproxy.queue import admin
+from segproxy.queue import admin, checkpoint, runner, schema
 from segproxy.queue import sqlite as sqlite_queue
 from segproxy.queue.base import (
     DeadRow,
@@ -80,7 +80,7 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
     def factory(
         *, max_rows: int = BIG, max_bytes: int = BIG, max_dead_bytes: int = BIG
     ) -> Awaitable[Queue]:
-        caps = {"max_rows": max_rows, "max_bytes": max_bytes}
+        caps: dict[str, Any] = {"max_rows": max_rows, "max_bytes": max_bytes}
         if max_dead_bytes != BIG:  # (so that the rest runs on queues without this cap)
             caps["max_dead_bytes"] = max_dead_bytes
         if request.param == "memory":
@@ -501,7 +501,7 @@ def test_a_file_locked_for_too_long_fails_the_put_and_keeps_nothing(
 ) -> None:
     if synchronous != "NORMAL":
         pytest.skip("FULL waits on the writer thread for SQLite's busy_timeout (10 s)")
-    monkeypatch.setattr(sqlite_queue, "BUSY_GIVE_UP", 0.2)
+    monkeypatch.setattr(runner, "BUSY_GIVE_UP", 0.2)
 
     async def main() -> None:
         q = await open_sqlite(db_path)
@@ -529,8 +529,8 @@ def test_the_wal_stays_bounded_under_steady_commits(
     # everything ever written: 2 GB in 12 s of the benchmark).
     if synchronous != "NORMAL":
         pytest.skip("with FULL the writer thread checkpoints itself (SQLite's autocheckpoint)")
-    monkeypatch.setattr(sqlite_queue, "WAL_CHECKPOINT_BYTES", 1 << 20)
-    monkeypatch.setattr(sqlite_queue, "CHECKPOINT_EVERY", 0.01)
+    monkeypatch.setattr(schema, "WAL_CHECKPOINT_BYTES", 1 << 20)
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_EVERY", 0.01)
     rows, writers = 36_000, 24
 
     async def main() -> None:
@@ -564,9 +564,9 @@ def test_a_long_reader_never_stalls_commits_while_the_wal_restarts(
     # commits back for RESTART_WAIT at most at a time, never until they fail.
     if synchronous != "NORMAL":
         pytest.skip("with FULL the writer thread checkpoints itself (SQLite's autocheckpoint)")
-    monkeypatch.setattr(sqlite_queue, "WAL_CHECKPOINT_BYTES", 1)  # restart at every round
-    monkeypatch.setattr(sqlite_queue, "CHECKPOINT_EVERY", 0.01)
-    monkeypatch.setattr(sqlite_queue, "BUSY_GIVE_UP", 1.0)
+    monkeypatch.setattr(schema, "WAL_CHECKPOINT_BYTES", 1)  # restart at every round
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_EVERY", 0.01)
+    monkeypatch.setattr(runner, "BUSY_GIVE_UP", 1.0)
 
     async def main() -> None:
         q = await open_sqlite(db_path)
@@ -575,7 +575,7 @@ def test_a_long_reader_never_stalls_commits_while_the_wal_restarts(
             n = 0
             reader.execute("BEGIN")
             reader.execute("SELECT count(*) FROM events").fetchone()  # holds its snapshot
-            held_until = time.monotonic() + 2 * sqlite_queue.BUSY_GIVE_UP
+            held_until = time.monotonic() + 2 * runner.BUSY_GIVE_UP
             while time.monotonic() < held_until and n < 5_000:
                 await q.put([new("wk_a", n, size=2000)])  # each one must succeed
                 n += 1
@@ -1179,7 +1179,7 @@ def test_deleted_events_are_cleared_only_where_that_costs_no_extra_write(db_path
     # rewrote each delivered pack's freed pages with zeros; OFF would leave deleted events in
     # pages still in use (docs/threat-model.md, "Queue file in cleartext").
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite_queue.connect(db_path)
+    db = schema.connect(db_path)
     try:
         assert db.execute("PRAGMA secure_delete").fetchone()[0] == 2
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from segproxy.queue.base import ROW_OVERHEAD, DeadRow, QueueStats
-from segproxy.queue.sqlite import CHUNK, connect, dead_of, stats_of
+from segproxy.queue.schema import Transaction, chunks, connect, dead_of, marks, stats_of
 from segproxy.redact import mask
 
 
@@ -90,33 +90,26 @@ def replay(
         if ids is None:
             todo = [int(r[0]) for r in db.execute("SELECT id FROM dead ORDER BY id")]
         else:
-            marks = ",".join("?" * len(ids))
             todo = [
                 int(r[0])
                 for r in db.execute(
-                    f"SELECT id FROM dead WHERE id IN ({marks}) ORDER BY id",
+                    f"SELECT id FROM dead WHERE id IN ({marks(ids)}) ORDER BY id",
                     ids,
                 )
             ]
         done = 0
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start : start + CHUNK]
-            marks = ",".join("?" * len(chunk))
-            db.execute("BEGIN IMMEDIATE")
-            try:
+        for chunk in chunks(todo):
+            in_chunk = marks(chunk)
+            with Transaction(db):
                 db.execute(
                     "INSERT INTO events (write_key, kind, received_at, size, body, sent_at)"
                     " SELECT write_key, CASE kind WHEN 'metrics' THEN 'metrics' ELSE 'replay' END,"
                     " received_at, length(write_key) + length(body)"
                     " + coalesce(length(sent_at), 0) + ?, body, sent_at FROM dead"
-                    f" WHERE id IN ({marks}) ORDER BY id",
+                    f" WHERE id IN ({in_chunk}) ORDER BY id",
                     [ROW_OVERHEAD, *chunk],
                 )
-                db.execute(f"DELETE FROM dead WHERE id IN ({marks})", chunk)
-                db.execute("COMMIT")
-            except sqlite3.Error:
-                db.execute("ROLLBACK")
-                raise
+                db.execute(f"DELETE FROM dead WHERE id IN ({in_chunk})", chunk)
             done += len(chunk)
             if progress is not None:
                 progress(done, len(todo))
@@ -129,19 +122,14 @@ def purge(path: str, dead_only: bool = False) -> tuple[int, int]:
     """Delete queued events (unless ``dead_only``) and dead letters; returns both counts."""
     db = open_existing(path)
     try:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            events = 0
+        events = 0
+        with Transaction(db):
             if not dead_only:
                 packed = db.execute("SELECT coalesce(sum(rows), 0) FROM packs").fetchone()[0]
                 events = db.execute("DELETE FROM events").rowcount + int(packed)
                 db.execute("DELETE FROM packs")
                 db.execute("DELETE FROM faults")  # about events no longer queued
             dead_rows = db.execute("DELETE FROM dead").rowcount
-            db.execute("COMMIT")
-        except sqlite3.Error:
-            db.execute("ROLLBACK")
-            raise
         return events, dead_rows
     finally:
         db.close()

@@ -1,6 +1,7 @@
 """The queue between ingest and the forwarder: one small interface, several backends.
 
-Invariants every backend keeps (the SQLite one on disk, see sqlite.py):
+Invariants every backend keeps (the SQLite one on disk: its own numbered invariants are in
+``queue/__init__.py``):
 
 1. ``put`` returns only once its rows are durable. The API answers 200 only after ``put``
    returned, so an acknowledged event is never only in memory.

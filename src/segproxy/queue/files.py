@@ -5,14 +5,20 @@ file is created ``0600`` before SQLite opens it, and SQLite gives its ``-wal`` a
 files the mode of the database file, so they are ``0600`` too, whatever the umask. A directory
 or file that already exists is the operator's: its mode is left as it is, with a warning when
 others may read it.
+
+One process owns a queue file at a time: :func:`lock_exclusively` takes an exclusive ``flock``
+on ``<path>.lock`` for as long as the process runs (invariant 3 in ``queue/__init__.py``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
 from pathlib import Path
+
+from segproxy.queue.base import QueueError
 
 log = logging.getLogger("segproxy.queue")
 
@@ -48,3 +54,18 @@ def private_file(path: str | os.PathLike[str]) -> None:
             )
         return
     os.close(fd)
+
+
+def lock_exclusively(path: str) -> int:
+    """Lock the queue file ``path`` for this process (its lock file's descriptor: closing it
+    lets go); QueueError if another process holds it."""
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise QueueError(
+            f"another segproxy process is using the queue {path}; "
+            "give each process its own [queue] path"
+        ) from exc
+    return fd

@@ -41,7 +41,11 @@ class MemoryQueue:
         max_rows: int = 1_000_000,
         max_bytes: int = 1 << 30,
         max_dead_bytes: int = 64 * 1024**2,
+        on_commit: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_commit(rows)``: called once per commit that stored rows, before its caller
+        hears of it, as the SQLite queue does (the forwarder's wake-up)."""
+        self.on_commit = on_commit
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.max_dead_bytes = max_dead_bytes
@@ -69,6 +73,8 @@ class MemoryQueue:
         for r, n in zip(rows, sizes, strict=True):
             self.slots[next(self._ids)] = _Slot(r, n)
         self.bytes += size
+        if self.on_commit is not None:
+            self.on_commit(len(rows))
 
     async def lease(
         self, now: float, max_rows: int, exclude_keys: frozenset[str] = frozenset()

@@ -1,10 +1,11 @@
-"""Packs (sqlite.py invariant 10): in memory mode a group commit is one row of ``packs``.
+"""Packs (invariant 10 in ``queue/__init__.py``): in memory mode a group commit is one row
+of ``packs``.
 
 This module is the pure part: how a pack's body is laid out, which ids name packed events,
 and :class:`PackBook`, the events each pack still holds in memory. What leaving events do
 to their packs is planned from the book without changing it (:meth:`PackBook.plan`); the
 queue writes that, and only once the write has committed tells the book
-(:meth:`PackBook.remember`): write, then remember (sqlite.py invariant 11).
+(:meth:`PackBook.remember`): write, then remember (invariant 11).
 """
 
 from __future__ import annotations
