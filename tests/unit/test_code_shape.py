@@ -13,9 +13,7 @@ contains one of the ``MARKERS`` may be longer, and the rest of that sentence say
         \"\"\"... Long because this is the hot path (measured: one call per read, every branch
         inline; split, it costs a Python call per request).\"\"\"
 
-``MARKERS`` are ``"Long because"`` and ``"(hot path"``. ``TEMPORARY`` lists what other branches
-of issue 12 are splitting right now; the lead deletes each entry once that split is merged (a
-test fails as soon as an entry is no longer needed).
+``MARKERS`` are ``"Long because"`` and ``"(hot path"``.
 """
 
 from __future__ import annotations
@@ -29,12 +27,6 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "segproxy"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 MARKERS = ("Long because", "(hot path")
-
-# TEMPORARY (issue 12 merge): being split on other branches; the lead removes these entries.
-TEMPORARY = {
-    "queue/sqlite.py",  # the queue package split: the queue branch
-    "queue/sqlite.py::SqliteQueue.__init__",
-}
 
 
 def says_why(node: ast.AST) -> bool:
@@ -96,12 +88,7 @@ def src_modules() -> dict[str, str]:
 
 def test_no_module_or_function_in_src_is_too_long_without_saying_why() -> None:
     found = [entry for name, text in src_modules().items() for entry in too_long(name, text)]
-    assert [entry for entry in found if entry not in TEMPORARY] == []
-
-
-def test_every_temporary_exception_is_still_needed() -> None:
-    found = {entry for name, text in src_modules().items() for entry in too_long(name, text)}
-    assert sorted(TEMPORARY - found) == [], "split: delete these from TEMPORARY"
+    assert found == []
 
 
 def _function(lines: int, doc: str = "") -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 from segproxy.config import Config
 from segproxy.cors import api_preflight, for_api
@@ -81,12 +80,10 @@ class IngestService:
         config: Config,
         pool: UpstreamPool,
         queue: Queue | None = None,
-        on_queued: Callable[[int], None] | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.queue = queue
-        self.on_queued = on_queued
         self.limits = config.limits
         self.allowed = config.sources.write_keys
         self.retry_after = str(config.forward.retry_after).encode()
@@ -183,8 +180,6 @@ class IngestService:
                 err = exc if isinstance(exc, QueueError) else QueueError(str(exc))
                 answer.resolve(self._not_stored(err, len(rows), cors))
                 return
-            if self.on_queued is not None:
-                self.on_queued(len(rows))
             answer.resolve(self.ok(cors))
 
         try:
