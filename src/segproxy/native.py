@@ -40,7 +40,6 @@ COMPILED = (
     "redact.py",
     "memo.py",
     "upstream.py",
-    "memo.py",
     "hosts.py",
     "clients.py",
     "cors.py",

@@ -227,7 +227,7 @@ def check_delivery(
     assert all(r.headers.get("host") == fake.api_authority for r in api)
     assert not [r for r in api if r.method == "OPTIONS"], "preflights must be answered locally"
     # Exactly what the browser sent, plus context.ip. sentAt may be set per event or per batch
-    # and may only move forward (by the time the proxy held the event; PROTOCOL.md).
+    # and may only move forward (by the time the proxy held the event; docs/configuration.md).
     sent_bodies = browser_sent_events(result)
     assert set(sent_bodies) == set(sent_ids)
     for e in events:

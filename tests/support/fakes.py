@@ -3,8 +3,8 @@
 Both run in background threads of the test process, on port 0 (a free port chosen by the
 kernel), speak HTTP/1.1 with keep-alive, and record every request they see. Like the real
 upstreams they answer 403 when the ``Host`` header is not their own ``127.0.0.1:PORT``: that is
-what Segment's CDN does when a proxy forwards the visitor's ``Host`` (PROTOCOL.md, "Known
-misconfigurations").
+what Segment's CDN does when a proxy forwards the visitor's ``Host`` (the 403 README.md's
+"Upstreams get their own Host" is about).
 
 Invariants the tests rely on:
 - every request is recorded (including the ones answered 403/404/5xx, hung or dropped), in

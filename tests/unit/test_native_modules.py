@@ -133,6 +133,12 @@ def test_no_module_is_both_compiled_and_interpreted() -> None:
     assert all(reason.strip() for reason in native.INTERPRETED.values())
 
 
+def test_no_module_is_listed_twice_which_would_fail_the_build() -> None:
+    # mypyc refuses a module given twice ("Duplicate module"): the build would fail and
+    # segproxy would run as plain Python everywhere.
+    assert sorted(native.COMPILED) == sorted(set(native.COMPILED))
+
+
 def test_the_hot_path_helpers_are_compiled() -> None:
     assert "memo.py" in native.COMPILED
 
