@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.fakes import FakeSegment
-from tests.support.proxy import RunningProxy, start_proxy
+from tests.support.load import Client as LoadClient
+from tests.support.proxy import RunningProxy, run_cli, start_proxy
 from tests.support.rawhttp import RawResponse, exchange
 
 WRITE_KEY = "wk_integration_1"
@@ -78,3 +82,30 @@ class Client:
 @pytest.fixture
 def client(proxy: RunningProxy) -> Client:
     return Client(proxy)
+
+
+@dataclass
+class LiveQueue:
+    """A running proxy on a durable queue, and the operator's CLI on the same config."""
+
+    proxy: RunningProxy
+    config_file: Path
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``segproxy <args> --config F``, with no tty on stdin (as in CI or a cron job)."""
+        return run_cli(*args, "--config", str(self.config_file))
+
+    def stats(self) -> dict[str, Any]:
+        out = self.cli("queue", "stats", "--json")
+        assert out.returncode == 0, out.stderr
+        data: dict[str, Any] = json.loads(out.stdout)
+        return data
+
+    def dead(self) -> list[dict[str, Any]]:
+        out = self.cli("queue", "dead", "--json")
+        assert out.returncode == 0, out.stderr
+        dead: list[dict[str, Any]] = json.loads(out.stdout)
+        return dead
+
+    def client(self) -> LoadClient:
+        return LoadClient(self.proxy.host, self.proxy.port)

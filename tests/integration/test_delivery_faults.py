@@ -10,47 +10,21 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.conftest import WRITE_KEY, StartProxy, base_config
+from tests.integration.conftest import WRITE_KEY, LiveQueue, StartProxy, base_config
 from tests.support.fakes import FakeSegment, RecordedRequest
 from tests.support.load import Client, track, wait_for
-from tests.support.proxy import RunningProxy, run_cli, to_toml
-
-
-@dataclass
-class Durable:
-    proxy: RunningProxy
-    config_file: Path
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, "--config", str(self.config_file))
-
-    def stats(self) -> dict[str, Any]:
-        out = self.cli("queue", "stats", "--json")
-        assert out.returncode == 0, out.stderr
-        data: dict[str, Any] = json.loads(out.stdout)
-        return data
-
-    def dead(self) -> list[dict[str, Any]]:
-        out = self.cli("queue", "dead", "--json")
-        assert out.returncode == 0, out.stderr
-        data: list[dict[str, Any]] = json.loads(out.stdout)
-        return data
-
-    def client(self) -> Client:
-        return Client(self.proxy.host, self.proxy.port)
+from tests.support.proxy import to_toml
 
 
 @pytest.fixture
-def durable(fake: FakeSegment, start: StartProxy, tmp_path: Path) -> Durable:
+def durable(fake: FakeSegment, start: StartProxy, tmp_path: Path) -> LiveQueue:
     config = base_config(
         fake,
         queue={"backend": "sqlite", "path": str(tmp_path / "data" / "queue.db")},
@@ -58,7 +32,7 @@ def durable(fake: FakeSegment, start: StartProxy, tmp_path: Path) -> Durable:
     )
     config_file = tmp_path / "segproxy.toml"
     config_file.write_text(to_toml({"listen": "127.0.0.1:0", **config}))
-    return Durable(start(config), config_file)
+    return LiveQueue(start(config), config_file)
 
 
 def delivered(fake: FakeSegment) -> Counter[str]:
@@ -74,7 +48,7 @@ def redirected(fake: FakeSegment, status: int) -> Callable[[], bool]:
 
 
 def test_redirects_from_the_api_are_retried_until_delivered_and_named_in_the_log(
-    fake: FakeSegment, durable: Durable
+    fake: FakeSegment, durable: LiveQueue
 ) -> None:
     # An http:// upstream.api that redirects to https://, a captive gateway, a load balancer:
     # the events sent meanwhile must stay queued, not be counted as delivered.
@@ -147,7 +121,7 @@ def is_poison(event: dict[str, Any]) -> bool:
 
 @pytest.mark.parametrize("status", [400, 413])
 def test_a_batch_with_a_few_refused_events_delivers_the_others_and_keeps_only_those_dead(
-    fake: FakeSegment, durable: Durable, status: int
+    fake: FakeSegment, durable: LiveQueue, status: int
 ) -> None:
     fake.api_refuse(is_poison, status)
     bad = {"ev-17", "ev-18", "ev-250"}

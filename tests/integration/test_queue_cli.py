@@ -9,42 +9,20 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from segproxy.redact import mask
-from tests.integration.conftest import WRITE_KEY, StartProxy, base_config
+from tests.integration.conftest import WRITE_KEY, LiveQueue, StartProxy, base_config
 from tests.support.fakes import FakeSegment
 from tests.support.load import Client, Load, track, wait_for
-from tests.support.proxy import RunningProxy, run_cli, to_toml
+from tests.support.proxy import run_cli, to_toml
 
 OTHER_KEY = "wk_other_2"
 REFUSAL = '{"success":false,"message":"Invalid event: anonymousId or userId is required"}'
-
-
-@dataclass
-class LiveQueue:
-    proxy: RunningProxy
-    config_file: Path
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``segproxy <args> --config F``, with no tty on stdin (as in CI or a cron job)."""
-        return run_cli(*args, "--config", str(self.config_file))
-
-    def stats(self) -> dict[str, Any]:
-        out = self.cli("queue", "stats", "--json")
-        assert out.returncode == 0, out.stderr
-        data: dict[str, Any] = json.loads(out.stdout)
-        return data
-
-    def client(self) -> Client:
-        return Client(self.proxy.host, self.proxy.port)
 
 
 @pytest.fixture
