@@ -29,7 +29,6 @@ FAULTS: dict[str, str] = {
     "refused": "the proxy or the upstream refused the request",
     "not_analytics_js": "the script is not analytics.js",
     "bundles_from_segment": "bundles will load from cdn.segment.com, around the proxy",
-    "no_bundle_name": "no bundle name found in the script",
     "settings_not_json": "the settings are not a JSON object",
     "settings_name_segment": "the settings name Segment's own API host, not the proxy",
     "settings_other_host": "the settings name another host (cached for another Host)",
