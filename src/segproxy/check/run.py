@@ -35,12 +35,17 @@ TITLES = {
     "event": "test event accepted",
     "retry_after": "Retry-After readable by browsers",
 }
-# A second visitor, for the cache check: nothing a cache should key a bundle on differs.
-OTHER_VISITOR = {
-    "User-Agent": "Mozilla/5.0 (segproxy check; another visitor)",
-    "Accept-Language": "fr-FR,fr;q=0.9",
-    "Cookie": "segproxy_check=another-visitor",
-}
+
+
+def another_visitor() -> dict[str, str]:
+    """A visitor no cache has seen (a new one each run, so a second run is judged as the first
+    was): nothing a cache should key a bundle on differs from the check's other requests."""
+    visit = uuid.uuid4().hex[:12]
+    return {
+        "User-Agent": f"Mozilla/5.0 (segproxy check; visitor {visit})",
+        "Accept-Language": "fr-FR,fr;q=0.9",
+        "Cookie": f"segproxy_check={visit}",
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +175,7 @@ def _cdn(session: _Session, report: Report, script: Answer) -> None:
         "cache",
         o.url.base,
         lambda: judge.judge_cache(
-            first, session.get(o.url, path), session.get(o.url, path, OTHER_VISITOR)
+            first, session.get(o.url, path), session.get(o.url, path, another_visitor())
         ),
     )
 
