@@ -28,7 +28,12 @@ _EMPTY = {
     "tls.key": "(none: plain http)",
 }
 _MASKED = ("sources.write_keys", "rate_limit.exempt_write_keys")
-_ZERO_OFF = ("rate_limit.per_ip", "rate_limit.per_write_key")
+_ZERO_MEANS = {
+    "rate_limit.per_ip": "0 (off)",
+    "rate_limit.per_write_key": "0 (off)",
+    "rate_limit.per_ip_burst": "0 (twice the rate)",
+    "rate_limit.per_write_key_burst": "0 (twice the rate)",
+}
 
 
 def _raw(config: Config, key: str) -> object:
@@ -46,14 +51,14 @@ def _text(value: object) -> str:
     if isinstance(value, frozenset | tuple | list):
         return "[" + ", ".join(sorted(_text(v) for v in value)) + "]"
     if isinstance(value, float) and value.is_integer():
-        return f"{value:g}"
+        return str(int(value))
     return str(value)
 
 
 def _special(config: Config, key: str, raw: object) -> str | None:
     """The keys printed otherwise than their value: secrets, addresses, paths."""
     if key == "admin.token":
-        return "(set)" if raw else "(not set: operator endpoints are open)"
+        return "(set)" if raw else "(not set: operator endpoints need none)"
     if key == "admin.listen":
         if not isinstance(raw, tuple):
             return "(the main listener)"
@@ -77,8 +82,8 @@ def value_of(config: Config, key: str) -> str:
         return _EMPTY[key]
     if key in _MASKED and isinstance(raw, Iterable):
         return _text([mask(k) for k in raw])
-    if key in _ZERO_OFF and raw == 0:
-        return "0 (off)"
+    if key in _ZERO_MEANS and raw == 0:
+        return _ZERO_MEANS[key]
     return _text(raw)
 
 
@@ -91,6 +96,6 @@ def describe(config: Config) -> list[str]:
         if head != section:
             section = head
             lines.append(f"[{section}]")
-        indent = "  " if head else ""
-        lines.append(f"{indent}{name or key:<24} {value_of(config, key)}")
+        label = f"  {name}" if head else key
+        lines.append(f"{label:<26} {value_of(config, key)}")
     return lines
