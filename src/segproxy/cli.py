@@ -104,6 +104,8 @@ def _check_options(args: argparse.Namespace) -> check_run.Options | None:
         problem = "--write-key is required with a URL"
     elif not _WRITE_KEY.fullmatch(args.write_key):
         problem = "--write-key: letters, digits, '_' and '-' only"
+    elif not args.timeout > 0:
+        problem = "--timeout: a number of seconds above 0"
     if problem:
         print(f"segproxy check: {problem}", file=sys.stderr)
         return None

@@ -66,6 +66,20 @@ def test_a_healthy_segproxy_passes_every_check_and_the_test_event_arrives(
     assert event.write_key == WRITE_KEY
 
 
+def test_a_segproxy_under_a_path_prefix_passes_with_the_prefix_in_every_address(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    proxy = start(base_config(fake, prefix="/seg"))
+    code, data = check_json(f"{proxy.url}/seg/", "--write-key", WRITE_KEY)
+    assert code == 0, data
+    checks = by_id(data)
+    assert data["url"] == f"{proxy.url}/seg"
+    assert checks["script"]["data"]["cdn_base"] == f"{proxy.url}/seg"
+    assert checks["settings"]["data"]["api_host"] == f"{proxy.authority}/seg/v1"
+    [event] = fake.wait_for_events(1)
+    assert event.message_id == checks["event"]["data"]["message_id"]
+
+
 def test_dry_run_sends_no_event(fake: FakeSegment, start: StartProxy) -> None:
     proxy = start(base_config(fake))
     code, data = check_json(proxy.url, "--write-key", WRITE_KEY, "--dry-run")

@@ -47,7 +47,12 @@ def judge_tls(cert: Certificate, origin: Origin, now: datetime, check: str = "tl
     if cert.not_after is None:
         return failed(check, "tls_invalid", f"{origin.authority}: {cert.error}", advice)
     days = math.floor((cert.not_after - now).total_seconds() / 86400)
-    data = {"host": origin.authority, "not_after": cert.not_after.isoformat(), "days_left": days}
+    data = {
+        "host": origin.authority,
+        "names": cert.subject,
+        "not_after": cert.not_after.isoformat(),
+        "days_left": days,
+    }
     when = f"expires {cert.not_after:%Y-%m-%d} ({days} days)"
     if days < RENEW_DAYS:
         return failed(

@@ -152,7 +152,7 @@ class Certificate:
 
     not_after: datetime | None  # None when the handshake or the verification failed
     error: str = ""
-    subject: str = ""
+    subject: str = ""  # the names it is valid for (DNS and IP subjectAltNames), shortened
 
 
 def certificate(origin: Origin, context: ssl.SSLContext, timeout: float = 10.0) -> Certificate:
