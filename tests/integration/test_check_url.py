@@ -151,6 +151,19 @@ def test_nothing_listening_is_exit_code_2() -> None:
     assert "not reachable" in out.stdout
 
 
+def test_an_api_that_does_not_answer_fails_its_checks_but_the_cdn_is_still_checked(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    proxy = start(base_config(fake))
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    code, data = check_json(proxy.url, "--write-key", WRITE_KEY, "--api", nowhere)
+    assert code == 1
+    checks = by_id(data)
+    assert checks["script"]["status"] == checks["bundle"]["status"] == "pass"
+    assert checks["preflight"]["fault"] == checks["event"]["fault"] == "unreachable"
+    assert nowhere in checks["event"]["advice"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -101,9 +101,10 @@ def run(options: Options, now: Callable[[], datetime] = lambda: datetime.now(UTC
         if not _tls(session, report, now()):
             return _skip_rest(report, "not checked: the TLS certificate is not valid")
         script = session.get(options.url, f"/analytics.js/v1/{options.write_key}/analytics.min.js")
-    except Unreachable as exc:
+    except Unreachable as exc:  # the URL itself: nothing can be checked
         report.reached = False
-        report.verdicts.append(unreachable("script", options.url.base, str(exc), options.url.base))
+        first = "tls" if options.url.scheme == "https" else "script"
+        report.verdicts.append(unreachable(first, options.url.base, str(exc), options.url.base))
         return report
     _cdn(session, report, script)
     _api(session, report)
@@ -120,9 +121,15 @@ def _tls(session: _Session, report: Report, now: datetime) -> bool:
     for check, origin in hosts:
         if origin.scheme != "https" or session.context is None:
             continue
-        verdict = judge.judge_tls(
-            certificate(origin, session.context, o.timeout), origin, now, check
-        )
+        try:
+            cert = certificate(origin, session.context, o.timeout)
+        except Unreachable as exc:
+            if check == "tls":
+                raise
+            # The API's host alone: the CDN's checks still run; the API's report it again.
+            report.verdicts.append(unreachable(check, origin.base, str(exc), origin.base))
+            continue
+        verdict = judge.judge_tls(cert, origin, now, check)
         report.verdicts.append(verdict)
         if verdict.fault == "tls_invalid":
             return False
