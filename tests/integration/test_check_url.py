@@ -108,6 +108,7 @@ def test_json_carries_the_same_verdicts_as_the_human_report(
     assert script["fault"] == "key_refused"
     assert "write_keys" in script["advice"]
     assert f"fix: {script['advice']}" in human.stdout
+    assert "wk_other_2" not in human.stdout + json.dumps(data)  # masked in every path shown
 
 
 @pytest.fixture(scope="module")

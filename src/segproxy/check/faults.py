@@ -100,7 +100,7 @@ def refusal(check: str, answer: Answer, base: str) -> Verdict | None:
     status = answer.status
     if 200 <= status < 300:
         return None
-    what = f"{answer.method} {answer.path} answered HTTP {status}"
+    what = f"{answer.method} {answer.shown} answered HTTP {status}"
     location = answer.header("location") or "(no Location)"
     if 300 <= status < 400 and answer.method in ("POST", "OPTIONS"):
         return failed(

@@ -87,7 +87,7 @@ def judge_script(answer: Answer, origin: Origin) -> Verdict:
         return failed(
             check,
             "not_analytics_js",
-            f"{answer.path} answered {len(answer.body)} bytes that are not analytics.js",
+            f"{answer.shown} answered {len(answer.body)} bytes that are not analytics.js",
             "route /analytics.js/* to Segment's CDN (or to segproxy) unchanged",
         )
     base, why = cdn_base(answer.body, origin)
@@ -154,7 +154,7 @@ def judge_settings(answer: Answer, origin: Origin, api: Origin) -> Verdict:
         return failed(
             check,
             "settings_not_json",
-            f"{answer.path} is not a JSON object",
+            f"{answer.shown} is not a JSON object",
             "route /v1/projects/*/settings to Segment's CDN (or segproxy) unchanged",
         )
     sio = _segment_io(doc)

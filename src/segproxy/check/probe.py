@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from segproxy.redact import redact_path
+
 MAX_BODY = 16 * 1024 * 1024  # the largest answer read (analytics.min.js is a few hundred KB)
 USER_AGENT = "segproxy-check (+https://github.com/segproxy)"
 
@@ -73,6 +75,12 @@ class Answer:
 
     def header(self, name: str) -> str:
         return self.headers.get(name, "")
+
+    @property
+    def shown(self) -> str:
+        """The path as reports show it: a write key in it masked (a key is a secret in
+        output that may be pasted into a ticket)."""
+        return redact_path(self.path)
 
 
 def tls_context(cafile: str | None) -> ssl.SSLContext:
