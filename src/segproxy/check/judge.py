@@ -276,8 +276,8 @@ def judge_preflight(answer: Answer, page_origin: str, api: Origin) -> Verdict:
             check,
             "no_preflight",
             f"OPTIONS {answer.path} answered HTTP {answer.status}",
-            "answer OPTIONS on /v1/* (or pass it to Segment): without a 2xx preflight answer"
-            " browsers send no events",
+            "answer OPTIONS on /v1/* (or pass it to Segment, with Segment's own Host): without"
+            " a 2xx preflight answer browsers send no events",
         )
     allowed_origin = answer.header(cors.ALLOW_ORIGIN).strip()
     if allowed_origin not in ("*", page_origin):

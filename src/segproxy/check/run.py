@@ -211,6 +211,8 @@ def _api(session: _Session, report: Report) -> None:
         answer = _event(session, report) or preflight
     if answer is None:
         report.verdicts.append(skipped("retry_after", "not checked: the API did not answer"))
+    elif 300 <= answer.status < 400:  # said already; the redirect's headers are not the API's
+        report.verdicts.append(skipped("retry_after", "not checked: the API redirects"))
     else:
         report.verdicts.append(judge.judge_retry_after(answer))
 
