@@ -5,14 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import ssl
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from segproxy import __version__, native
 from segproxy.config import ConfigError, env_warnings, load
 from segproxy.redact import mask
+
+if TYPE_CHECKING:
+    from segproxy.check import run as check_run
+
+_WRITE_KEY = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -35,6 +42,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.url is not None:
+        return _check_url(args)
+    url_only = [
+        flag
+        for flag, given in (
+            ("--write-key", args.write_key),
+            ("--api", args.api),
+            ("--origin", args.origin),
+            ("--json", args.json),
+            ("--dry-run", args.dry_run),
+            ("--cafile", args.cafile),
+        )
+        if given
+    ]
+    if url_only:
+        print(f"segproxy check: {', '.join(url_only)} need a URL to check", file=sys.stderr)
+        return 2
+    from segproxy.config.describe import describe
+
     config = load(args.config)
     print(f"config OK: listen {config.listen}")
     print(f"  cdn upstream: {config.upstream.cdn.origin}")
@@ -46,7 +72,59 @@ def _check(args: argparse.Namespace) -> int:
         print("  warning: [sources] write_keys is empty: any write key is accepted")
     for warning in env_warnings(os.environ):
         print(f"  warning: {warning}")
+    print()
+    print("resolved configuration:")
+    for line in describe(config):
+        print(f"  {line}")
     return 0
+
+
+def _check_url(args: argparse.Namespace) -> int:
+    """``segproxy check URL``: exit 0 when every check passed, 1 when one failed, 2 when the
+    command was wrong or nothing answered at the URL (docs/check.md)."""
+    from segproxy.check import report
+    from segproxy.check.run import run
+
+    options = _check_options(args)
+    if options is None:
+        return 2
+    result = run(options)
+    print(report.as_json_text(result) if args.json else report.as_text(result))
+    return result.exit_code
+
+
+def _check_options(args: argparse.Namespace) -> check_run.Options | None:
+    from segproxy.check.probe import parse_origin
+    from segproxy.check.run import Options
+
+    problem = ""
+    if args.config is not None:
+        problem = "give a URL or --config, not both"
+    elif not args.write_key:
+        problem = "--write-key is required with a URL"
+    elif not _WRITE_KEY.fullmatch(args.write_key):
+        problem = "--write-key: letters, digits, '_' and '-' only"
+    elif not args.timeout > 0:
+        problem = "--timeout: a number of seconds above 0"
+    if problem:
+        print(f"segproxy check: {problem}", file=sys.stderr)
+        return None
+    try:
+        url = parse_origin(args.url)
+        api = parse_origin(args.api) if args.api else url
+        page = parse_origin(args.origin) if args.origin else url
+    except ValueError as exc:
+        print(f"segproxy check: {exc}", file=sys.stderr)
+        return None
+    return Options(
+        url=url,
+        api=api,
+        write_key=args.write_key,
+        page_origin=f"{page.scheme}://{page.authority}",
+        dry_run=args.dry_run,
+        cafile=args.cafile,
+        timeout=args.timeout,
+    )
 
 
 def _queue_path(args: argparse.Namespace) -> str:
@@ -159,8 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the proxy (embedded defaults without --config)")
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
     serve.set_defaults(func=_serve)
-    check = sub.add_parser("check", help="validate the configuration and print it")
-    check.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    check = sub.add_parser(
+        "check",
+        help="verify a deployed proxy (URL), or validate and print the configuration",
+        description="With a URL: verify the proxy there as a browser and the SDKs use it "
+        "(exit 0: all passed, 1: a check failed, 2: usage error or unreachable). "
+        "Without one: validate the configuration and print it resolved.",
+    )
+    check.add_argument("url", nargs="?", help="the proxy's base URL, e.g. https://a.example.com")
+    check.add_argument("--config", metavar="FILE", help="TOML configuration file to validate")
+    check.add_argument("--write-key", metavar="K", help="a write key the proxy serves")
+    check.add_argument("--api", metavar="URL", help="the Tracking API's base URL, if elsewhere")
+    check.add_argument(
+        "--origin", metavar="URL", help="the site's origin, for CORS (default: the URL's)"
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable report")
+    check.add_argument("--dry-run", action="store_true", help="send no test event")
+    check.add_argument("--cafile", metavar="PEM", help="trust these CAs (a private CA)")
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds per request (10)")
     check.set_defaults(func=_check)
 
     queue = sub.add_parser("queue", help="inspect and operate the durable queue")

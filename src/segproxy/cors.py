@@ -78,3 +78,12 @@ FOR_EDGE: Headers = [
     (b"access-control-allow-origin", b"*"),
     (b"access-control-expose-headers", b"Retry-After"),
 ]
+
+# What a browser's preflight for the Tracking API asks and reads, by name: `segproxy check`
+# sends the same preflight to any proxy (ours or another) and judges its answer by these.
+PREFLIGHT_ASKS_METHOD = "access-control-request-method"
+PREFLIGHT_ASKS_HEADERS = "access-control-request-headers"
+ALLOW_ORIGIN = "access-control-allow-origin"
+ALLOW_METHODS = "access-control-allow-methods"
+ALLOW_HEADERS_NAME = "access-control-allow-headers"
+EXPOSE_HEADERS_NAME = "access-control-expose-headers"

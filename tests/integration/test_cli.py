@@ -157,3 +157,61 @@ def test_a_second_proxy_on_the_same_queue_file_refuses_to_start(
     assert "another segproxy process is using the queue" in out.stderr
     assert "Traceback" not in out.stderr
     assert first.proc.poll() is None  # the first one is unharmed
+
+
+def test_check_prints_the_whole_resolved_configuration_and_no_secret(tmp_path: Path) -> None:
+    from segproxy.config import KNOWN_KEYS
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not read by check, only named\n")
+    key.write_text("not read by check, only named\n")
+    token = "s3cret-admin-token-0123456789"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        to_toml(
+            {
+                "listen": "0.0.0.0:8443",
+                "prefix": "/seg",
+                "public_hosts": ["analytics.example.com"],
+                "trusted_proxies": ["10.0.0.0/8"],
+                "data_dir": str(tmp_path / "data"),
+                "upstream": {"region": "eu"},
+                "sources": {"write_keys": ["wk_secret_key_0123456789"]},
+                "queue": {"path": "q.db"},
+                "admin": {"listen": "127.0.0.1:9090", "token": token},
+                "tls": {"cert": str(cert), "key": str(key)},
+                "limits": {"max_body_bytes": 100000},
+                "rate_limit": {"per_ip": 50},
+            }
+        )
+    )
+    out = segproxy("check", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    resolved = out.stdout.split("resolved configuration:\n", 1)[1].splitlines()
+    values = {}
+    section = ""
+    for line in resolved:
+        name, _, value = line.strip().partition(" ")
+        if name.startswith("["):
+            section = name.strip("[]") + "."
+            continue
+        values[section + name] = value.strip()
+    assert sorted(values) == sorted(KNOWN_KEYS)  # every key, none twice
+    assert values["listen"] == "0.0.0.0:8443"
+    assert values["prefix"] == "/seg"
+    assert values["public_hosts"] == "[analytics.example.com]"
+    assert values["trusted_proxies"] == "[10.0.0.0/8]"
+    assert values["upstream.region"] == "eu"
+    assert values["upstream.api"] == "https://events.eu1.segmentapis.com"
+    assert values["queue.path"] == str(tmp_path / "data" / "q.db")  # where it will be opened
+    assert values["tls.cert"] == str(cert)
+    assert values["tls.key"] == str(key)
+    assert values["admin.listen"] == "127.0.0.1:9090"
+    assert values["admin.token"] == "(set)"
+    assert values["limits.max_body_bytes"] == "100000"
+    assert values["rate_limit.per_ip"] == "50"
+    assert values["rate_limit.per_write_key"] == "0 (off)"
+    assert token not in out.stdout
+    assert "wk_secret_key_0123456789" not in out.stdout
+    assert "wk_sec…" in values["sources.write_keys"]
+    assert "not read by check" not in out.stdout
