@@ -15,6 +15,8 @@ if [ "$runtime_only" = 0 ]; then
   command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
   command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+  # tests/package verifies deploy/systemd/segproxy.service with it
+  command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

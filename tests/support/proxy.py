@@ -203,12 +203,16 @@ def start_proxy(
 
 
 def run_cli(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+    module: str = "segproxy",
 ) -> subprocess.CompletedProcess[str]:
-    """``segproxy <args>`` as an operator runs it: no tty, no inherited SEGPROXY_* variables."""
+    """``segproxy <args>`` (or ``python -m <module> <args>``) as an operator runs it: no tty,
+    no inherited SEGPROXY_* variables."""
     clean = operator_env()
     return subprocess.run(
-        [sys.executable, "-m", "segproxy", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env={**clean, **(env or {})},
