@@ -57,7 +57,8 @@ def warn(message: str) -> None:
 
 def why_not_compiled() -> str | None:
     """Why this machine cannot compile the request path, or None if it can."""
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    # $CC first: setuptools compiles with it when it is set
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         return f"no C compiler ({cc})"
     include = sysconfig.get_paths()["include"]
