@@ -89,7 +89,7 @@ def version(venv: Path) -> str:
         timeout=60,
         check=True,
     )
-    return done.stdout.strip()
+    return " ".join(done.stdout.split())  # (argparse wraps --version at the terminal's width)
 
 
 @pytest.fixture(scope="module")
