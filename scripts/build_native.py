@@ -27,35 +27,17 @@ sys.path.insert(0, str(SRC))
 
 from segproxy import native  # noqa: E402
 
-# Run in the work directory. mypyc writes one C file per module (multi_file), and setuptools
-# would compile them one after another: the compiler's compile() is replaced by one that runs
-# them on every core (gcc is most of the build's time).
+# Run in the work directory: the same extensions as a wheel's (setup.py, at the root, builds
+# those), compiled beside the copy of the package.
 SETUP = """
-import concurrent.futures
+import sys
+sys.path.insert(0, {root!r})
 from setuptools import setup
-import distutils.ccompiler  # (after setuptools: its own copy of distutils)
-from mypyc.build import mypycify
+from setup import mypyc_extensions
 
-
-def compile_all(self, sources, output_dir=None, macros=None, include_dirs=None, debug=0,
-                extra_preargs=None, extra_postargs=None, depends=None):
-    macros, objects, extra_postargs, pp_opts, build = self._setup_compile(
-        output_dir, macros, include_dirs, sources, depends, extra_postargs)
-    cc_args = self._get_cc_args(pp_opts, debug, extra_preargs)
-
-    def one(obj):
-        src, ext = build[obj]
-        self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
-
-    with concurrent.futures.ThreadPoolExecutor({jobs}) as pool:
-        list(pool.map(one, objects))
-    return objects
-
-
-distutils.ccompiler.CCompiler.compile = compile_all
 setup(
     name="segproxy-native",
-    ext_modules=mypycify({files!r}, group_name={group!r}, opt_level="3", multi_file=True),
+    ext_modules=mypyc_extensions({files!r}, {group!r}),
     script_args=["build_ext", "--inplace", "--build-temp", "build"],
 )
 """
@@ -70,10 +52,8 @@ def remove_build() -> None:
 def build(work: Path) -> None:
     """Compile a copy of the package in ``work``, then move the extensions into src/."""
     shutil.copytree(SRC / "segproxy", work / "segproxy", ignore=shutil.ignore_patterns("*.so"))
-    # mypy's own settings (strict, the untyped imports), then the modules
-    files = [f"--config-file={ROOT / 'pyproject.toml'}"]
-    files += [f"segproxy/{name}" for name in native.COMPILED]
-    script = SETUP.format(files=files, group=native.GROUP, jobs=os.cpu_count() or 1)
+    files = [f"segproxy/{name}" for name in native.COMPILED]
+    script = SETUP.format(root=str(ROOT), files=files, group=native.GROUP)
     (work / "setup_native.py").write_text(script)
     env = dict(os.environ, MYPY_FORCE_COLOR="0")
     done = subprocess.run(

@@ -15,6 +15,8 @@ if [ "$runtime_only" = 0 ]; then
   command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
   command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+  # tests/package verifies deploy/systemd/segproxy.service with it
+  command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -43,15 +45,21 @@ if ! "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.jo
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dev >/dev/null
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=.venv/.segproxy-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  if [ "$runtime_only" = 1 ]; then
+# One stamp per mode, so that scripts/serve (runtime only) installs once, not on every start,
+# and a later full setup still adds the dev tools. The dev install includes the runtime one.
+dev_stamp=.venv/.segproxy-installed-dev
+runtime_stamp=.venv/.segproxy-installed-runtime
+installed() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ] && [ ! setup.py -nt "$1" ]; }
+if [ "$runtime_only" = 1 ]; then
+  if ! installed "$dev_stamp" && ! installed "$runtime_stamp"; then
+    .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[native]'
-  else
-    .venv/bin/python -m pip install -q -e '.[dev,native]'
-    touch "$stamp"
+    touch "$runtime_stamp"
   fi
+elif ! installed "$dev_stamp"; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev,native]'
+  touch "$dev_stamp"
 fi
 # Without a C compiler this warns and segproxy runs as plain Python (same behaviour, slower).
 .venv/bin/python scripts/build_native.py

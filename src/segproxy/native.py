@@ -1,16 +1,17 @@
 """Which modules run compiled, and the guard that only lets a build matching its source run.
 
 The modules on the request path are compiled to C extensions with mypyc (the same typed
-Python, ``mypy --strict`` clean, run without the interpreter loop) by
-``scripts/build_native.py``, which ``scripts/setup.sh`` runs. The extensions sit next to their
-``.py`` files (gitignored), with a manifest of the source they were built from.
+Python, ``mypy --strict`` clean, run without the interpreter loop): by ``setup.py`` when a wheel
+is built (``pip install .``, ``pip wheel .``), and in a checkout by ``scripts/build_native.py``,
+which ``scripts/setup.sh`` runs. Either way the extensions sit next to their ``.py`` files
+(gitignored in a checkout), with a manifest of the source they were built from.
 
 The compiled modules call each other directly, not through Python, so they run all together
 or not at all. :func:`select` runs when ``segproxy`` is imported, before any of them: unless
 the manifest matches the source byte for byte (and this interpreter), it makes every import
 of a ``segproxy`` module load the ``.py`` file. An edited source tree therefore never runs a
-stale build: it runs as plain Python until the next ``scripts/setup.sh``. ``SEGPROXY_NATIVE=0``
-asks for plain Python on purpose (to compare, or to debug with Python tools).
+stale build: it runs as plain Python until the next ``scripts/setup.sh`` (or install).
+``SEGPROXY_NATIVE=0`` asks for plain Python on purpose (to compare, or to debug with Python tools).
 
 This module is never compiled itself.
 """
@@ -120,7 +121,7 @@ def _matches() -> str:
         return "plain Python: SEGPROXY_NATIVE=0"
     present = built()
     if not present:
-        return "plain Python: not compiled (scripts/setup.sh compiles it)"
+        return "plain Python: not compiled (no C compiler at install: see docs/deployment.md)"
     if len(present) != len(COMPILED) + 1:
         return "plain Python: the compiled build is incomplete (run scripts/setup.sh)"
     try:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -136,10 +136,14 @@ def start_proxy(
     env: Mapping[str, str] | None = None,
     args: list[str] | None = None,
     startup_timeout: float = 20.0,
+    command: Sequence[str] | None = None,
+    drop: Sequence[str] = (),
 ) -> RunningProxy:
     """Start ``segproxy serve`` with ``config`` (a dict or TOML text) and wait until it listens.
 
-    ``listen`` defaults to 127.0.0.1:0 (a free port chosen by the kernel).
+    ``listen`` defaults to 127.0.0.1:0 (a free port chosen by the kernel). ``command`` runs
+    another segproxy than this checkout's (an installed one: ``[venv/bin/segproxy]``), and
+    ``drop`` names variables of this environment it must not see (``PYTHONPATH``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     if isinstance(config, str):
@@ -152,7 +156,10 @@ def start_proxy(
     full_env = operator_env()
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "segproxy", "serve", "--config", str(cfg), *(args or [])]
+    for name in drop:
+        full_env.pop(name, None)
+    program = list(command) if command else [sys.executable, "-m", "segproxy"]
+    cmd = [*program, "serve", "--config", str(cfg), *(args or [])]
     proc = subprocess.Popen(
         cmd,
         cwd=workdir,
@@ -203,12 +210,16 @@ def start_proxy(
 
 
 def run_cli(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+    module: str = "segproxy",
 ) -> subprocess.CompletedProcess[str]:
-    """``segproxy <args>`` as an operator runs it: no tty, no inherited SEGPROXY_* variables."""
+    """``segproxy <args>`` (or ``python -m <module> <args>``) as an operator runs it: no tty,
+    no inherited SEGPROXY_* variables."""
     clean = operator_env()
     return subprocess.run(
-        [sys.executable, "-m", "segproxy", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env={**clean, **(env or {})},
@@ -224,8 +235,10 @@ def running_proxy(
     workdir: Path,
     env: Mapping[str, str] | None = None,
     args: list[str] | None = None,
+    command: Sequence[str] | None = None,
+    drop: Sequence[str] = (),
 ) -> Iterator[RunningProxy]:
-    proxy = start_proxy(config, workdir, env=env, args=args)
+    proxy = start_proxy(config, workdir, env=env, args=args, command=command, drop=drop)
     try:
         yield proxy
     finally:

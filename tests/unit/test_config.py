@@ -28,6 +28,7 @@ from segproxy.config import (
     parse_upstream,
     unknown_variables,
 )
+from segproxy.config.schema import LIST_KEYS, SECTIONS
 
 
 def write_toml(tmp_path: Path, text: str) -> Path:
@@ -482,9 +483,9 @@ BAD_VALUES: list[tuple[str, object, object, str]] = [
     ("public_hosts", ["shop example.com"], "shop example.com", "host names"),
     ("public_hosts", ["https://shop.example.com"], "https://shop.example.com", "host names"),
     ("public_hosts", [1], [1], "a list of strings"),
-    ("public_hosts", "a@b.example", "a@b.example", "host names"),
+    ("public_hosts", ["a@b.example"], "a@b.example", "host names"),
     ("trusted_proxies", ["10.0.0.0/33"], "10.0.0.0/33", "IP addresses or CIDR networks"),
-    ("trusted_proxies", "lb.internal", "lb.internal", "IP addresses or CIDR networks"),
+    ("trusted_proxies", ["lb.internal"], "lb.internal", "IP addresses or CIDR networks"),
     ("data_dir", 3, 3, "a string"),
     ("log_level", "verbose", "verbose", "one of 'debug', 'info', 'warning', 'error'"),
     ("upstream.region", "asia", "asia", "one of 'us', 'eu'"),
@@ -504,7 +505,7 @@ BAD_VALUES: list[tuple[str, object, object, str]] = [
     ("upstream.max_connections", 0, 0, "an integer >= 1"),
     ("upstream.max_connections", 2.5, 2.5, "an integer"),
     ("sources.write_keys", ["wk live"], "wk live", "write keys of letters, digits"),
-    ("sources.write_keys", "wk_ok,wk/bad", "wk/bad", "write keys of letters, digits"),
+    ("sources.write_keys", ["wk_ok", "wk/bad"], "wk/bad", "write keys of letters, digits"),
     ("sources.write_keys", ["wk", ""], "", "write keys of letters, digits"),
     ("queue.backend", "redis", "redis", "one of 'sqlite', 'none', 'memory'"),
     ("queue.path", ["q.db"], ["q.db"], "a string"),
@@ -621,3 +622,60 @@ def test_of_several_bad_values_the_same_one_is_reported_first() -> None:
         "cache.script_ttl",
         "admin.token",
     ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "fix"),
+    [
+        ('trusted_proxies = "10.0.0.0/8"\n', 'trusted_proxies = ["10.0.0.0/8"]'),
+        (
+            'public_hosts = "a.example.com, b.example.com"\n',
+            'public_hosts = ["a.example.com", "b.example.com"]',
+        ),
+        ('[sources]\nwrite_keys = "wk_a"\n', 'write_keys = ["wk_a"] in [sources]'),
+        ('[rate_limit]\nexempt_ips = "10.1.2.3"\n', 'exempt_ips = ["10.1.2.3"] in [rate_limit]'),
+    ],
+)
+def test_a_string_where_the_file_needs_a_list_is_an_error_that_shows_the_fix(
+    tmp_path: Path, toml: str, fix: str
+) -> None:
+    # A one-item list is not guessed: the operator may have meant something else entirely.
+    with pytest.raises(ConfigError) as info:
+        load(write_toml(tmp_path, toml), env={})
+    assert f"expected a list of strings: {fix}" in str(info.value)
+    assert info.value.variable is None
+
+
+def test_the_same_list_from_the_environment_is_comma_separated_text() -> None:
+    config = load(env={"SEGPROXY_TRUSTED_PROXIES": "10.0.0.0/8"})
+    assert config.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+def test_the_list_keys_are_the_schemas_lists() -> None:
+    defaults = {"": Config(), **{s: getattr(Config(), s) for s in SECTIONS}}
+    lists = []
+    for key in KNOWN_KEYS:
+        section, _, name = key.rpartition(".")
+        if name == "listen" and not section:
+            continue  # listen is parsed into listen_host and listen_port
+        if isinstance(getattr(defaults[section], name), tuple | frozenset):
+            lists.append(key)
+    assert sorted(lists) == sorted(LIST_KEYS)
+
+
+def test_a_check_between_keys_names_the_variable_that_set_the_other_one(tmp_path: Path) -> None:
+    # SEGPROXY_TLS_CERT alone: the error is about tls.key, which the operator never wrote.
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError) as info:
+        load(env={"SEGPROXY_TLS_CERT": str(cert)})
+    assert "both tls.cert and tls.key" in str(info.value)
+    assert "(see SEGPROXY_TLS_CERT in the environment)" in str(info.value)
+
+
+def test_a_size_check_names_the_variable_that_lowered_the_bound() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(env={"SEGPROXY_LIMITS_MAX_DECOMPRESSED_BYTES": "1000"})
+    message = str(info.value)
+    assert "at most limits.max_decompressed_bytes (1000)" in message
+    assert "SEGPROXY_LIMITS_MAX_DECOMPRESSED_BYTES in the environment" in message

@@ -171,6 +171,7 @@ def _limits(flat: Mapping[str, object]) -> LimitsConfig:
             "limits.max_request_bytes",
             limits.max_request_bytes,
             f"at most limits.max_decompressed_bytes ({limits.max_decompressed_bytes})",
+            related=("limits.max_decompressed_bytes",),
         )
     if limits.max_buffered_bytes < limits.max_body_bytes:
         raise ConfigError(
@@ -178,6 +179,7 @@ def _limits(flat: Mapping[str, object]) -> LimitsConfig:
             limits.max_buffered_bytes,
             f"at least limits.max_body_bytes ({limits.max_body_bytes}): else no body that size "
             "could ever be received",
+            related=("limits.max_body_bytes",),
         )
     return limits
 
@@ -202,7 +204,10 @@ def _tls(flat: Mapping[str, object]) -> TlsConfig:
     )
     if bool(tls.cert) != bool(tls.key):
         raise ConfigError(
-            "tls.key" if tls.cert else "tls.cert", "", "both tls.cert and tls.key, or neither"
+            "tls.key" if tls.cert else "tls.cert",
+            "",
+            "both tls.cert and tls.key, or neither",
+            related=("tls.cert" if tls.cert else "tls.key",),
         )
     for name, value in (("tls.cert", tls.cert), ("tls.key", tls.key)):
         if value and not Path(value).is_file():

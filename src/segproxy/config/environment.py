@@ -13,8 +13,8 @@ import difflib
 import re
 from collections.abc import Mapping
 
-from segproxy.config.schema import KNOWN_KEYS
-from segproxy.config.values import ConfigError
+from segproxy.config.schema import KNOWN_KEYS, LIST_KEYS
+from segproxy.config.values import ConfigError, split_list
 
 
 def env_name(key: str) -> str:
@@ -51,7 +51,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, object]:
             if len(value) != 1 or value not in allowed:
                 raise ConfigError(name, value, what, variable=name)
         elif name in by_name:
-            out[by_name[name]] = value
+            key = by_name[name]
+            out[key] = split_list(value) if key in LIST_KEYS else value
     return out
 
 

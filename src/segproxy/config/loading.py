@@ -50,4 +50,7 @@ def load(
     except ConfigError as exc:
         if exc.key in from_env:
             raise exc.from_variable(env_name(exc.key)) from None
+        related = tuple(env_name(k) for k in exc.related if k in from_env)
+        if related:
+            raise exc.set_by(related) from None
         raise

@@ -182,6 +182,17 @@ TOP_KEYS = (
 )
 
 
+# The keys whose value is a list: an array in the file (a string there is an error, see
+# values._str_list), comma-separated in the environment.
+LIST_KEYS = (
+    "public_hosts",
+    "trusted_proxies",
+    "sources.write_keys",
+    "rate_limit.exempt_ips",
+    "rate_limit.exempt_write_keys",
+)
+
+
 def _known_keys() -> list[str]:
     keys = list(TOP_KEYS)
     for section, cls in (

@@ -1,8 +1,9 @@
 """One value at a time: the error every bad value raises, and the parsers (validators).
 
 Each parser takes the dotted key it reads (for its error message) and the raw value, as the TOML
-file gives it (a string, a number, a list) or as the environment does (always a string: lists
-comma-separated, numbers in text). It returns the typed value or raises :class:`ConfigError`.
+file gives it (a string, a number, a list) or as the environment does (a string: numbers in
+text; lists arrive split, from comma-separated text). It returns the typed value or raises
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -23,24 +24,46 @@ _WRITE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names key, value and expectation, and the
-    environment variable the value came from, if it did (``variable``)."""
+    environment variable the value came from, if it did (``variable``).
 
-    def __init__(self, key: str, value: object, expected: str, variable: str | None = None) -> None:
+    A check between keys (``tls.cert`` needs ``tls.key``) names the other keys that decide it
+    (``related``): when one of those came from the environment, the message names its variable
+    too (``set_by``), since that is the line the operator wrote."""
+
+    def __init__(
+        self,
+        key: str,
+        value: object,
+        expected: str,
+        variable: str | None = None,
+        *,
+        related: tuple[str, ...] = (),
+        set_by: tuple[str, ...] = (),
+    ) -> None:
         self.key = key
         self.value = value
         self.expected = expected
         self.variable = variable
+        self.related = related
         if variable is None:
             message = f"config key {key!r}: got {value!r}, expected {expected}"
         else:
             # The operator looks for the variable they set, not for the key it maps to.
             what = "" if variable == key else f" (config key {key!r})"
             message = f"{variable}={value!r}: expected {expected}{what}"
+        if set_by:
+            message += f" (see {', '.join(set_by)} in the environment)"
         super().__init__(message)
 
     def from_variable(self, variable: str) -> ConfigError:
         """The same error, naming the environment variable the bad value came from."""
-        return ConfigError(self.key, self.value, self.expected, variable)
+        return ConfigError(self.key, self.value, self.expected, variable, related=self.related)
+
+    def set_by(self, variables: tuple[str, ...]) -> ConfigError:
+        """The same error, naming the variables that set the keys it relates to."""
+        return ConfigError(
+            self.key, self.value, self.expected, related=self.related, set_by=variables
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +133,22 @@ def _str(key: str, value: object) -> str:
 
 
 def _str_list(key: str, value: object) -> list[str]:
-    if isinstance(value, str):  # from the environment: comma-separated
-        return [v.strip() for v in value.split(",") if v.strip()]
+    """A list of strings. The environment's comma-separated text is split before it gets here
+    (environment.py): a string here came from a file, where it is a mistake to name with its
+    fix, not a one-item list to guess (``trusted_proxies = "10.0.0.0/8"``)."""
+    if isinstance(value, str):
+        items = ", ".join(f'"{v.strip()}"' for v in value.split(",") if v.strip())
+        section, _, name = key.rpartition(".")
+        where = f" in [{section}]" if section else ""
+        raise ConfigError(key, value, f"a list of strings: {name} = [{items}]{where}")
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(key, value, "a list of strings")
     return [v.strip() for v in value]
+
+
+def split_list(text: str) -> list[str]:
+    """An environment variable's list: comma-separated, items trimmed, empty items dropped."""
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _number(key: str, value: object, *, minimum: float = 0.0, integer: bool = False) -> float:

@@ -14,8 +14,9 @@ One loop task owns the work; each batch send is its own task, tracked and cancel
   rate-limited key, even with a large backlog, never holds back the others, and a busy key's
   next batches are ready when a slot frees.
 - **Retries** follow forward/retry.py; a key's rows wait at least as long as Segment's
-  ``Retry-After`` asked. Only a 2xx is a delivery: a redirect is retried like an outage, with a
-  WARNING (at most one per fault every 10 s) naming it a configuration fault.
+  ``Retry-After`` asked, and are logged at WARNING, at most one line per key and fault every
+  10 s (with how many were held back). Only a 2xx is a delivery: a redirect is retried like an
+  outage, its WARNING naming it a configuration fault.
 - **Splits**: a batch of several events refused for good because of what it holds (a 400 for
   one invalid event, a 413) is split in halves, each sent as a batch of its own, recursively,
   until the refused events are alone: only they become dead letters (Segment's status and
@@ -366,27 +367,32 @@ class Forwarder:
         )
         if retry_after is not None or status == 429:
             self.blocked_until[key] = max(self.blocked_until.get(key, 0.0), now + delay)
-        if status is not None and misdirected(status):
+        # A WARNING (events are late), at most one line per key and fault every REPORT_EVERY
+        # seconds with the count of those held back: an outage retries every batch of every
+        # key, and one line per batch would bury the log. (delivery.Throttle, as for refusals.)
+        held = self.reports.due(f"retry {mask(key)} {why}", now)
+        if held is not None and status is not None and misdirected(status):
             # Not a delivery, and not Segment being down: the proxy is pointed at the wrong
-            # address. Loud, but one line per fault every 10 s, not one per batch.
-            held = self.reports.due(why, now)
-            if held is not None:
-                log.warning(
-                    "Segment's API answered %s for %d events of key %s: %s: the events stay"
-                    " queued and are retried%s",
-                    why,
-                    len(rows),
-                    mask(key),
-                    MISDIRECTED,
-                    held_back(held),
-                )
-        log.info(
-            "delivery of %d events failed (%s); retry %d in %.2f s",
-            len(rows),
-            why if status is not None else detail,
-            attempt,
-            delay,
-        )
+            # address. Named as the configuration fault it is.
+            log.warning(
+                "Segment's API answered %s for %d events of key %s: %s: the events stay"
+                " queued and are retried%s",
+                why,
+                len(rows),
+                mask(key),
+                MISDIRECTED,
+                held_back(held),
+            )
+        elif held is not None:
+            log.warning(
+                "delivery of %d events of key %s failed (%s); retry %d in %.2f s%s",
+                len(rows),
+                mask(key),
+                why if status is not None else detail,
+                attempt,
+                delay,
+                held_back(held),
+            )
         await self.queue.retry_later([r.id for r in rows], now + delay, why)
         self.counters.events_retried += len(rows)
 
