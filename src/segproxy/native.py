@@ -88,6 +88,8 @@ INTERPRETED: dict[str, str] = {
     "config/values.py": "start-up: the configuration is read and validated once",
     "queue/__init__.py": "start-up: opens the configured queue backend once",
     "queue/files.py": "start-up: the data directory's and the queue file's modes, once",
+    "logs.py": "log set-up at start; the access log is opt-in, and its JSON line costs more "
+    "than the call to it",
     "certs.py": "start-up: the TLS certificate's expiry is read once",
     "exposition.py": "a scrape of /metrics, off the request path; prometheus-client is "
     "plain Python",
