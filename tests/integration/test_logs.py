@@ -129,8 +129,10 @@ def test_no_log_line_holds_a_whole_write_key_or_an_event_body(
     assert get(proxy, f"/v1/projects/{SECRET_KEY}/settings").status == 200
     assert get(proxy, f"/analytics.js/v1/{SECRET_KEY}/analytics.min.js").status == 200
     wait_for(
-        lambda: any(e.message_id == "secret-1" for e in fake.api_events())
-        and any(r.status == 400 for r in fake.api_requests),
+        lambda: (
+            any(e.message_id == "secret-1" for e in fake.api_events())
+            and any(r.status == 400 for r in fake.api_requests)
+        ),
         timeout=15,
         what="a retried delivery and a dead letter",
     )
