@@ -57,14 +57,16 @@ async def serve(config: Config, access: AccessLog | None = None) -> None:
     edge = EdgeServer(app, config.limits, loop, tls_context(config), app.requests, on_answer)
     host, port = (await edge.start(config.listen_host, config.listen_port))[:2]
     shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if config.tls.enabled else "http"
     log.info(
         "segproxy listening on %s://%s:%d (cdn %s, api %s, queue %s)",
-        "https" if config.tls.enabled else "http",
+        scheme,
         shown,
         port,
         config.upstream.cdn.origin,
         config.upstream.api.origin,
         config.queue.backend,
+        extra={"url": f"{scheme}://{shown}:{port}", "queue": config.queue.backend},
     )
     how = native.describe()
     # Plain Python by accident (no compiler, an edit since the build) is worth a warning.

@@ -68,6 +68,8 @@ def test_json_logs_are_one_object_per_line_with_time_level_logger_and_message(
     assert len(listening) == 1
     assert listening[0]["level"] == "INFO"
     assert listening[0]["logger"] == "segproxy"
+    assert listening[0]["url"] == proxy.url  # a structured field the line carries
+    assert listening[0]["queue"] == "none"
     warnings = [line for line in lines if line["level"] == "WARNING"]
     assert any("write_keys is empty" in w["message"] for w in warnings)
 
