@@ -74,5 +74,5 @@ def test_route_class_constants_name_their_place_in_the_label_list() -> None:
 
 
 def test_the_sizes_the_compiled_code_is_given_as_literals_match_the_lists() -> None:
-    assert rc._BUCKETS == len(LATENCY_BOUNDS) + 1
-    assert rc._ROUTES == len(rc.ROUTE_CLASSES)
+    assert len(LATENCY_BOUNDS) + 1 == rc._BUCKETS
+    assert len(rc.ROUTE_CLASSES) == rc._ROUTES
