@@ -15,11 +15,13 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from segproxy import __version__
+from segproxy import __version__, native
 from segproxy.cdn.service import CdnService
+from segproxy.certs import not_after
 from segproxy.clients import client_ip, host_allowed, public_origin
 from segproxy.config import Config, Upstream
 from segproxy.cors import FOR_CDN, for_api
+from segproxy.counters import RequestCounters
 from segproxy.edge.http import (
     Deferred,
     Request,
@@ -28,6 +30,7 @@ from segproxy.edge.http import (
     json_response,
     rate_limited,
 )
+from segproxy.exposition import render
 from segproxy.forward.forwarder import Forwarder
 from segproxy.ingest.service import IngestService
 from segproxy.queue import open_queue
@@ -40,6 +43,13 @@ log = logging.getLogger("segproxy")
 
 _TRACK = Kind.TRACK  # (an Enum member looked up on its class costs a descriptor call)
 _METRICS = Kind.METRICS
+
+# What the operator endpoints answer without the [admin] token.
+_UNAUTHORIZED = (
+    401,
+    "unauthorized",
+    "operator endpoints need Authorization: Bearer <[admin] token>",
+)
 
 
 class App:
@@ -59,6 +69,12 @@ class App:
         self.exempt_ips = rl.exempt_ips
         # The Tracking API needs no per-address work: no rate limit, no public_hosts check.
         self.plain_api = self.ip_limit is None and not config.public_hosts
+        # The counters /metrics shows (counters.py): the edge's (both listeners share them),
+        # the per-address rate limit's refusals here; the services and pools keep theirs.
+        self.requests = RequestCounters()
+        self.rate_limited = 0
+        self.started = time.time()
+        self.cert_expires = _cert_expiry(config.tls.cert) if config.tls.enabled else None
 
     def _pool(self, origin: Upstream) -> UpstreamPool:
         up = self.config.upstream
@@ -100,6 +116,7 @@ class App:
             extra = [(b"allow", route.allow.encode())] if route.allow else None
             return error_response(route.status, route.code, route.message, extra)
         kind = route.kind
+        req.route_class = route.route_class
         if (kind is _TRACK or kind is _METRICS) and self.plain_api:  # the hot path
             trusted = cfg.trusted_proxies
             if not trusted:
@@ -111,12 +128,17 @@ class App:
             if self.config.admin.listen is not None:  # served on the admin listener only
                 return error_response(404, "not_found", "operator endpoints are not served here")
             return self.readiness(req)
+        if kind is Kind.PROMETHEUS:
+            if self.config.admin.listen is not None:
+                return error_response(404, "not_found", "operator endpoints are not served here")
+            return self.prometheus(req)
         ip: str | None = None
         if self.ip_limit is not None and req.method != "OPTIONS":
             ip = client_ip(req.peer, req.headers, cfg.trusted_proxies)
             wait = self.ip_limit.allow(client_bucket(ip), time.monotonic())
             # Exemptions are looked up only once a client is over its limit (cheaper).
             if wait is not None and not exempt(ip, self.exempt_ips):
+                self.rate_limited += 1
                 if kind in CDN_KINDS:
                     return rate_limited(wait, "from this address", FOR_CDN)
                 return rate_limited(wait, "from this address", for_api(req.header(b"origin")))
@@ -133,33 +155,100 @@ class App:
             ip = client_ip(req.peer, req.headers, cfg.trusted_proxies)
         return self.ingest.handle(req, route, ip)
 
-    def readiness(self, req: Request) -> Response:
+    def authorized(self, req: Request) -> bool:
+        """An operator endpoint's request carries the [admin] token, if one is set."""
         token = self.config.admin.token
-        if token and not hmac.compare_digest(  # constant time: no timing oracle on the token
+        return not token or hmac.compare_digest(  # constant time: no timing oracle on it
             req.header(b"authorization") or b"", b"Bearer " + token.encode()
-        ):
-            return error_response(
-                401,
-                "unauthorized",
-                "operator endpoints need Authorization: Bearer <[admin] token>",
-                [(b"www-authenticate", b"Bearer")],
-            )
+        )
+
+    def unauthorized(self) -> Response:
+        return error_response(*_UNAUTHORIZED, [(b"www-authenticate", b"Bearer")])
+
+    def readiness(self, req: Request) -> Response:
+        if not self.authorized(req):
+            return self.unauthorized()
         if not self.ready:
             return json_response(503, {"status": "not ready"})
         if self.queue is not None and not self.queue.has_room():
             return json_response(503, {"status": "queue full"})
         return json_response(200, {"status": "ready"})
 
-    def admin(self, req: Request) -> Response:
+    def admin(self, req: Request) -> Response | Coroutine[Any, Any, Response]:
         """The handler of the separate operator listener (``[admin] listen``)."""
         route = match(req.method, req.target, "")
         if isinstance(route, Reject):
             return error_response(route.status, route.code, route.message)
-        if route.kind is Kind.HEALTHZ:
+        kind = route.kind
+        if kind is Kind.HEALTHZ or kind is Kind.READYZ or kind is Kind.PROMETHEUS:
+            req.route_class = route.route_class  # (anything else here is "rejected")
+        if kind is Kind.HEALTHZ:
             return json_response(200, {"status": "ok"})
-        if route.kind is Kind.READYZ:
+        if kind is Kind.READYZ:
             return self.readiness(req)
+        if kind is Kind.PROMETHEUS:
+            return self.prometheus(req)
         return error_response(404, "not_found", "this listener serves operator endpoints only")
+
+    def prometheus(self, req: Request) -> Response | Coroutine[Any, Any, Response]:
+        """GET /metrics: every counter and gauge in Prometheus's text format (or OpenMetrics,
+        if the scraper asks for it), rendered now."""
+        if not self.authorized(req):
+            return self.unauthorized()
+        return self._scrape(req.header(b"accept"))
+
+    async def _scrape(self, accept: bytes | None) -> Response:
+        body, content_type = render(await self.snapshot(), (accept or b"").decode("latin-1"))
+        headers = [(b"content-type", content_type.encode()), (b"cache-control", b"no-store")]
+        return Response(200, headers, body)
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Every number /metrics shows, as plain Python values (ints, floats, dicts keyed by
+        label value), read now; the dashboard feeds on it too. The keys are stable."""
+        now = time.time()
+        f = self.forwarder.counters if self.forwarder is not None else None
+        return {
+            "time": now,
+            "uptime_seconds": now - self.started,
+            "version": __version__,
+            "native": native.compiled(),
+            "ready": self.ready,
+            "requests": self.requests.read(),
+            "request_duration_seconds": self.requests.read_latency(),
+            "connections_refused": self.requests.connections_refused,
+            "rate_limited": {"ip": self.rate_limited, "write_key": self.ingest.rate_limited},
+            "events": {
+                "accepted": self.ingest.events_accepted,
+                "forwarded": f.events_sent if f is not None else 0,
+                "retried": f.events_retried if f is not None else 0,
+                "dead": f.events_dead if f is not None else 0,
+            },
+            "queue": await self._queue_gauges(now),
+            "upstream": {
+                "cdn": self.cdn_pool.counters.read(),
+                "api": self.api_pool.counters.read(),
+            },
+            "cdn_cache": {"hit": self.cdn.hits, "miss": self.cdn.misses, "stale": self.cdn.stale},
+            "tls_cert_expiry_seconds": (
+                None if self.cert_expires is None else self.cert_expires - now
+            ),
+        }
+
+    async def _queue_gauges(self, now: float) -> dict[str, Any] | None:
+        """None without a queue (passthrough)."""
+        queue = self.queue
+        if queue is None:
+            return None
+        events, size = queue.depth()
+        oldest = await queue.oldest()
+        q = self.config.queue
+        return {
+            "events": events,
+            "bytes": size,
+            "oldest_age_seconds": 0.0 if oldest is None else max(0.0, now - oldest),
+            "max_events": q.max_rows,
+            "max_bytes": q.max_bytes,
+        }
 
     async def close(self, grace: float = 10.0) -> None:
         """Call after the edge stopped answering: nothing new reaches the queue."""
@@ -175,3 +264,12 @@ class App:
         await self.cdn.close()
         await self.cdn_pool.close()
         await self.api_pool.close()
+
+
+def _cert_expiry(path: str) -> float | None:
+    """The configured certificate's notAfter (unix seconds), read once at start."""
+    try:
+        with open(path, "rb") as f:
+            return not_after(f.read())
+    except OSError:
+        return None

@@ -37,6 +37,7 @@ SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's: .cpyth
 COMPILED = (
     "app.py",
     "routes.py",
+    "counters.py",
     "ratelimit.py",
     "redact.py",
     "memo.py",
@@ -88,6 +89,11 @@ INTERPRETED: dict[str, str] = {
     "config/values.py": "start-up: the configuration is read and validated once",
     "queue/__init__.py": "start-up: opens the configured queue backend once",
     "queue/files.py": "start-up: the data directory's and the queue file's modes, once",
+    "logs.py": "log set-up at start; the access log is opt-in, and its JSON line costs more "
+    "than the call to it",
+    "certs.py": "start-up: the TLS certificate's expiry is read once",
+    "exposition.py": "a scrape of /metrics, off the request path; prometheus-client is "
+    "plain Python",
 }
 
 # What select() found: "compiled", or why the source runs instead.

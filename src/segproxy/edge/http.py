@@ -28,7 +28,17 @@ class Request:
     """One request as the edge read it (a plain class, not a dataclass: compiled, its
     constructor is native; a dataclass's generated ``__init__`` runs interpreted)."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "peer", "scheme", "target")
+    __slots__ = (
+        "body",
+        "headers",
+        "keep_alive",
+        "method",
+        "peer",
+        "route_class",
+        "scheme",
+        "start",
+        "target",
+    )
 
     def __init__(
         self,
@@ -39,6 +49,7 @@ class Request:
         peer: str,
         scheme: str,  # "http" or "https": how the client reached us
         keep_alive: bool = True,
+        start: float = 0.0,
     ) -> None:
         self.method = method
         self.target = target
@@ -47,6 +58,10 @@ class Request:
         self.peer = peer
         self.scheme = scheme
         self.keep_alive = keep_alive
+        # For the counters (counters.py): when its first byte was read (time.monotonic), and
+        # what the app routed it to (counters.ROUTE_CLASSES; "rejected" until it is routed).
+        self.start = start
+        self.route_class = 0
 
     def header(self, name: bytes) -> bytes | None:
         return self.headers.get(name)

@@ -43,6 +43,7 @@ from time import monotonic
 from typing import Any, cast
 
 from segproxy.config import LimitsConfig
+from segproxy.counters import RequestCounters
 from segproxy.edge.framing import Budget, Framing
 from segproxy.edge.http import (
     SECURITY_HEADERS,
@@ -60,6 +61,9 @@ log = logging.getLogger("segproxy.edge")
 # A handler answers at once (Response), later (a Deferred resolved by its producer), or
 # returns a coroutine that is run as a task.
 Handler = Callable[[Request], Response | Deferred | Coroutine[Any, Any, Response]]
+# Told of every answer to a request (the access log): the request, its answer, and the seconds
+# from its first byte to the answer.
+Answered = Callable[[Request, Response, float], None]
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -137,6 +141,11 @@ class HttpProtocol(asyncio.Protocol):
         self.waiting_on: Request | None = None
         self._on_resolved = self._resolved  # bound once, not per request
         self.idle_timeout = server.limits.idle_timeout
+        self.counters = server.counters
+        self.on_answer = server.on_answer
+        # When the last answer was written (monotonic): the request's end for the counters,
+        # and where the idle timer starts from (one clock read for both).
+        self.answered_at = 0.0
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -164,6 +173,7 @@ class HttpProtocol(asyncio.Protocol):
         assert transport is not None
         transport.write(_REFUSED_LINE + _DATE.get() + _REFUSED_REST)
         transport.close()
+        self.counters.connections_refused += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -263,7 +273,8 @@ class HttpProtocol(asyncio.Protocol):
             if self.transport is None:
                 break
             item = self.pipeline.popleft()
-            if isinstance(item, Response):
+            if isinstance(item, Response):  # the edge's refusal: the connection ends with it
+                self.counters.refused(item.status)
                 self._write(item, "GET", keep_alive=False)
                 break
             if self.reading_paused and not self.framing.closing:
@@ -284,7 +295,8 @@ class HttpProtocol(asyncio.Protocol):
         elif (
             self.transport is not None and not self.framing.closing and not self.framing.in_message
         ):
-            self.framing.arm("idle", self.idle_timeout)
+            # (only ever after an answer was written: answered_at is that answer's time)
+            self.framing.arm_from(self.answered_at, "idle", self.idle_timeout)
 
     def _serve(self, item: Request) -> object:
         """Run the handler for one request: answered (_NEXT or _STOP) or _PENDING."""
@@ -334,7 +346,13 @@ class HttpProtocol(asyncio.Protocol):
             self.busy = False
 
     def _answer(self, item: Request, response: Response) -> bool:
-        """Write the response; True if the connection stays open for the next request."""
+        """Write the response; True if the connection stays open for the next request.
+        Counted (and logged, with an access log) even if the client has gone meanwhile."""
+        self.answered_at = now = monotonic()
+        seconds = now - item.start
+        self.counters.answered(item.route_class, response.status, seconds)
+        if self.on_answer is not None:
+            self.on_answer(item, response, seconds)
         if self.transport is None:
             return False
         keep = item.keep_alive and not self.server.shutting_down
@@ -383,8 +401,13 @@ class EdgeServer:
         limits: LimitsConfig,
         loop: asyncio.AbstractEventLoop,
         ssl_context: ssl.SSLContext | None = None,
+        counters: RequestCounters | None = None,
+        on_answer: Answered | None = None,
     ) -> None:
         self.handler = handler
+        # The app's counters (shared by its listeners), or this server's own.
+        self.counters = counters if counters is not None else RequestCounters()
+        self.on_answer = on_answer
         self.limits = limits
         self.loop = loop
         self.ssl_context = ssl_context
