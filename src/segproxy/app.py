@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import Coroutine
@@ -20,13 +19,17 @@ from segproxy.cdn.service import CdnService
 from segproxy.clients import client_ip, host_allowed, public_origin
 from segproxy.config import Config, Upstream
 from segproxy.cors import FOR_CDN, for_api
+from segproxy.dashboard.feed import Feed
+from segproxy.dashboard.service import Dashboard
 from segproxy.edge.http import (
     Deferred,
     Request,
     Response,
+    Stream,
     error_response,
     json_response,
     rate_limited,
+    unauthorized,
 )
 from segproxy.forward.forwarder import Forwarder
 from segproxy.ingest.service import IngestService
@@ -59,6 +62,9 @@ class App:
         self.exempt_ips = rl.exempt_ips
         # The Tracking API needs no per-address work: no rate limit, no public_hosts check.
         self.plain_api = self.ip_limit is None and not config.public_hosts
+        self.dashboard: Dashboard | None = None
+        if config.admin.dashboard_served:
+            self.dashboard = Dashboard(config, self.numbers, self._watch)
 
     def _pool(self, origin: Upstream) -> UpstreamPool:
         up = self.config.upstream
@@ -77,7 +83,38 @@ class App:
             self.ingest.queue = self.queue
             self.forwarder.start()
             self._recount = asyncio.get_running_loop().create_task(self._recount_loop())
+            if self.dashboard is not None:
+                self.dashboard.queue_stats = self.queue.stats
+                self.dashboard.replayed = self._replayed
         self.ready = True
+
+    def numbers(self) -> dict[str, Any]:
+        """The proxy's counters as plain values, for the dashboard."""
+        out: dict[str, Any] = {"ready": self.ready, "queue_backend": self.config.queue.backend}
+        if self.forwarder is not None:
+            c = self.forwarder.counters
+            out["forward"] = {
+                "requests": c.requests,
+                "events_sent": c.events_sent,
+                "events_retried": c.events_retried,
+                "events_dead": c.events_dead,
+                "failures": c.failures,
+                "splits": c.splits,
+            }
+        return out
+
+    def _watch(self, feed: Feed | None) -> None:
+        """A dashboard opened (record events into ``feed``) or the last one closed (None)."""
+        self.ingest.watch = None if feed is None else feed.record
+        if self.forwarder is not None:
+            self.forwarder.watch = None if feed is None else feed.mark
+
+    async def _replayed(self, rows: int) -> None:
+        """Dead letters were put back in the queue file (the dashboard's replay): the queue
+        re-reads it, the forwarder wakes."""
+        if self.queue is not None:
+            await self.queue.recount()
+        self._committed(rows)
 
     def _committed(self, rows: int) -> None:
         """The queue's commit hook (given when it is made, before the forwarder that reads
@@ -93,7 +130,9 @@ class App:
             await asyncio.sleep(10)
             await self.queue.recount()
 
-    def __call__(self, req: Request) -> Response | Deferred | Coroutine[Any, Any, Response]:
+    def __call__(
+        self, req: Request
+    ) -> Response | Deferred | Coroutine[Any, Any, Response | Stream]:
         cfg = self.config
         route = match(req.method, req.target, cfg.prefix)
         if isinstance(route, Reject):
@@ -111,6 +150,10 @@ class App:
             if self.config.admin.listen is not None:  # served on the admin listener only
                 return error_response(404, "not_found", "operator endpoints are not served here")
             return self.readiness(req)
+        if kind is Kind.DASHBOARD:
+            if self.dashboard is None or not self.config.admin.dashboard_public:
+                return error_response(404, "not_found", "the dashboard is not served here")
+            return self.dashboard.handle(req, route.upstream_path)
         ip: str | None = None
         if self.ip_limit is not None and req.method != "OPTIONS":
             ip = client_ip(req.peer, req.headers, cfg.trusted_proxies)
@@ -134,23 +177,16 @@ class App:
         return self.ingest.handle(req, route, ip)
 
     def readiness(self, req: Request) -> Response:
-        token = self.config.admin.token
-        if token and not hmac.compare_digest(  # constant time: no timing oracle on the token
-            req.header(b"authorization") or b"", b"Bearer " + token.encode()
-        ):
-            return error_response(
-                401,
-                "unauthorized",
-                "operator endpoints need Authorization: Bearer <[admin] token>",
-                [(b"www-authenticate", b"Bearer")],
-            )
+        refused = unauthorized(req, self.config.admin.token)
+        if refused is not None:
+            return refused
         if not self.ready:
             return json_response(503, {"status": "not ready"})
         if self.queue is not None and not self.queue.has_room():
             return json_response(503, {"status": "queue full"})
         return json_response(200, {"status": "ready"})
 
-    def admin(self, req: Request) -> Response:
+    def admin(self, req: Request) -> Response | Coroutine[Any, Any, Response | Stream]:
         """The handler of the separate operator listener (``[admin] listen``)."""
         route = match(req.method, req.target, "")
         if isinstance(route, Reject):
@@ -159,6 +195,8 @@ class App:
             return json_response(200, {"status": "ok"})
         if route.kind is Kind.READYZ:
             return self.readiness(req)
+        if route.kind is Kind.DASHBOARD and self.dashboard is not None:
+            return self.dashboard.handle(req, route.upstream_path)
         return error_response(404, "not_found", "this listener serves operator endpoints only")
 
     async def close(self, grace: float = 10.0) -> None:

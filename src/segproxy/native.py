@@ -87,6 +87,10 @@ INTERPRETED: dict[str, str] = {
     "config/values.py": "start-up: the configuration is read and validated once",
     "queue/__init__.py": "start-up: opens the configured queue backend once",
     "queue/files.py": "start-up: the data directory's and the queue file's modes, once",
+    "queue/admin.py": "the operator's dashboard reads dead letters and stats with it, in a "
+    "worker thread: never per request",
+    "dashboard/feed.py": "the dashboard's event ring: runs only while an operator watches",
+    "dashboard/service.py": "the operator's dashboard: its page, its data, once a second",
 }
 
 # What select() found: "compiled", or why the source runs instead.

@@ -24,6 +24,7 @@ class Kind(enum.Enum):
     INTEGRATION = "integration"
     TRACK = "track"
     METRICS = "metrics"
+    DASHBOARD = "dashboard"  # the operator's live dashboard: its page, files and data
 
 
 CDN_KINDS = frozenset({Kind.SCRIPT, Kind.SETTINGS, Kind.BUNDLE, Kind.INTEGRATION})
@@ -122,6 +123,8 @@ def match(method: str, raw_target: str, prefix: str = "") -> Route | Reject:
         return _methods(method, Route(Kind.HEALTHZ), ("GET", "HEAD"))
     if path in ("/readyz", prefix + "/readyz"):
         return _methods(method, Route(Kind.READYZ), ("GET", "HEAD"))
+    if dash := _dashboard_path(path, prefix):
+        return _methods(method, Route(Kind.DASHBOARD, dash), ("GET", "HEAD", "POST"))
     if prefix:
         if not path.startswith(prefix + "/"):
             return _not_found(path)
@@ -147,6 +150,16 @@ def match(method: str, raw_target: str, prefix: str = "") -> Route | Reject:
     if _INTEGRATION_RE.fullmatch(path):
         return _methods(method, Route(Kind.INTEGRATION, path), ("GET", "HEAD", "OPTIONS"))
     return _not_found(path)
+
+
+def _dashboard_path(path: str, prefix: str) -> str:
+    """The dashboard's own path ("/dashboard/...") if ``path`` names it (also under the
+    prefix, like /healthz), else ""."""
+    if prefix and path.startswith(prefix + "/dashboard"):
+        path = path[len(prefix) :]
+    if path == "/dashboard" or path.startswith("/dashboard/"):
+        return path
+    return ""
 
 
 def _methods(method: str, route: Route, allowed: tuple[str, ...]) -> Route | Reject:

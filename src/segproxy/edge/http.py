@@ -11,10 +11,12 @@ The refusals more than one place gives are built here, once: the 413 for a body 
 
 from __future__ import annotations
 
+import hmac
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 import orjson
 
@@ -60,6 +62,33 @@ class Response:
     headers: Headers = field(default_factory=list)
     body: bytes = b""
     head: bytes | None = field(default=None, compare=False, repr=False)
+
+
+# A stream's producer: called with a writer, it writes chunks until it returns; the writer
+# answers False once the client is gone (or reads too slowly), and the producer then stops.
+StreamWriter = Callable[[bytes], bool]
+
+
+class Stream:
+    """A response whose body is written as it is produced (server-sent events for the
+    operator's dashboard), from a coroutine's result only: never on the ingest path.
+
+    The edge writes the status and headers with ``connection: close`` (the body ends when the
+    connection does), runs ``produce(write)`` as a task, and closes the connection when it
+    returns; the task is cancelled when the client goes away or the server stops.
+    """
+
+    __slots__ = ("headers", "produce", "status")
+
+    def __init__(
+        self,
+        status: int,
+        headers: Headers,
+        produce: Callable[[StreamWriter], Coroutine[Any, Any, None]],
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.produce = produce
 
 
 class Deferred:
@@ -115,6 +144,23 @@ def error_response(
     """Every rejection: the status plus a JSON body that names the problem."""
     return json_response(
         status, {"success": False, "code": code, "message": message}, headers=headers
+    )
+
+
+def unauthorized(req: Request, token: str) -> Response | None:
+    """The 401 for an operator endpoint when ``token`` is set and the request does not carry
+    it as ``Authorization: Bearer``; None when it may pass. Constant time: no timing oracle on
+    the token."""
+    if not token:
+        return None
+    given = req.headers.get(b"authorization") or b""
+    if hmac.compare_digest(given, b"Bearer " + token.encode()):
+        return None
+    return error_response(
+        401,
+        "unauthorized",
+        "operator endpoints need Authorization: Bearer <[admin] token>",
+        [(b"www-authenticate", b"Bearer")],
     )
 
 

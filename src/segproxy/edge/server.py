@@ -50,6 +50,7 @@ from segproxy.edge.http import (
     Deferred,
     Request,
     Response,
+    Stream,
     error_response,
     reason,
 )
@@ -58,8 +59,11 @@ from segproxy.redact import redact_path
 log = logging.getLogger("segproxy.edge")
 
 # A handler answers at once (Response), later (a Deferred resolved by its producer), or
-# returns a coroutine that is run as a task.
-Handler = Callable[[Request], Response | Deferred | Coroutine[Any, Any, Response]]
+# returns a coroutine that is run as a task (whose result may be a Stream: the dashboard's).
+Handler = Callable[[Request], Response | Deferred | Coroutine[Any, Any, Response | Stream]]
+
+# A stream's client that lets this much pile up unread is too slow: its stream ends.
+STREAM_BACKLOG = 1024 * 1024
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -133,7 +137,8 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = False
         self.reading_paused = False
         self.eof = False
-        self.current: asyncio.Task[Response] | None = None
+        self.current: asyncio.Task[Response | Stream] | None = None
+        self.streaming: asyncio.Task[None] | None = None  # a Stream's producer, while it runs
         self.waiting_on: Request | None = None
         self._on_resolved = self._resolved  # bound once, not per request
         self.idle_timeout = server.limits.idle_timeout
@@ -167,6 +172,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.streaming is not None:
+            self.streaming.cancel()
         framing = self.framing
         framing.release(framing.reserved)  # whatever it still held, however it ended
         framing.stop()
@@ -319,8 +326,9 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.busy = False
 
-    def _done(self, item: Request, pending: asyncio.Task[Response]) -> None:
+    def _done(self, item: Request, pending: asyncio.Task[Response | Stream]) -> None:
         self.current = None
+        response: Response | Stream
         try:
             response = pending.result()
         except asyncio.CancelledError:
@@ -328,6 +336,9 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("handler failed for %s %s", item.method, redact_path(item.target))
             response = error_response(500, "internal_error", "internal error")
+        if isinstance(response, Stream):
+            self._stream(response)
+            return
         if self._answer(item, response):
             self._next()
         else:
@@ -362,6 +373,42 @@ class HttpProtocol(asyncio.Protocol):
         if not keep_alive:
             self._close()
 
+    def _stream(self, stream: Stream) -> None:
+        """Write a Stream's head, then its body as its producer writes it; the connection
+        closes when the producer returns (the body ends with the connection: HTTP/1.1 allows
+        it, and no request after this one is read)."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.framing.stop()
+        self.framing.disarm()
+        self._stop_reading()
+        self.pipeline.clear()
+        parts = [_status_line(stream.status), _DATE.get(), _SECURITY]
+        parts.extend(k + b": " + v + b"\r\n" for k, v in stream.headers)
+        parts.append(b"connection: close\r\n\r\n")
+        transport.write(b"".join(parts))
+        task = self.loop.create_task(stream.produce(self._stream_write))
+        self.streaming = task
+        task.add_done_callback(self._stream_done)
+
+    def _stream_write(self, data: bytes) -> bool:
+        """A Stream's writer: False once the client is gone, too slow, or the server stops."""
+        transport = self.transport
+        if transport is None or self.server.shutting_down:
+            return False
+        if transport.get_write_buffer_size() > STREAM_BACKLOG:
+            self._close()
+            return False
+        transport.write(data)
+        return True
+
+    def _stream_done(self, task: asyncio.Task[None]) -> None:
+        self.streaming = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a stream's producer failed: %r", task.exception())
+        self._close()
+
     def _close(self) -> None:
         self.framing.stop()
         self.framing.disarm()
@@ -369,8 +416,11 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
     def shutdown(self) -> None:
-        """Server is stopping: close now if idle, else after the current response."""
-        if not self.busy and not self.pipeline:
+        """Server is stopping: close now if idle, else after the current response (a stream
+        ends now: it has no end of its own)."""
+        if self.streaming is not None:
+            self.streaming.cancel()
+        elif not self.busy and not self.pipeline:
             self._close()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from segproxy.config import Config
 from segproxy.cors import api_preflight, for_api
@@ -98,6 +99,9 @@ class IngestService:
         # and the allowed origin, built once too.
         self._relayed: Memo[tuple[object, ...], Response] = Memo(_ANSWERS_KEPT)
         self.reports = Throttle()  # redirect warnings: one per fault every 10 s
+        # The dashboard's event recorder while one is open (dashboard/feed.py), else None:
+        # one attribute check per committed request.
+        self.watch: Callable[[list[NewRow]], None] | None = None
 
     def ok(self, cors: Headers) -> Response:
         allow = cors[0][1]  # for_api(): the allowed origin comes first
@@ -181,6 +185,9 @@ class IngestService:
                 answer.resolve(self._not_stored(err, len(rows), cors))
                 return
             answer.resolve(self.ok(cors))
+            watch = self.watch
+            if watch is not None:
+                watch(rows)
 
         try:
             self.queue.submit_then(rows, done)
