@@ -12,6 +12,7 @@ const state = {
   events: [],
   picked: null,
   keyMask: null, // the masked form of a whole write key typed in the filter
+  keyFor: '', // the key filter keyMask was computed for
   deadCount: -1,
   aborter: null,
 }
@@ -149,6 +150,7 @@ function onUpdate(u) {
   const prev = state.prev
   state.prev = u
   $('updated').textContent = 'updated ' + new Date(u.time * 1000).toLocaleTimeString()
+  document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1)
   const acc = rate(u, prev, accepted)
   const del = rate(u, prev, delivered)
   push('accepted', acc)
@@ -231,7 +233,7 @@ function draw(canvas, a, b) {
     ctx.moveTo(36, y)
     ctx.lineTo(w, y)
     ctx.stroke()
-    ctx.fillText(fmt((max * i) / 4, 0), 2, y + 4)
+    ctx.fillText(fmt((max * i) / 4, max < 8 ? 1 : 0), 2, y + 4)
   }
   line(ctx, a, max, w, h, '#4fb3ff')
   line(ctx, b, max, w, h, '#ffb347')
@@ -269,6 +271,7 @@ async function onFilter() {
     const hex = Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('')
     state.keyMask = (key.length > 8 ? key.slice(0, 6) : key.slice(0, 2)) + '…' + hex.slice(0, 6)
   }
+  state.keyFor = key
   showEvents()
 }
 
@@ -306,6 +309,11 @@ function showEvents() {
     return tr
   })
   body.replaceChildren(...rows)
+  const key = $('f-key').value.trim()
+  if (state.keyFor === key) {
+    // The filter the list now shows (for tests and for the curious: it is the inputs' values)
+    $('events').dataset.filter = [key, $('f-type').value, $('f-name').value.trim()].join('|')
+  }
   $('f-count').textContent = shown.length + ' of ' + state.events.length + ' latest events'
 }
 
