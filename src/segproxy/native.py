@@ -36,6 +36,7 @@ SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's: .cpyth
 COMPILED = (
     "app.py",
     "routes.py",
+    "counters.py",
     "ratelimit.py",
     "redact.py",
     "memo.py",
@@ -89,8 +90,13 @@ INTERPRETED: dict[str, str] = {
     "queue/files.py": "start-up: the data directory's and the queue file's modes, once",
     "queue/admin.py": "the operator's dashboard reads dead letters and stats with it, in a "
     "worker thread: never per request",
+    "edge/stream.py": "a streamed answer's body (the dashboard's live updates): runs only "
+    "while an operator watches",
     "dashboard/feed.py": "the dashboard's event ring: runs only while an operator watches",
     "dashboard/service.py": "the operator's dashboard: its page, its data, once a second",
+    "certs.py": "start-up: the TLS certificate's expiry is read once",
+    "exposition.py": "a scrape of /metrics, off the request path; prometheus-client is "
+    "plain Python",
 }
 
 # What select() found: "compiled", or why the source runs instead.

@@ -14,6 +14,8 @@ import functools
 import re
 from dataclasses import dataclass
 
+from segproxy import counters as rc
+
 
 class Kind(enum.Enum):
     HEALTHZ = "healthz"
@@ -23,7 +25,8 @@ class Kind(enum.Enum):
     BUNDLE = "bundle"
     INTEGRATION = "integration"
     TRACK = "track"
-    METRICS = "metrics"
+    METRICS = "metrics"  # analytics-next's telemetry, /v1/m (relayed to Segment)
+    PROMETHEUS = "prometheus"  # the proxy's own metrics for Prometheus, /metrics
     DASHBOARD = "dashboard"  # the operator's live dashboard: its page, files and data
 
 
@@ -67,6 +70,7 @@ class Route:
     upstream_path: str = ""
     write_key: str | None = None
     endpoint: str = ""  # API: the endpoint name ("t", "batch", ...)
+    route_class: int = rc.REJECTED  # what the counters call it (counters.ROUTE_CLASSES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,11 @@ class Reject:
     code: str
     message: str
     allow: str = ""
+
+
+_HEALTHZ = Route(Kind.HEALTHZ, route_class=rc.HEALTH)
+_READYZ = Route(Kind.READYZ, route_class=rc.OPERATOR)
+_PROMETHEUS = Route(Kind.PROMETHEUS, route_class=rc.OPERATOR)
 
 
 def _reject_target(target: str) -> Reject | None:
@@ -104,8 +113,8 @@ def _api_table(prefix: str) -> dict[str, Route]:
     """Exact API targets -> routes: the hot path is one dict lookup."""
     table = {}
     for endpoint in (*API_ENDPOINTS, "m"):
-        kind = Kind.METRICS if endpoint == "m" else Kind.TRACK
-        table[f"{prefix}/v1/{endpoint}"] = Route(kind, f"/v1/{endpoint}", None, endpoint)
+        kind, group = (Kind.METRICS, rc.TELEMETRY) if endpoint == "m" else (Kind.TRACK, rc.TRACK)
+        table[f"{prefix}/v1/{endpoint}"] = Route(kind, f"/v1/{endpoint}", None, endpoint, group)
     return table
 
 
@@ -120,11 +129,14 @@ def match(method: str, raw_target: str, prefix: str = "") -> Route | Reject:
     if bad is not None:
         return bad
     if path in ("/healthz", prefix + "/healthz"):
-        return _methods(method, Route(Kind.HEALTHZ), ("GET", "HEAD"))
+        return _methods(method, _HEALTHZ, ("GET", "HEAD"))
     if path in ("/readyz", prefix + "/readyz"):
-        return _methods(method, Route(Kind.READYZ), ("GET", "HEAD"))
+        return _methods(method, _READYZ, ("GET", "HEAD"))
+    if path in ("/metrics", prefix + "/metrics"):
+        return _methods(method, _PROMETHEUS, ("GET", "HEAD"))
     if dash := _dashboard_path(path, prefix):
-        return _methods(method, Route(Kind.DASHBOARD, dash), ("GET", "HEAD", "POST"))
+        route = Route(Kind.DASHBOARD, dash, route_class=rc.OPERATOR)
+        return _methods(method, route, ("GET", "HEAD", "POST"))
     if prefix:
         if not path.startswith(prefix + "/"):
             return _not_found(path)
@@ -133,22 +145,27 @@ def match(method: str, raw_target: str, prefix: str = "") -> Route | Reject:
     if m := _API_RE.fullmatch(path):
         endpoint = m.group(1)
         if endpoint == "m":
-            return _methods(method, Route(Kind.METRICS, "/v1/m", None, "m"), ("POST", "OPTIONS"))
+            route = Route(Kind.METRICS, "/v1/m", None, "m", rc.TELEMETRY)
+            return _methods(method, route, ("POST", "OPTIONS"))
         if endpoint in API_ENDPOINTS:
-            route = Route(Kind.TRACK, f"/v1/{endpoint}", None, endpoint)
+            route = Route(Kind.TRACK, f"/v1/{endpoint}", None, endpoint, rc.TRACK)
             return _methods(method, route, ("POST", "OPTIONS"))
         return _not_found(path)
     if m := _SCRIPT_RE.fullmatch(path):
-        route = Route(Kind.SCRIPT, f"/analytics.js/v1/{m.group(1)}/{m.group(2)}", m.group(1))
+        path = f"/analytics.js/v1/{m.group(1)}/{m.group(2)}"
+        route = Route(Kind.SCRIPT, path, m.group(1), route_class=rc.SCRIPT)
         return _methods(method, route, ("GET", "HEAD", "OPTIONS"))
     if m := _SETTINGS_RE.fullmatch(path):
-        route = Route(Kind.SETTINGS, f"/v1/projects/{m.group(1)}/settings", m.group(1))
+        path = f"/v1/projects/{m.group(1)}/settings"
+        route = Route(Kind.SETTINGS, path, m.group(1), route_class=rc.SETTINGS)
         return _methods(method, route, ("GET", "HEAD", "OPTIONS"))
     if m := _BUNDLE_RE.fullmatch(path):
-        route = Route(Kind.BUNDLE, f"/analytics-next/bundles/{m.group(1)}")
+        path = f"/analytics-next/bundles/{m.group(1)}"
+        route = Route(Kind.BUNDLE, path, route_class=rc.BUNDLE)
         return _methods(method, route, ("GET", "HEAD", "OPTIONS"))
     if _INTEGRATION_RE.fullmatch(path):
-        return _methods(method, Route(Kind.INTEGRATION, path), ("GET", "HEAD", "OPTIONS"))
+        route = Route(Kind.INTEGRATION, path, route_class=rc.INTEGRATION)
+        return _methods(method, route, ("GET", "HEAD", "OPTIONS"))
     return _not_found(path)
 
 

@@ -61,7 +61,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     app = App(config)
     await app.start()
-    edge = EdgeServer(app, config.limits, loop, tls_context(config))
+    edge = EdgeServer(app, config.limits, loop, tls_context(config), app.requests)
     host, port = (await edge.start(config.listen_host, config.listen_port))[:2]
     shown = f"[{host}]" if ":" in host else host
     log.info(
@@ -79,7 +79,7 @@ async def serve(config: Config) -> None:
     log.log(logging.INFO if quiet else logging.WARNING, "segproxy runs %s", how)
     admin: EdgeServer | None = None
     if config.admin.listen is not None:
-        admin = EdgeServer(app.admin, config.limits, loop)
+        admin = EdgeServer(app.admin, config.limits, loop, counters=app.requests)
         a_host, a_port = (await admin.start(*config.admin.listen))[:2]
         a_shown = f"[{a_host}]" if ":" in a_host else a_host
         log.info("segproxy admin listening on http://%s:%d", a_shown, a_port)

@@ -33,6 +33,7 @@ from typing import Literal, cast
 import httptools
 
 from segproxy.config import Upstream
+from segproxy.counters import UpstreamCounters
 from segproxy.memo import Memo
 
 log = logging.getLogger("segproxy.upstream")
@@ -214,6 +215,7 @@ class UpstreamPool:
         self.user_agent = user_agent
         self._heads: Memo[tuple[object, ...], bytes] = Memo(1024)  # request line + headers
         self.closed = False
+        self.counters = UpstreamCounters()  # read by /metrics
 
     def _forget(self, conn: _Conn) -> None:
         if conn in self.idle:
@@ -325,6 +327,7 @@ class UpstreamPool:
             conn = await self._connect()
         except UpstreamError as exc:
             self._release()
+            self.counters.failed(exc.kind)
             exchange.tell(None, exc)
             return
         except BaseException:
@@ -362,10 +365,14 @@ class UpstreamPool:
                 self._dispatch(exchange)
                 return
             self._release()
+            self.counters.failed(err.kind)
             exchange.tell(None, err)
             return
+        now = time.monotonic()
+        # (the deadline _start set is the request's start plus the timeout: no second read)
+        self.counters.answered(resp.status, now - (conn.deadline - self.timeout))
         if conn.keep_alive and not conn.closed and not self.closed:
-            conn.last_used = time.monotonic()
+            conn.last_used = now
             self.idle.append(conn)
         else:
             conn.close()

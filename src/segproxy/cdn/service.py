@@ -129,6 +129,11 @@ class CdnService:
         self.settings_vary = self.vary_of_settings()
         # Renderings being compressed in a worker thread (one at a time: see OriginBook).
         self.compressing: set[asyncio.Future[Representation]] = set()
+        # How cached files were served (read by /metrics): fresh from the cache, fetched
+        # (or refused: the fetch failed and nothing stale could stand in), or stale.
+        self.hits = 0
+        self.misses = 0
+        self.stale = 0
 
     def ttl(self, kind: Kind) -> float:
         c = self.config.cache
@@ -368,6 +373,7 @@ class CdnService:
             )
         entry = self.entries.get(route.upstream_path)
         if entry is not None and self.loop.time() - entry.fetched_at < entry.ttl:
+            self.hits += 1
             return self._serve(req, route, origin, entry, b"HIT")
         return self._fetch_and_serve(req, route, origin)
 
@@ -375,6 +381,12 @@ class CdnService:
         self, req: Request, route: Route, origin: PublicOrigin | None
     ) -> Response:
         result, status = await self.lookup(route)
+        if status == b"HIT":
+            self.hits += 1
+        elif status == b"STALE":
+            self.stale += 1
+        else:
+            self.misses += 1
         if isinstance(result, _Failure):
             headers = [*FOR_CDN, (b"cache-control", b"no-store")]
             if result.cacheable_failure:

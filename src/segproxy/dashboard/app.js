@@ -13,7 +13,7 @@ const state = {
   picked: null,
   keyMask: null, // the masked form of a whole write key typed in the filter
   keyFor: '', // the key filter keyMask was computed for
-  deadCount: -1,
+  deadCount: '',
   aborter: null,
 }
 
@@ -120,11 +120,42 @@ function rate(now, prev, read) {
   return Math.max(0, (a - b) / dt)
 }
 
-const accepted = (u) => (u.numbers.events ? u.numbers.events.accepted : null)
-const delivered = (u) => (u.numbers.forward ? u.numbers.forward.events_sent : null)
-const cacheHits = (u) => (u.numbers.cache ? u.numbers.cache.hits : null)
-const cacheLookups = (u) =>
-  u.numbers.cache ? u.numbers.cache.hits + u.numbers.cache.misses + u.numbers.cache.stale : null
+// The numbers are the proxy's counters since it started (the same /metrics shows): rates are
+// differences between two updates.
+const accepted = (u) => u.numbers.events.accepted
+const delivered = (u) => u.numbers.events.forwarded
+const cacheHits = (u) => u.numbers.cdn_cache.hit + u.numbers.cdn_cache.stale
+const cacheLookups = (u) => u.numbers.cdn_cache.hit + u.numbers.cdn_cache.miss + u.numbers.cdn_cache.stale
+const sum = (obj) => Object.values(obj || {}).reduce((a, b) => a + b, 0)
+// An upstream's failures: network errors, and answers that are not 2xx.
+const upstreamFailures = (up) =>
+  sum(up.errors) + sum(Object.fromEntries(Object.entries(up.responses || {}).filter(([s]) => !s.startsWith('2'))))
+
+// The q-quantile (ms) of the requests answered between two updates, from the cumulative
+// histogram buckets of a route class (linear within a bucket, as Prometheus's
+// histogram_quantile does); null when none were answered.
+function quantile(now, prev, q) {
+  const a = now && now.buckets
+  if (!a) return null
+  const b = (prev && prev.buckets) || {}
+  const bounds = Object.keys(a).sort((x, y) => (x === '+Inf') - (y === '+Inf') || Number(x) - Number(y))
+  const counts = bounds.map((le) => a[le] - (b[le] || 0))
+  const total = counts[counts.length - 1]
+  if (!(total > 0)) return null
+  const rank = q * total
+  let lower = 0
+  for (let i = 0; i < bounds.length; i++) {
+    if (counts[i] >= rank) {
+      const upper = bounds[i] === '+Inf' ? lower : Number(bounds[i])
+      const below = i > 0 ? counts[i - 1] : 0
+      const within = counts[i] - below
+      const at = within > 0 ? (rank - below) / within : 1
+      return 1000 * (lower + (upper - lower) * at)
+    }
+    if (bounds[i] !== '+Inf') lower = Number(bounds[i])
+  }
+  return null
+}
 
 function push(name, value) {
   const s = state.series[name]
@@ -157,12 +188,15 @@ function onUpdate(u) {
   push('delivered', del)
   $('n-accepted').textContent = fmt(acc)
   $('n-delivered').textContent = fmt(del)
-  const lat = u.numbers.latency_ms
-  push('p50', lat ? lat.p50 : null)
-  push('p99', lat ? lat.p99 : null)
-  $('n-latency').textContent = lat ? fmt(lat.p50) + ' / ' + fmt(lat.p99) : '–'
-  showQueue(u.queue)
-  showUpstream(u.numbers)
+  const track = u.numbers.request_duration_seconds.track
+  const was = prev ? prev.numbers.request_duration_seconds.track : null
+  const p50 = quantile(track, was, 0.5)
+  const p99 = quantile(track, was, 0.99)
+  push('p50', p50)
+  push('p99', p99)
+  $('n-latency').textContent = p50 == null ? '–' : fmt(p50, 2) + ' / ' + fmt(p99, 2)
+  showQueue(u.numbers.queue, u.queue, u.numbers.events.dead)
+  showUpstream(u, prev)
   const lookups = rate(u, prev, cacheLookups)
   const hits = rate(u, prev, cacheHits)
   $('n-cache').textContent = lookups ? Math.round((100 * hits) / lookups) + ' %' : '–'
@@ -171,42 +205,45 @@ function onUpdate(u) {
   showEvents()
 }
 
-function showQueue(q) {
-  if (!q || q.error) {
+function showQueue(q, file, deadSeen) {
+  if (!q) {
     $('n-queue').textContent = '–'
-    $('n-queue-sub').textContent = q ? q.error : 'no queue (passthrough)'
+    $('n-queue-sub').textContent = 'no queue (passthrough)'
     push('depth', null)
     push('age', null)
     return
   }
-  $('n-queue').textContent = fmt(q.rows, 0)
+  $('n-queue').textContent = fmt(q.events, 0)
   $('n-queue-sub').textContent = 'events, ' + fmt(q.bytes / 1024) + ' KB'
   $('n-age').textContent = age(q.oldest_age_seconds)
-  $('n-dead').textContent = fmt(q.dead, 0)
-  push('depth', q.rows)
+  push('depth', q.events)
   push('age', q.oldest_age_seconds)
-  if (q.dead !== state.deadCount) {
-    state.deadCount = q.dead
+  const dead = file && !file.error ? file.dead : null
+  $('n-dead').textContent = fmt(dead, 0)
+  // Reload the list when a dead letter is kept or leaves (replayed)
+  const mark = dead + '/' + deadSeen
+  if (mark !== state.deadCount) {
+    state.deadCount = mark
     loadDead()
   }
 }
 
-function showUpstream(n) {
-  const f = n.forward
-  let text = '–'
-  let sub = ''
+function showUpstream(u, prev) {
+  const parts = []
   let bad = false
-  if (f) {
-    // Failing: a delivery failed since the last update (retried or refused).
-    const seen = state.failuresSeen
-    bad = seen != null && f.failures > seen
-    state.failuresSeen = f.failures
-    text = bad ? 'failing' : 'ok'
-    sub = f.requests + ' requests, ' + f.failures + ' failed'
+  for (const name of ['api', 'cdn']) {
+    const now = u.numbers.upstream[name]
+    const failures = upstreamFailures(now)
+    const recent = prev ? failures - upstreamFailures(prev.numbers.upstream[name]) : 0
+    if (recent > 0) bad = true
+    parts.push(name + ' ' + (recent > 0 ? 'failing' : 'ok') + ' (' + failures + ' failed)')
   }
-  $('n-upstream').textContent = text
+  // The last fault a key's events met, from the queue file (segproxy queue stats says it too)
+  const faults = u.queue && u.queue.per_key ? Object.values(u.queue.per_key) : []
+  const last = faults.filter((k) => k.last_fault).sort((a, b) => a.last_fault_age_seconds - b.last_fault_age_seconds)[0]
+  $('n-upstream').textContent = bad ? 'failing' : 'ok'
   $('n-upstream').className = 'big ' + (bad ? 'bad' : '')
-  $('n-upstream-sub').textContent = sub
+  $('n-upstream-sub').textContent = parts.join(', ') + (last ? '; last fault: ' + last.last_fault : '')
 }
 
 // -- charts (canvas, no library) -----------------------------------------------------------
@@ -376,7 +413,7 @@ async function replay(id, button) {
   const resp = await api('dead/' + id + '/replay', { method: 'POST' })
   const data = await resp.json()
   button.textContent = resp.ok ? 'replayed' : data.message
-  state.deadCount = -1 // reload the list with the next update
+  state.deadCount = '' // reload the list with the next update
 }
 
 start()

@@ -41,7 +41,6 @@ from segproxy.edge.http import (
     StreamWriter,
     error_response,
     json_response,
-    unauthorized,
 )
 from segproxy.queue import admin
 from segproxy.queue.base import QueueStats
@@ -80,18 +79,28 @@ def _file(name: str) -> bytes:
 # Read once: package data (pyproject.toml's package-data ships them in the wheel).
 STATIC = {path: (_file(name), ctype) for path, (name, ctype) in _FILES.items()}
 
-# What the app hands the dashboard: the numbers of the proxy as plain values (counters read
-# at the time), and a way to turn the event recording on and off.
-Numbers = Callable[[], dict[str, Any]]
+# What the app hands the dashboard: the proxy's numbers as plain values (App.snapshot, the
+# same /metrics shows), a way to turn the event recording on and off, and the operator token's
+# check and refusal (the same as /readyz's and /metrics').
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 Watch = Callable[[Feed | None], None]
+FILE_STATS_EVERY = 5.0  # seconds between two reads of the queue file's dead letters and faults
 
 
 class Dashboard:
-    def __init__(self, config: Config, numbers: Numbers, watch: Watch) -> None:
+    def __init__(
+        self,
+        config: Config,
+        snapshot: Snapshot,
+        watch: Watch,
+        authorized: Callable[[Request], bool],
+        refused: Callable[[], Response],
+    ) -> None:
         self.config = config
-        self.token = config.admin.token
-        self.numbers = numbers
+        self.snapshot = snapshot
         self.watch = watch
+        self.authorized = authorized
+        self.refused = refused
         self.feed = Feed()
         self.watchers = 0
         # The queue file, when the queue has one (dead letters and their replay need it).
@@ -99,6 +108,7 @@ class Dashboard:
         self.queue_stats: Callable[[], Awaitable[QueueStats]] | None = None
         self.replayed: Callable[[int], Awaitable[None]] | None = None
         self._update: tuple[float, dict[str, Any]] | None = None
+        self._file_stats: tuple[float, dict[str, Any] | None] | None = None
         self._building: asyncio.Lock | None = None
 
     def handle(self, req: Request, path: str) -> Response | Coroutine[Any, Any, Response | Stream]:
@@ -113,9 +123,8 @@ class Dashboard:
             return Response(200, [(b"content-type", ctype), *_PAGE_HEADERS], body)
         if not path.startswith("/dashboard/api/"):
             return error_response(404, "not_found", "no such dashboard path")
-        refused = unauthorized(req, self.token)
-        if refused is not None:
-            return refused
+        if not self.authorized(req):
+            return self.refused()
         return self._api(req, path)
 
     def _api(self, req: Request, path: str) -> Response | Coroutine[Any, Any, Response | Stream]:
@@ -161,7 +170,7 @@ class Dashboard:
                 return self._update[1]
             data = {
                 "time": now,
-                "numbers": self.numbers(),
+                "numbers": await self.snapshot(),
                 "queue": await self._queue(now),
                 "events": self.feed.latest(),
                 "watching": self.watchers > 0,
@@ -170,6 +179,15 @@ class Dashboard:
             return data
 
     async def _queue(self, now: float) -> dict[str, Any] | None:
+        """The queue's dead letters and each key's last fault (``segproxy queue stats``'s
+        numbers), read every few seconds: its depth and age are in the snapshot, every second."""
+        if self._file_stats is not None and now - self._file_stats[0] < FILE_STATS_EVERY:
+            return self._file_stats[1]
+        stats = await self._read_queue(now)
+        self._file_stats = (now, stats)
+        return stats
+
+    async def _read_queue(self, now: float) -> dict[str, Any] | None:
         if self.queue_path:
             try:
                 stats = await asyncio.to_thread(admin.stats, self.queue_path)
@@ -238,6 +256,7 @@ class Dashboard:
             return error_response(404, "no_such_dead_letter", "no dead letter with that id")
         if body is not None:
             self.feed.requeued([body])
+        self._file_stats = None  # the next update reads the dead letters again
         if self.replayed is not None:
             await self.replayed(moved)
         log.info("dead letter %d replayed from the dashboard", dead_id)

@@ -160,6 +160,7 @@ class Framing:
         # must be over (0.0: no deadline); the connection's sweeper fires it.
         self.deadline = 0.0
         self.timer_phase = ""
+        self.begun_at = 0.0  # when the request being read began (its first byte), monotonic
 
     # -- what the connection calls --------------------------------------------------------
 
@@ -188,6 +189,11 @@ class Framing:
     def arm(self, phase: str, seconds: float) -> None:
         self.timer_phase = phase
         self.deadline = monotonic() + seconds
+
+    def arm_from(self, now: float, phase: str, seconds: float) -> None:
+        """``arm`` from a clock read the caller already took (monotonic)."""
+        self.timer_phase = phase
+        self.deadline = now + seconds
 
     def disarm(self) -> None:
         self.deadline = 0.0
@@ -354,7 +360,9 @@ class Framing:
         self.body_size = 0
         # (the timers inline, here and below: these run once per request)
         self.timer_phase = "header"
-        self.deadline = monotonic() + self.header_timeout
+        # (the request's start for the counters: the same clock read)
+        self.begun_at = now = monotonic()
+        self.deadline = now + self.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -452,5 +460,6 @@ class Framing:
                 self.peer,
                 self.scheme,
                 keep_alive,
+                self.begun_at,
             )
         )

@@ -11,7 +11,6 @@ The refusals more than one place gives are built here, once: the 413 for a body 
 
 from __future__ import annotations
 
-import hmac
 import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -30,7 +29,17 @@ class Request:
     """One request as the edge read it (a plain class, not a dataclass: compiled, its
     constructor is native; a dataclass's generated ``__init__`` runs interpreted)."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "peer", "scheme", "target")
+    __slots__ = (
+        "body",
+        "headers",
+        "keep_alive",
+        "method",
+        "peer",
+        "route_class",
+        "scheme",
+        "start",
+        "target",
+    )
 
     def __init__(
         self,
@@ -41,6 +50,7 @@ class Request:
         peer: str,
         scheme: str,  # "http" or "https": how the client reached us
         keep_alive: bool = True,
+        start: float = 0.0,
     ) -> None:
         self.method = method
         self.target = target
@@ -49,6 +59,10 @@ class Request:
         self.peer = peer
         self.scheme = scheme
         self.keep_alive = keep_alive
+        # For the counters (counters.py): when its first byte was read (time.monotonic), and
+        # what the app routed it to (counters.ROUTE_CLASSES; "rejected" until it is routed).
+        self.start = start
+        self.route_class = 0
 
     def header(self, name: bytes) -> bytes | None:
         return self.headers.get(name)
@@ -144,23 +158,6 @@ def error_response(
     """Every rejection: the status plus a JSON body that names the problem."""
     return json_response(
         status, {"success": False, "code": code, "message": message}, headers=headers
-    )
-
-
-def unauthorized(req: Request, token: str) -> Response | None:
-    """The 401 for an operator endpoint when ``token`` is set and the request does not carry
-    it as ``Authorization: Bearer``; None when it may pass. Constant time: no timing oracle on
-    the token."""
-    if not token:
-        return None
-    given = req.headers.get(b"authorization") or b""
-    if hmac.compare_digest(given, b"Bearer " + token.encode()):
-        return None
-    return error_response(
-        401,
-        "unauthorized",
-        "operator endpoints need Authorization: Bearer <[admin] token>",
-        [(b"www-authenticate", b"Bearer")],
     )
 
 

@@ -43,6 +43,7 @@ from time import monotonic
 from typing import Any, cast
 
 from segproxy.config import LimitsConfig
+from segproxy.counters import RequestCounters
 from segproxy.edge.framing import Budget, Framing
 from segproxy.edge.http import (
     SECURITY_HEADERS,
@@ -54,6 +55,7 @@ from segproxy.edge.http import (
     error_response,
     reason,
 )
+from segproxy.edge.stream import Pump
 from segproxy.redact import redact_path
 
 log = logging.getLogger("segproxy.edge")
@@ -61,9 +63,9 @@ log = logging.getLogger("segproxy.edge")
 # A handler answers at once (Response), later (a Deferred resolved by its producer), or
 # returns a coroutine that is run as a task (whose result may be a Stream: the dashboard's).
 Handler = Callable[[Request], Response | Deferred | Coroutine[Any, Any, Response | Stream]]
-
-# A stream's client that lets this much pile up unread is too slow: its stream ends.
-STREAM_BACKLOG = 1024 * 1024
+# Told of every answer to a request (the access log): the request, its answer, and the seconds
+# from its first byte to the answer.
+Answered = Callable[[Request, Response, float], None]
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -138,10 +140,15 @@ class HttpProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.eof = False
         self.current: asyncio.Task[Response | Stream] | None = None
-        self.streaming: asyncio.Task[None] | None = None  # a Stream's producer, while it runs
+        self.streaming: Pump | None = None  # a Stream's body, once one is answered
         self.waiting_on: Request | None = None
         self._on_resolved = self._resolved  # bound once, not per request
         self.idle_timeout = server.limits.idle_timeout
+        self.counters = server.counters
+        self.on_answer = server.on_answer
+        # When the last answer was written (monotonic): the request's end for the counters,
+        # and where the idle timer starts from (one clock read for both).
+        self.answered_at = 0.0
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -169,11 +176,12 @@ class HttpProtocol(asyncio.Protocol):
         assert transport is not None
         transport.write(_REFUSED_LINE + _DATE.get() + _REFUSED_REST)
         transport.close()
+        self.counters.connections_refused += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         if self.streaming is not None:
-            self.streaming.cancel()
+            self.streaming.stop()
         framing = self.framing
         framing.release(framing.reserved)  # whatever it still held, however it ended
         framing.stop()
@@ -270,7 +278,8 @@ class HttpProtocol(asyncio.Protocol):
             if self.transport is None:
                 break
             item = self.pipeline.popleft()
-            if isinstance(item, Response):
+            if isinstance(item, Response):  # the edge's refusal: the connection ends with it
+                self.counters.refused(item.status)
                 self._write(item, "GET", keep_alive=False)
                 break
             if self.reading_paused and not self.framing.closing:
@@ -291,7 +300,8 @@ class HttpProtocol(asyncio.Protocol):
         elif (
             self.transport is not None and not self.framing.closing and not self.framing.in_message
         ):
-            self.framing.arm("idle", self.idle_timeout)
+            # (only ever after an answer was written: answered_at is that answer's time)
+            self.framing.arm_from(self.answered_at, "idle", self.idle_timeout)
 
     def _serve(self, item: Request) -> object:
         """Run the handler for one request: answered (_NEXT or _STOP) or _PENDING."""
@@ -337,7 +347,7 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("handler failed for %s %s", item.method, redact_path(item.target))
             response = error_response(500, "internal_error", "internal error")
         if isinstance(response, Stream):
-            self._stream(response)
+            self._stream(item, response)
             return
         if self._answer(item, response):
             self._next()
@@ -345,7 +355,13 @@ class HttpProtocol(asyncio.Protocol):
             self.busy = False
 
     def _answer(self, item: Request, response: Response) -> bool:
-        """Write the response; True if the connection stays open for the next request."""
+        """Write the response; True if the connection stays open for the next request.
+        Counted (and logged, with an access log) even if the client has gone meanwhile."""
+        self.answered_at = now = monotonic()
+        seconds = now - item.start
+        self.counters.answered(item.route_class, response.status, seconds)
+        if self.on_answer is not None:
+            self.on_answer(item, response, seconds)
         if self.transport is None:
             return False
         keep = item.keep_alive and not self.server.shutting_down
@@ -373,10 +389,14 @@ class HttpProtocol(asyncio.Protocol):
         if not keep_alive:
             self._close()
 
-    def _stream(self, stream: Stream) -> None:
-        """Write a Stream's head, then its body as its producer writes it; the connection
-        closes when the producer returns (the body ends with the connection: HTTP/1.1 allows
-        it, and no request after this one is read)."""
+    def _stream(self, item: Request, stream: Stream) -> None:
+        """Write a Stream's head, then its body as its producer writes it (edge/stream.py);
+        the body ends with the connection. Counted (and logged) as answered with its head: its
+        duration is the time to its first byte, not how long an operator watched."""
+        self.answered_at = now = monotonic()
+        self.counters.answered(item.route_class, stream.status, now - item.start)
+        if self.on_answer is not None:
+            self.on_answer(item, Response(stream.status, stream.headers), now - item.start)
         transport = self.transport
         if transport is None:
             return
@@ -388,26 +408,8 @@ class HttpProtocol(asyncio.Protocol):
         parts.extend(k + b": " + v + b"\r\n" for k, v in stream.headers)
         parts.append(b"connection: close\r\n\r\n")
         transport.write(b"".join(parts))
-        task = self.loop.create_task(stream.produce(self._stream_write))
-        self.streaming = task
-        task.add_done_callback(self._stream_done)
-
-    def _stream_write(self, data: bytes) -> bool:
-        """A Stream's writer: False once the client is gone, too slow, or the server stops."""
-        transport = self.transport
-        if transport is None or self.server.shutting_down:
-            return False
-        if transport.get_write_buffer_size() > STREAM_BACKLOG:
-            self._close()
-            return False
-        transport.write(data)
-        return True
-
-    def _stream_done(self, task: asyncio.Task[None]) -> None:
-        self.streaming = None
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a stream's producer failed: %r", task.exception())
-        self._close()
+        self.streaming = Pump(transport, self.server, self._close)
+        self.streaming.start(self.loop, stream)
 
     def _close(self) -> None:
         self.framing.stop()
@@ -419,7 +421,7 @@ class HttpProtocol(asyncio.Protocol):
         """Server is stopping: close now if idle, else after the current response (a stream
         ends now: it has no end of its own)."""
         if self.streaming is not None:
-            self.streaming.cancel()
+            self.streaming.stop()
         elif not self.busy and not self.pipeline:
             self._close()
 
@@ -433,8 +435,13 @@ class EdgeServer:
         limits: LimitsConfig,
         loop: asyncio.AbstractEventLoop,
         ssl_context: ssl.SSLContext | None = None,
+        counters: RequestCounters | None = None,
+        on_answer: Answered | None = None,
     ) -> None:
         self.handler = handler
+        # The app's counters (shared by its listeners), or this server's own.
+        self.counters = counters if counters is not None else RequestCounters()
+        self.on_answer = on_answer
         self.limits = limits
         self.loop = loop
         self.ssl_context = ssl_context

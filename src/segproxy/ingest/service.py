@@ -102,6 +102,11 @@ class IngestService:
         # The dashboard's event recorder while one is open (dashboard/feed.py), else None:
         # one attribute check per committed request.
         self.watch: Callable[[list[NewRow]], None] | None = None
+        # Read by /metrics: events stored in the queue (or, in passthrough, relayed and
+        # accepted by Segment), counting a telemetry request (/v1/m) as one; and requests
+        # refused by the per-write-key rate limit.
+        self.events_accepted = 0
+        self.rate_limited = 0
 
     def ok(self, cors: Headers) -> Response:
         allow = cors[0][1]  # for_api(): the allowed origin comes first
@@ -143,6 +148,7 @@ class IngestService:
             if self.key_limit is not None and key is not None and key not in self.exempt_keys:
                 wait = self.key_limit.allow(key, time.monotonic())
                 if wait is not None:
+                    self.rate_limited += 1
                     return rate_limited(wait, "for this write key", cors)
             if self.queue is not None:
                 rows = prepare.rows(payload, time.time(), self.limits)
@@ -153,7 +159,7 @@ class IngestService:
         if self.queue is not None:
             return self.enqueue(rows, cors)
         headers = upstream_headers(payload.authorization, payload.write_key)
-        return self.relay(route, body, headers, cors)
+        return self.relay(route, body, headers, cors, max(len(payload.events), 1))
 
     def _try_fast_single_event(
         self, req: Request, route: Route, ip: str, implied: str, cors: Headers
@@ -171,7 +177,7 @@ class IngestService:
         doc, key = single
         if self.queue is None:
             body = single_body_checked(encode(doc), self.limits)
-            return self.relay(route, body, upstream_headers(auth, key), cors)
+            return self.relay(route, body, upstream_headers(auth, key), cors, 1)
         return self.enqueue([single_row(key, doc, implied, time.time(), self.limits)], cors)
 
     def enqueue(self, rows: list[NewRow], cors: Headers) -> Response | Deferred:
@@ -184,6 +190,7 @@ class IngestService:
                 err = exc if isinstance(exc, QueueError) else QueueError(str(exc))
                 answer.resolve(self._not_stored(err, len(rows), cors))
                 return
+            self.events_accepted += len(rows)
             answer.resolve(self.ok(cors))
             watch = self.watch
             if watch is not None:
@@ -204,11 +211,15 @@ class IngestService:
             503, "queue_error", "the events could not be stored; retry later", headers
         )
 
-    def relay(self, route: Route, body: bytes, headers: Headers, cors: Headers) -> Deferred:
+    def relay(
+        self, route: Route, body: bytes, headers: Headers, cors: Headers, events: int
+    ) -> Deferred:
         """Passthrough: send the request on as it is; Segment's answer is the client's."""
         answer = Deferred()
 
         def done(resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
+            if resp is not None and 200 <= resp.status < 300:
+                self.events_accepted += events
             answer.resolve(self._relayed_answer(resp, exc, route, cors))
 
         self.pool.send_then("POST", route.upstream_path, headers, body, done)

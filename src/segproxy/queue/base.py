@@ -162,6 +162,14 @@ class Queue(Protocol):
 
     async def stats(self) -> QueueStats: ...
 
+    def depth(self) -> tuple[int, int]:
+        """Queued events and the bytes they count against the caps, from the counters the
+        queue keeps in memory (no I/O: for /metrics)."""
+
+    async def oldest(self) -> float | None:
+        """``received_at`` of the oldest queued event (by arrival order), or None: a cheap
+        read, whatever the backlog (for /metrics)."""
+
     def has_room(self) -> bool:
         """Cheap check for readiness and fast rejection; ``put`` still enforces caps."""
 

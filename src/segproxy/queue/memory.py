@@ -162,6 +162,15 @@ class MemoryQueue:
             k.last_fault, k.last_fault_at = self.faults.get(key, ("", None))
         return out
 
+    def depth(self) -> tuple[int, int]:
+        return len(self.slots), self.bytes
+
+    async def oldest(self) -> float | None:
+        # (slots keep their insertion order: the first is the oldest still queued)
+        for slot in self.slots.values():
+            return slot.row.received_at
+        return None
+
     def has_room(self) -> bool:
         return len(self.slots) < self.max_rows and self.bytes < self.max_bytes
 

@@ -254,6 +254,19 @@ def counts(db: sqlite3.Connection) -> tuple[int, int]:
     return int(rows) + int(packed), int(size) + int(packed_size)
 
 
+def oldest_of(db: sqlite3.Connection) -> float | None:
+    """When the first queued event still there arrived: the lowest id of the rows and of the
+    packs (ids grow with arrival), two reads by primary key whatever the backlog."""
+    found: list[float] = []
+    row = db.execute("SELECT received_at FROM events ORDER BY id LIMIT 1").fetchone()
+    if row is not None:
+        found.append(float(row[0]))
+    pack = db.execute("SELECT body FROM packs ORDER BY id LIMIT 1").fetchone()
+    if pack is not None:
+        found += [r.received_at for r in unpack_rows(pack[0])[:1]]
+    return min(found) if found else None
+
+
 def stats_of(db: sqlite3.Connection) -> QueueStats:
     """What ``segproxy queue stats`` shows, rows and packs together (invariant 10)."""
     out = QueueStats()

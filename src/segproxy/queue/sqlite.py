@@ -45,6 +45,7 @@ from segproxy.queue.schema import (
     dead_of,
     insert_pack,
     insert_rows,
+    oldest_of,
     stats_of,
     turn_packs_into_rows,
     use_page_size,
@@ -478,6 +479,12 @@ class SqliteQueue:
 
     async def stats(self) -> QueueStats:
         return await self._run(stats_of, self._connection())
+
+    def depth(self) -> tuple[int, int]:
+        return self.rows, self.bytes
+
+    async def oldest(self) -> float | None:
+        return await self._run(oldest_of, self._connection())
 
     async def dead_rows(self, limit: int = 100) -> list[DeadRow]:
         return await self._run(dead_of, self._connection(), limit)
