@@ -200,7 +200,10 @@ def test_the_dashboard_shows_live_traffic_filters_events_and_replays_a_dead_lett
     try:
         live = run.expect("LIVE")
         assert live["conn"] == "live"
-        assert float(live["delivered"]) > 0  # events per second, from the counters
+        assert float(live["accepted"]) > 0  # events per second, from the counters
+        assert float(live["delivered"]) > 0
+        p50, p99 = (float(v) for v in live["latency"].split(" / "))  # ms, of the last second
+        assert 0 < p50 <= p99
         assert TOKEN not in live["address"]  # the fragment is dropped from the address bar
         # A dead letter appears while the dashboard watches.
         client = Client(proxy.host, proxy.port)

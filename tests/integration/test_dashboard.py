@@ -261,3 +261,22 @@ def test_a_dead_letter_is_listed_and_replayed_from_the_dashboard(
     again = admin.post(f"/dashboard/api/dead/{letter['id']}/replay", AUTH)
     assert again.status == 404
     assert again.json()["code"] == "no_such_dead_letter"
+
+
+def test_an_open_dashboard_does_not_hold_up_the_proxys_shutdown(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    # On the public listener, whose grace for answers in progress is long: a live stream has
+    # no end of its own, so waiting for it would use all of it.
+    proxy = start(
+        base_config(fake, admin={"token": TOKEN, "dashboard": "on"}, limits={"shutdown_grace": 60})
+    )
+    stream = Stream(proxy.host, proxy.port, AUTH)
+    try:
+        stream.next()
+        assert proxy.stop(timeout=20) == 0  # well within the grace: the stream ended at once
+        with pytest.raises(AssertionError, match="the stream ended"):
+            while True:  # what was sent before the end, then the end
+                stream.next()
+    finally:
+        stream.close()

@@ -43,6 +43,7 @@ const reading = (page) =>
       updated: text('updated'),
       accepted: text('n-accepted'),
       delivered: text('n-delivered'),
+      latency: text('n-latency'),
       queue: text('n-queue'),
       dead: text('n-dead'),
       upstream: text('n-upstream'),
@@ -95,7 +96,9 @@ try {
     () =>
       document.getElementById('conn').textContent === 'live' &&
       document.querySelectorAll('#events tbody tr').length >= 3 &&
-      Number(document.getElementById('n-delivered').textContent) > 0,
+      Number(document.getElementById('n-delivered').textContent) > 0 &&
+      Number(document.getElementById('n-accepted').textContent) > 0 &&
+      document.getElementById('n-latency').textContent !== '–',
     null,
     { timeout, polling: 100 },
   )
