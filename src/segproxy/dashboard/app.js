@@ -127,9 +127,12 @@ const delivered = (u) => u.numbers.events.forwarded
 const cacheHits = (u) => u.numbers.cdn_cache.hit + u.numbers.cdn_cache.stale
 const cacheLookups = (u) => u.numbers.cdn_cache.hit + u.numbers.cdn_cache.miss + u.numbers.cdn_cache.stale
 const sum = (obj) => Object.values(obj || {}).reduce((a, b) => a + b, 0)
-// An upstream's failures: network errors, and answers that are not 2xx.
+// An upstream's failures: network errors, and answers that say it is unwell or misdirected
+// (5xx, 429, redirects). A 4xx about one request (an unknown write key, an invalid event) is
+// the request's fault, not the upstream's.
+const unwell = (status) => /^[35]/.test(status) || status === '429'
 const upstreamFailures = (up) =>
-  sum(up.errors) + sum(Object.fromEntries(Object.entries(up.responses || {}).filter(([s]) => !s.startsWith('2'))))
+  sum(up.errors) + sum(Object.fromEntries(Object.entries(up.responses || {}).filter(([s]) => unwell(s))))
 
 // The q-quantile (ms) of the requests answered between two updates, from the cumulative
 // histogram buckets of a route class (linear within a bucket, as Prometheus's
