@@ -94,6 +94,8 @@ INTERPRETED: dict[str, str] = {
     "while an operator watches",
     "dashboard/feed.py": "the dashboard's event ring: runs only while an operator watches",
     "dashboard/service.py": "the operator's dashboard: its page, its data, once a second",
+    "logs.py": "log set-up at start; the access log is opt-in, and its JSON line costs more "
+    "than the call to it",
     "certs.py": "start-up: the TLS certificate's expiry is read once",
     "exposition.py": "a scrape of /metrics, off the request path; prometheus-client is "
     "plain Python",

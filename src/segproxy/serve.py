@@ -7,23 +7,15 @@ import logging
 import os
 import signal
 import ssl
-import sys
 
 from segproxy import native
 from segproxy.app import App
 from segproxy.config import Config, env_warnings
 from segproxy.edge.server import EdgeServer
+from segproxy.logs import AccessLog, open_access_log, setup_logging
 from segproxy.queue.files import private_dir
 
 log = logging.getLogger("segproxy")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -56,22 +48,25 @@ def warn_at_start(config: Config) -> None:
         )
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, access: AccessLog | None = None) -> None:
     warn_at_start(config)
     loop = asyncio.get_running_loop()
     app = App(config)
     await app.start()
-    edge = EdgeServer(app, config.limits, loop, tls_context(config), app.requests)
+    on_answer = access.answered if access is not None else None
+    edge = EdgeServer(app, config.limits, loop, tls_context(config), app.requests, on_answer)
     host, port = (await edge.start(config.listen_host, config.listen_port))[:2]
     shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if config.tls.enabled else "http"
     log.info(
         "segproxy listening on %s://%s:%d (cdn %s, api %s, queue %s)",
-        "https" if config.tls.enabled else "http",
+        scheme,
         shown,
         port,
         config.upstream.cdn.origin,
         config.upstream.api.origin,
         config.queue.backend,
+        extra={"url": f"{scheme}://{shown}:{port}", "queue": config.queue.backend},
     )
     how = native.describe()
     # Plain Python by accident (no compiler, an edit since the build) is worth a warning.
@@ -79,7 +74,7 @@ async def serve(config: Config) -> None:
     log.log(logging.INFO if quiet else logging.WARNING, "segproxy runs %s", how)
     admin: EdgeServer | None = None
     if config.admin.listen is not None:
-        admin = EdgeServer(app.admin, config.limits, loop, counters=app.requests)
+        admin = EdgeServer(app.admin, config.limits, loop, None, app.requests, on_answer)
         a_host, a_port = (await admin.start(*config.admin.listen))[:2]
         a_shown = f"[{a_host}]" if ":" in a_host else a_host
         log.info("segproxy admin listening on http://%s:%d", a_shown, a_port)
@@ -93,15 +88,18 @@ async def serve(config: Config) -> None:
     if admin is not None:
         await admin.shutdown(1.0)
     await app.close(config.limits.shutdown_grace)
+    if access is not None:
+        access.close()
     log.info("stopped")
 
 
 def run(config: Config) -> None:
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     private_dir(config.data_dir)  # 0700 when segproxy makes it: it holds events
+    access = open_access_log(config)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep a plain fallback
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, access))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, access))

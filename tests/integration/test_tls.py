@@ -5,12 +5,15 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import trustme
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from segproxy.config import ConfigError, build
 from tests.integration.conftest import WRITE_KEY, StartProxy, base_config
@@ -91,3 +94,24 @@ def test_tls_needs_both_files_and_they_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         build({"tls.cert": str(tmp_path / "nope.pem"), "tls.key": str(tmp_path / "nope.key")})
     assert "readable PEM file" in str(info.value)
+
+
+def test_metrics_tell_the_seconds_until_the_certificate_expires(
+    tls_proxy: tuple[RunningProxy, ssl.SSLContext], tmp_path: Path
+) -> None:
+    proxy, ctx = tls_proxy
+    with https(proxy, ctx) as conn:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        text = resp.read().decode()
+    scraped_at = time.time()
+    (sample,) = [
+        s
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "segproxy_tls_certificate_expiry_seconds"
+    ]
+    cert = x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes())
+    expected = cert.not_valid_after_utc.timestamp() - scraped_at
+    assert abs(sample.value - expected) < 60

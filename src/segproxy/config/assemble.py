@@ -92,7 +92,22 @@ def _top(flat: Mapping[str, object]) -> dict[str, Any]:
         top["log_level"] = _choice(
             "log_level", flat["log_level"], ("debug", "info", "warning", "error")
         )
+    if "log_format" in flat:
+        top["log_format"] = _choice("log_format", flat["log_format"], ("text", "json"))
+    if "access_log" in flat:
+        data_dir = _str("data_dir", flat.get("data_dir", Config().data_dir))
+        top["access_log"] = _access_log("access_log", flat["access_log"], data_dir)
     return top
+
+
+def _access_log(key: str, value: object, data_dir: str) -> str:
+    """ "off", "stdout", "stderr", or a file: a relative one is under ``data_dir``."""
+    text = _str(key, value).strip()
+    if not text or "\0" in text:
+        raise ConfigError(key, value, '"off", "stdout", "stderr" or a file path')
+    if text in ("off", "stdout", "stderr"):
+        return text
+    return str(Path(data_dir) / text)
 
 
 def _upstream(flat: Mapping[str, object]) -> UpstreamConfig:

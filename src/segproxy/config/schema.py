@@ -156,6 +156,9 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     data_dir: str = "./segproxy-data"
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    # "off", "stdout", "stderr" or a file (a relative one under data_dir): see logs.py
+    access_log: str = "off"
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -192,6 +195,8 @@ TOP_KEYS = (
     "trusted_proxies",
     "data_dir",
     "log_level",
+    "log_format",
+    "access_log",
 )
 
 
