@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from segproxy.config import ConfigError, build
 from segproxy.redact import mask
 from tests.integration.conftest import WRITE_KEY, StartProxy, base_config
 from tests.support.fakes import FakeSegment
@@ -165,18 +164,6 @@ def test_the_dashboard_on_the_public_listener_when_asked_needs_the_token(
     assert exchange(proxy.host, proxy.port, "GET", "/dashboard/").status == 200
     assert exchange(proxy.host, proxy.port, "GET", "/dashboard/api/state").status == 401
     assert exchange(proxy.host, proxy.port, "GET", "/dashboard/api/state", AUTH).status == 200
-
-
-def test_a_public_dashboard_without_a_token_is_refused_at_start_naming_both_keys() -> None:
-    with pytest.raises(ConfigError) as info:
-        build({"admin.dashboard": "on"})
-    assert "admin.dashboard" in str(info.value)
-    assert "admin.token" in str(info.value)
-    assert build({"admin.dashboard": "on", "admin.token": TOKEN}).admin.dashboard_public
-    with_listener = build({"admin.dashboard": "on", "admin.listen": "127.0.0.1:0"})
-    assert not with_listener.admin.dashboard_public
-    with pytest.raises(ConfigError, match=r"admin\.dashboard"):
-        build({"admin.dashboard": "sometimes"})
 
 
 # -- what it shows ------------------------------------------------------------------------------
