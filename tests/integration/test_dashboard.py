@@ -267,3 +267,43 @@ def test_an_open_dashboard_does_not_hold_up_the_proxys_shutdown(
                 stream.next()
     finally:
         stream.close()
+
+
+def test_in_passthrough_the_dashboard_says_there_is_no_queue_and_no_dead_letters(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    proxy = start(base_config(fake, admin={"listen": "127.0.0.1:0", "token": TOKEN}))
+    admin = Admin(proxy)
+    client = LoadClient(proxy.host, proxy.port)
+    assert client.post_json("/v1/t", track("relayed-1"), WRITE_KEY).status == 200
+    client.close()
+    state = admin.get("/dashboard/api/state", AUTH).json()
+    assert state["queue"] is None
+    assert state["numbers"]["queue"] is None
+    assert state["numbers"]["events"]["accepted"] == 1  # relayed and accepted by Segment
+    assert admin.get("/dashboard/api/dead", AUTH).json() == {"available": False, "dead": []}
+    refused = admin.post("/dashboard/api/dead/1/replay", AUTH)
+    assert refused.status == 409
+    assert refused.json()["code"] == "no_dead_letters"
+
+
+def test_on_the_memory_queue_the_dashboard_shows_its_depth_without_a_queue_file(
+    fake: FakeSegment, start: StartProxy
+) -> None:
+    fake.api_down()  # nothing leaves: the events wait in the queue
+    proxy = start(
+        base_config(
+            fake,
+            queue={"backend": "memory"},
+            admin={"listen": "127.0.0.1:0", "token": TOKEN},
+        )
+    )
+    admin = Admin(proxy)
+    client = LoadClient(proxy.host, proxy.port)
+    assert client.post_json("/v1/t", track("waiting-1"), WRITE_KEY).status == 200
+    client.close()
+    state = admin.get("/dashboard/api/state", AUTH).json()
+    assert state["numbers"]["queue"]["events"] == 1
+    assert state["queue"]["rows"] == 1
+    assert mask(WRITE_KEY) in state["queue"]["per_key"]
+    assert admin.get("/dashboard/api/dead", AUTH).json()["available"] is False
