@@ -209,14 +209,17 @@ class App:
         route = match(req.method, req.target, "")
         if isinstance(route, Reject):
             return error_response(route.status, route.code, route.message)
-        if route.kind is Kind.HEALTHZ:
-            return json_response(200, {"status": "ok"})
-        req.route_class = route.route_class
-        if route.kind is Kind.READYZ:
-            return self.readiness(req)
-        if route.kind is Kind.DASHBOARD and self.dashboard is not None:
+        kind = route.kind
+        if kind is Kind.DASHBOARD and self.dashboard is not None:
+            req.route_class = route.route_class
             return self.dashboard.handle(req, route.upstream_path)
-        if route.kind is Kind.PROMETHEUS:
+        if kind is Kind.HEALTHZ or kind is Kind.READYZ or kind is Kind.PROMETHEUS:
+            req.route_class = route.route_class  # (anything else here is "rejected")
+        if kind is Kind.HEALTHZ:
+            return json_response(200, {"status": "ok"})
+        if kind is Kind.READYZ:
+            return self.readiness(req)
+        if kind is Kind.PROMETHEUS:
             return self.prometheus(req)
         return error_response(404, "not_found", "this listener serves operator endpoints only")
 

@@ -29,7 +29,10 @@ TELEMETRY: Final = 7  # analytics-next's own telemetry, /v1/m
 HEALTH: Final = 8  # /healthz
 OPERATOR: Final = 9  # /readyz, /metrics and the other operator endpoints
 
-ROUTE_CLASSES: Final = (
+# (Plain module constants, not Final: compiled, a Final tuple read by the module's own code at
+# import raised NameError, "value for final name was not set". The hot path reads the bounds
+# from an attribute of its own object, not from the module.)
+ROUTE_CLASSES: tuple[str, ...] = (
     "rejected",
     "edge",
     "script",
@@ -44,7 +47,7 @@ ROUTE_CLASSES: Final = (
 
 # Request and upstream latency buckets, in seconds: the proxy answers in well under a
 # millisecond from memory, a few ms after a commit, tens of ms after a CDN fetch.
-LATENCY_BOUNDS: Final = (
+LATENCY_BOUNDS: tuple[float, ...] = (
     0.0005,
     0.001,
     0.0025,
@@ -60,11 +63,12 @@ LATENCY_BOUNDS: Final = (
     5.0,
     10.0,
 )
-_BUCKETS: Final = len(LATENCY_BOUNDS) + 1  # and +Inf
+_BUCKETS: Final = 15  # len(LATENCY_BOUNDS) and +Inf (tests/unit/test_counters.py holds it)
 _STATUSES: Final = 600  # a status's slot is the status itself; 0 is "other"
+_ROUTES: Final = 10  # len(ROUTE_CLASSES)
 
 # Why an upstream exchange failed without an answer (upstream.UpstreamError.kind).
-UPSTREAM_ERRORS: Final = ("connect", "timeout", "protocol")
+UPSTREAM_ERRORS: tuple[str, ...] = ("connect", "timeout", "protocol")
 
 
 def status_label(slot: int) -> str:
@@ -80,14 +84,15 @@ class Latency:
     """One histogram per route class (or upstream): counts per bucket (not cumulative: one
     increment per observation), and the sum of the observed seconds."""
 
-    __slots__ = ("counts", "sums")
+    __slots__ = ("bounds", "counts", "sums")
 
     def __init__(self, series: int) -> None:
+        self.bounds = LATENCY_BOUNDS
         self.counts = [0] * (series * _BUCKETS)
         self.sums = [0.0] * series
 
     def observe(self, series: int, seconds: float) -> None:
-        self.counts[series * _BUCKETS + bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self.counts[series * _BUCKETS + bisect_left(self.bounds, seconds)] += 1
         self.sums[series] += seconds
 
     def read(self, series: int) -> dict[str, object]:
@@ -113,8 +118,8 @@ class RequestCounters:
     __slots__ = ("connections_refused", "latency", "statuses")
 
     def __init__(self) -> None:
-        self.statuses = [0] * (len(ROUTE_CLASSES) * _STATUSES)
-        self.latency = Latency(len(ROUTE_CLASSES))
+        self.statuses = [0] * (_ROUTES * _STATUSES)
+        self.latency = Latency(_ROUTES)
         # Connections answered 503 at accept: over limits.max_connections.
         self.connections_refused = 0
 

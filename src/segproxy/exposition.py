@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -174,7 +174,10 @@ PlatformCollector(registry=_REGISTRY)
 
 def render(snap: Mapping[str, Any], accept: str) -> tuple[bytes, str]:
     """The exposition body and its content type, in the format ``accept`` asks for."""
-    encoder, content_type = choose_encoder(accept)
+    try:
+        encoder, content_type = choose_encoder(accept)
+    except (TypeError, ValueError):  # a version it cannot compare ("version=abc"): the classic
+        encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
     _COLLECTOR.snap = snap
     try:
         return encoder(_REGISTRY), content_type

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ def test_the_access_log_has_one_json_line_per_request_with_route_status_time_and
     assert SECRET_KEY not in cdn["path"]  # masked
     for line in lines:
         assert line["time"].endswith("Z")
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600  # it holds client addresses
 
 
 def test_no_log_line_holds_a_whole_write_key_or_an_event_body(

@@ -180,7 +180,9 @@ def test_metrics_live_on_the_admin_listener_behind_the_token(
     assert refused.header("www-authenticate") == "Bearer"
     wrong = exchange(proxy.host, port, "GET", "/metrics", {"Authorization": "Bearer nope-nope"})
     assert wrong.status == 401
+    assert exchange(proxy.host, port, "POST", "/v1/t", body=b"{}").status == 404
     s = scrape(proxy, port, TOKEN)
+    assert value(s, "segproxy_requests_total", route="rejected", status="404") == 1
     assert value(s, "segproxy_requests_total", route="operator", status="401") == 2
     # (asked on the public listener: an operator request, answered 404 there)
     assert value(s, "segproxy_requests_total", route="operator", status="404") == 1

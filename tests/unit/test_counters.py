@@ -1,4 +1,5 @@
-"""The counters the request path bumps: bounded slots, histogram buckets, what a read shows."""
+"""The counters the request path bumps: bounded slots, histogram buckets, what a read shows,
+and the route class each route is counted under."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from segproxy import counters as rc
 from segproxy.counters import LATENCY_BOUNDS, RequestCounters, UpstreamCounters
+from segproxy.routes import Kind, Reject, Route, match
 
 
 def test_each_answer_is_counted_under_its_route_class_and_status() -> None:
@@ -71,3 +73,45 @@ def test_route_class_constants_name_their_place_in_the_label_list() -> None:
     assert rc.ROUTE_CLASSES[rc.TELEMETRY] == "telemetry"
     assert rc.ROUTE_CLASSES[rc.OPERATOR] == "operator"
     assert len(set(rc.ROUTE_CLASSES)) == len(rc.ROUTE_CLASSES)
+
+
+def test_the_sizes_the_compiled_code_is_given_as_literals_match_the_lists() -> None:
+    assert len(LATENCY_BOUNDS) + 1 == rc._BUCKETS
+    assert len(rc.ROUTE_CLASSES) == rc._ROUTES
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "route_class"),
+    [
+        ("POST", "/v1/t", rc.TRACK),
+        ("POST", "/v1/batch", rc.TRACK),
+        ("OPTIONS", "/v1/t", rc.TRACK),
+        ("POST", "/v1/m", rc.TELEMETRY),
+        ("GET", "/analytics.js/v1/wk_1/analytics.min.js", rc.SCRIPT),
+        ("GET", "/v1/projects/wk_1/settings", rc.SETTINGS),
+        ("GET", "/analytics-next/bundles/ajs-destination.bundle.abc.js", rc.BUNDLE),
+        ("GET", "/next-integrations/actions/amplitude-plugins/dist/standard.js", rc.INTEGRATION),
+        ("GET", "/healthz", rc.HEALTH),
+        ("GET", "/readyz", rc.OPERATOR),
+        ("GET", "/metrics", rc.OPERATOR),
+        ("HEAD", "/metrics", rc.OPERATOR),
+    ],
+)
+def test_every_route_knows_its_class(method: str, target: str, route_class: int) -> None:
+    route = match(method, target)
+    assert isinstance(route, Route)
+    assert route.route_class == route_class
+
+
+def test_prometheus_metrics_are_their_own_kind_apart_from_segment_s_telemetry() -> None:
+    metrics = match("GET", "/metrics")
+    telemetry = match("POST", "/v1/m")
+    assert isinstance(metrics, Route) and isinstance(telemetry, Route)
+    assert metrics.kind is Kind.PROMETHEUS
+    assert telemetry.kind is Kind.METRICS
+    for target in ("/metrics", "/seg/metrics"):
+        under_prefix = match("GET", target, "/seg")
+        assert isinstance(under_prefix, Route) and under_prefix.kind is Kind.PROMETHEUS
+    refused = match("POST", "/metrics")
+    assert isinstance(refused, Reject) and refused.status == 405
+    assert refused.allow == "GET, HEAD"

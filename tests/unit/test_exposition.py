@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from segproxy import counters as rc
@@ -120,3 +121,19 @@ def test_every_metric_is_in_docs_metrics_md() -> None:
         if name.startswith("segproxy_"):
             shown = name + "_total" if family.type == "counter" else name
             assert f"`{shown}`" in doc, f"{shown} is missing from docs/metrics.md"
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/openmetrics-text;version=abc",
+        "text/plain;version=zzz",
+        "text/plain;version=1.0.0;escaping=nonsense",
+        "*/*",
+        "\x00\xff",
+    ],
+)
+def test_any_accept_header_gets_an_answer_never_an_error(accept: str) -> None:
+    body, content_type = render(snapshot(), accept)
+    assert content_type.startswith(("text/plain", "application/openmetrics-text"))
+    assert b"segproxy_requests_total" in body
