@@ -289,7 +289,9 @@ function line(ctx, values, max, w, h, color) {
       moved = false
       return
     }
-    const x = 36 + ((w - 40) * (i + HISTORY - values.length)) / (HISTORY - 1)
+    // The last minute at least across the width, then up to HISTORY points as they come
+    const span = Math.max(60, values.length)
+    const x = 36 + ((w - 40) * (i + span - values.length)) / (span - 1)
     const y = h - 14 - ((h - 24) * v) / max
     if (moved) ctx.lineTo(x, y)
     else ctx.moveTo(x, y)
