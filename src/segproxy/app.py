@@ -22,10 +22,13 @@ from segproxy.clients import client_ip, host_allowed, public_origin
 from segproxy.config import Config, Upstream
 from segproxy.cors import FOR_CDN, for_api
 from segproxy.counters import RequestCounters
+from segproxy.dashboard.feed import Feed
+from segproxy.dashboard.service import Dashboard
 from segproxy.edge.http import (
     Deferred,
     Request,
     Response,
+    Stream,
     error_response,
     json_response,
     rate_limited,
@@ -75,6 +78,11 @@ class App:
         self.rate_limited = 0
         self.started = time.time()
         self.cert_expires = _cert_expiry(config.tls.cert) if config.tls.enabled else None
+        self.dashboard: Dashboard | None = None
+        if config.admin.dashboard_served:
+            self.dashboard = Dashboard(
+                config, self.snapshot, self._watch, self.authorized, self.unauthorized
+            )
 
     def _pool(self, origin: Upstream) -> UpstreamPool:
         up = self.config.upstream
@@ -93,7 +101,23 @@ class App:
             self.ingest.queue = self.queue
             self.forwarder.start()
             self._recount = asyncio.get_running_loop().create_task(self._recount_loop())
+            if self.dashboard is not None:
+                self.dashboard.queue_stats = self.queue.stats
+                self.dashboard.replayed = self._replayed
         self.ready = True
+
+    def _watch(self, feed: Feed | None) -> None:
+        """A dashboard opened (record events into ``feed``) or the last one closed (None)."""
+        self.ingest.watch = None if feed is None else feed.record
+        if self.forwarder is not None:
+            self.forwarder.watch = None if feed is None else feed.mark
+
+    async def _replayed(self, rows: int) -> None:
+        """Dead letters were put back in the queue file (the dashboard's replay): the queue
+        re-reads it, the forwarder wakes."""
+        if self.queue is not None:
+            await self.queue.recount()
+        self._committed(rows)
 
     def _committed(self, rows: int) -> None:
         """The queue's commit hook (given when it is made, before the forwarder that reads
@@ -109,7 +133,9 @@ class App:
             await asyncio.sleep(10)
             await self.queue.recount()
 
-    def __call__(self, req: Request) -> Response | Deferred | Coroutine[Any, Any, Response]:
+    def __call__(
+        self, req: Request
+    ) -> Response | Deferred | Coroutine[Any, Any, Response | Stream]:
         cfg = self.config
         route = match(req.method, req.target, cfg.prefix)
         if isinstance(route, Reject):
@@ -128,6 +154,10 @@ class App:
             if self.config.admin.listen is not None:  # served on the admin listener only
                 return error_response(404, "not_found", "operator endpoints are not served here")
             return self.readiness(req)
+        if kind is Kind.DASHBOARD:
+            if self.dashboard is None or not self.config.admin.dashboard_public:
+                return error_response(404, "not_found", "the dashboard is not served here")
+            return self.dashboard.handle(req, route.upstream_path)
         if kind is Kind.PROMETHEUS:
             if self.config.admin.listen is not None:
                 return error_response(404, "not_found", "operator endpoints are not served here")
@@ -174,12 +204,15 @@ class App:
             return json_response(503, {"status": "queue full"})
         return json_response(200, {"status": "ready"})
 
-    def admin(self, req: Request) -> Response | Coroutine[Any, Any, Response]:
+    def admin(self, req: Request) -> Response | Coroutine[Any, Any, Response | Stream]:
         """The handler of the separate operator listener (``[admin] listen``)."""
         route = match(req.method, req.target, "")
         if isinstance(route, Reject):
             return error_response(route.status, route.code, route.message)
         kind = route.kind
+        if kind is Kind.DASHBOARD and self.dashboard is not None:
+            req.route_class = route.route_class
+            return self.dashboard.handle(req, route.upstream_path)
         if kind is Kind.HEALTHZ or kind is Kind.READYZ or kind is Kind.PROMETHEUS:
             req.route_class = route.route_class  # (anything else here is "rejected")
         if kind is Kind.HEALTHZ:

@@ -89,6 +89,12 @@ INTERPRETED: dict[str, str] = {
     "config/values.py": "start-up: the configuration is read and validated once",
     "queue/__init__.py": "start-up: opens the configured queue backend once",
     "queue/files.py": "start-up: the data directory's and the queue file's modes, once",
+    "queue/admin.py": "the operator's dashboard reads dead letters and stats with it, in a "
+    "worker thread: never per request",
+    "edge/stream.py": "a streamed answer's body (the dashboard's live updates): runs only "
+    "while an operator watches",
+    "dashboard/feed.py": "the dashboard's event ring: runs only while an operator watches",
+    "dashboard/service.py": "the operator's dashboard: its page, its data, once a second",
     "logs.py": "log set-up at start; the access log is opt-in, and its JSON line costs more "
     "than the call to it",
     "certs.py": "start-up: the TLS certificate's expiry is read once",

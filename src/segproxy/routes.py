@@ -27,6 +27,7 @@ class Kind(enum.Enum):
     TRACK = "track"
     METRICS = "metrics"  # analytics-next's telemetry, /v1/m (relayed to Segment)
     PROMETHEUS = "prometheus"  # the proxy's own metrics for Prometheus, /metrics
+    DASHBOARD = "dashboard"  # the operator's live dashboard: its page, files and data
 
 
 CDN_KINDS = frozenset({Kind.SCRIPT, Kind.SETTINGS, Kind.BUNDLE, Kind.INTEGRATION})
@@ -133,6 +134,9 @@ def match(method: str, raw_target: str, prefix: str = "") -> Route | Reject:
         return _methods(method, _READYZ, ("GET", "HEAD"))
     if path in ("/metrics", prefix + "/metrics"):
         return _methods(method, _PROMETHEUS, ("GET", "HEAD"))
+    if dash := _dashboard_path(path, prefix):
+        route = Route(Kind.DASHBOARD, dash, route_class=rc.OPERATOR)
+        return _methods(method, route, ("GET", "HEAD", "POST"))
     if prefix:
         if not path.startswith(prefix + "/"):
             return _not_found(path)
@@ -163,6 +167,16 @@ def match(method: str, raw_target: str, prefix: str = "") -> Route | Reject:
         route = Route(Kind.INTEGRATION, path, route_class=rc.INTEGRATION)
         return _methods(method, route, ("GET", "HEAD", "OPTIONS"))
     return _not_found(path)
+
+
+def _dashboard_path(path: str, prefix: str) -> str:
+    """The dashboard's own path ("/dashboard/...") if ``path`` names it (also under the
+    prefix, like /healthz), else ""."""
+    if prefix and path.startswith(prefix + "/dashboard"):
+        path = path[len(prefix) :]
+    if path == "/dashboard" or path.startswith("/dashboard/"):
+        return path
+    return ""
 
 
 def _methods(method: str, route: Route, allowed: tuple[str, ...]) -> Route | Reject:

@@ -20,7 +20,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = SRC / "segproxy"
-ROOMS = ("edge", "ingest", "cdn", "queue", "forward")
+ROOMS = ("edge", "ingest", "cdn", "queue", "forward", "dashboard")
 
 # The HTTP types every layer may see: the request and response values, no sockets.
 HTTP_TYPES = "segproxy.edge.http"
@@ -32,6 +32,10 @@ ROOM_ARROWS: dict[str, frozenset[str]] = {
     "ingest": frozenset({HTTP_TYPES, "queue"}),  # answers are HTTP; accepted events are queued
     "cdn": frozenset({HTTP_TYPES}),
     "forward": frozenset({"queue"}),  # leases what the queue holds
+    # The operator's dashboard: HTTP answers, the queue file's stats and dead letters (the
+    # CLI's queue/admin.py), and an event's sentAt moved forward as the forwarder's batcher
+    # sends it. Nothing imports it but the wiring (app.py).
+    "dashboard": frozenset({HTTP_TYPES, "queue", "segproxy.forward.batcher"}),
 }
 # The wiring and the process around it: imported by nobody below them.
 WIRING = {"segproxy.app": {"segproxy.serve"}, "segproxy.serve": {"segproxy.cli"}}

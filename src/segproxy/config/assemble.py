@@ -205,10 +205,21 @@ def _admin(flat: Mapping[str, object]) -> AdminConfig:
     token = _str("admin.token", flat.get("admin.token", ""))
     if token and len(token) < 16:
         raise ConfigError("admin.token", "(hidden)", "at least 16 characters, or empty for none")
-    return AdminConfig(
+    admin = AdminConfig(
         listen=parse_listen("admin.listen", admin_listen) if admin_listen else None,
         token=token,
+        dashboard=_choice(
+            "admin.dashboard", flat.get("admin.dashboard", "auto"), ("auto", "on", "off")
+        ),
     )
+    if admin.dashboard_public and not admin.token:
+        raise ConfigError(
+            "admin.dashboard",
+            admin.dashboard,
+            "admin.token set too: without admin.listen the dashboard is served on the public"
+            ' listener, which needs the token (or set admin.listen, or "auto" / "off")',
+        )
+    return admin
 
 
 def _tls(flat: Mapping[str, object]) -> TlsConfig:

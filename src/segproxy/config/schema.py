@@ -121,6 +121,19 @@ class AdminConfig:
 
     listen: tuple[str, int] | None = None  # a separate listener; None: the main one
     token: str = ""  # when set, operator endpoints need "Authorization: Bearer <token>"
+    # The live dashboard: "auto" (on the admin listener when there is one, else off), "on"
+    # (also on the main listener when there is no admin listener: needs the token), "off".
+    dashboard: str = "auto"
+
+    @property
+    def dashboard_public(self) -> bool:
+        """The dashboard is served on the main (public) listener."""
+        return self.dashboard == "on" and self.listen is None
+
+    @property
+    def dashboard_served(self) -> bool:
+        """The dashboard is served somewhere (the admin listener, or the main one)."""
+        return self.dashboard != "off" and (self.listen is not None or self.dashboard == "on")
 
 
 @dataclass(frozen=True, slots=True)

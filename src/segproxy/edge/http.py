@@ -12,9 +12,10 @@ The refusals more than one place gives are built here, once: the 413 for a body 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 import orjson
 
@@ -75,6 +76,33 @@ class Response:
     headers: Headers = field(default_factory=list)
     body: bytes = b""
     head: bytes | None = field(default=None, compare=False, repr=False)
+
+
+# A stream's producer: called with a writer, it writes chunks until it returns; the writer
+# answers False once the client is gone (or reads too slowly), and the producer then stops.
+StreamWriter = Callable[[bytes], bool]
+
+
+class Stream:
+    """A response whose body is written as it is produced (server-sent events for the
+    operator's dashboard), from a coroutine's result only: never on the ingest path.
+
+    The edge writes the status and headers with ``connection: close`` (the body ends when the
+    connection does), runs ``produce(write)`` as a task, and closes the connection when it
+    returns; the task is cancelled when the client goes away or the server stops.
+    """
+
+    __slots__ = ("headers", "produce", "status")
+
+    def __init__(
+        self,
+        status: int,
+        headers: Headers,
+        produce: Callable[[StreamWriter], Coroutine[Any, Any, None]],
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.produce = produce
 
 
 class Deferred:

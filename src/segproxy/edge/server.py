@@ -51,16 +51,18 @@ from segproxy.edge.http import (
     Deferred,
     Request,
     Response,
+    Stream,
     error_response,
     reason,
 )
+from segproxy.edge.stream import Pump
 from segproxy.redact import redact_path
 
 log = logging.getLogger("segproxy.edge")
 
 # A handler answers at once (Response), later (a Deferred resolved by its producer), or
-# returns a coroutine that is run as a task.
-Handler = Callable[[Request], Response | Deferred | Coroutine[Any, Any, Response]]
+# returns a coroutine that is run as a task (whose result may be a Stream: the dashboard's).
+Handler = Callable[[Request], Response | Deferred | Coroutine[Any, Any, Response | Stream]]
 # Told of every answer to a request (the access log): the request, its answer, and the seconds
 # from its first byte to the answer.
 Answered = Callable[[Request, Response, float], None]
@@ -137,7 +139,8 @@ class HttpProtocol(asyncio.Protocol):
         self.busy = False
         self.reading_paused = False
         self.eof = False
-        self.current: asyncio.Task[Response] | None = None
+        self.current: asyncio.Task[Response | Stream] | None = None
+        self.streaming: Pump | None = None  # a Stream's body, once one is answered
         self.waiting_on: Request | None = None
         self._on_resolved = self._resolved  # bound once, not per request
         self.idle_timeout = server.limits.idle_timeout
@@ -177,6 +180,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.streaming is not None:
+            self.streaming.stop()
         framing = self.framing
         framing.release(framing.reserved)  # whatever it still held, however it ended
         framing.stop()
@@ -331,8 +336,9 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.busy = False
 
-    def _done(self, item: Request, pending: asyncio.Task[Response]) -> None:
+    def _done(self, item: Request, pending: asyncio.Task[Response | Stream]) -> None:
         self.current = None
+        response: Response | Stream
         try:
             response = pending.result()
         except asyncio.CancelledError:
@@ -340,6 +346,9 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("handler failed for %s %s", item.method, redact_path(item.target))
             response = error_response(500, "internal_error", "internal error")
+        if isinstance(response, Stream):
+            self._stream(item, response)
+            return
         if self._answer(item, response):
             self._next()
         else:
@@ -380,6 +389,28 @@ class HttpProtocol(asyncio.Protocol):
         if not keep_alive:
             self._close()
 
+    def _stream(self, item: Request, stream: Stream) -> None:
+        """Write a Stream's head, then its body as its producer writes it (edge/stream.py);
+        the body ends with the connection. Counted (and logged) as answered with its head: its
+        duration is the time to its first byte, not how long an operator watched."""
+        self.answered_at = now = monotonic()
+        self.counters.answered(item.route_class, stream.status, now - item.start)
+        if self.on_answer is not None:
+            self.on_answer(item, Response(stream.status, stream.headers), now - item.start)
+        transport = self.transport
+        if transport is None:
+            return
+        self.framing.stop()
+        self.framing.disarm()
+        self._stop_reading()
+        self.pipeline.clear()
+        parts = [_status_line(stream.status), _DATE.get(), _SECURITY]
+        parts.extend(k + b": " + v + b"\r\n" for k, v in stream.headers)
+        parts.append(b"connection: close\r\n\r\n")
+        transport.write(b"".join(parts))
+        self.streaming = Pump(transport, self.server, self._close)
+        self.streaming.start(self.loop, stream)
+
     def _close(self) -> None:
         self.framing.stop()
         self.framing.disarm()
@@ -387,8 +418,11 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
     def shutdown(self) -> None:
-        """Server is stopping: close now if idle, else after the current response."""
-        if not self.busy and not self.pipeline:
+        """Server is stopping: close now if idle, else after the current response (a stream
+        ends now: it has no end of its own)."""
+        if self.streaming is not None:
+            self.streaming.stop()
+        elif not self.busy and not self.pipeline:
             self._close()
 
 

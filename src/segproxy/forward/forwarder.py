@@ -98,6 +98,9 @@ class Forwarder:
         self._loop_task: asyncio.Task[None] | None = None
         self.rng = random.Random()
         self.reports = Throttle()  # WARNINGs: one per fault every 10 s
+        # The dashboard's status recorder while one is open (dashboard/feed.py), else None:
+        # called with (rows, "delivered" | "retrying" | "dead", why) once per batch outcome.
+        self.watch: Callable[[list[Row], str, str], None] | None = None
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -306,12 +309,14 @@ class Forwarder:
         if action is Action.ACK:
             await self.queue.ack(ids)
             self.counters.events_sent += len(ids)
+            self._watched(rows, "delivered", "")
             return
         self.counters.failures += 1
         now = time.time()
         if action is Action.RETRY:
             # (a network error's log line says more than its fault: the error itself)
             await self._retry(key, rows, status, why, retry_after, now, detail or why)
+            self._watched(rows, "retrying", why or detail)
             return
         if len(rows) > 1 and splits(status):
             self._split(key, rows, status)
@@ -324,6 +329,12 @@ class Forwarder:
             )
         await self.queue.dead_letter(ids, status or 0, detail, now)
         self.counters.events_dead += len(ids)
+        self._watched(rows, "dead", f"HTTP {status}: {detail[:200]}" if status else detail[:200])
+
+    def _watched(self, rows: list[Row], status: str, why: str) -> None:
+        watch = self.watch
+        if watch is not None:
+            watch(rows, status, why)
 
     def _split(self, key: str, rows: list[Row], status: int | None) -> None:
         """Send each half of a refused batch on its own, to find the events Segment refuses.

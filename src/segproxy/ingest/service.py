@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from segproxy.config import Config
 from segproxy.cors import api_preflight, for_api
@@ -98,6 +99,9 @@ class IngestService:
         # and the allowed origin, built once too.
         self._relayed: Memo[tuple[object, ...], Response] = Memo(_ANSWERS_KEPT)
         self.reports = Throttle()  # redirect warnings: one per fault every 10 s
+        # The dashboard's event recorder while one is open (dashboard/feed.py), else None:
+        # one attribute check per committed request.
+        self.watch: Callable[[list[NewRow]], None] | None = None
         # Read by /metrics: events stored in the queue (or, in passthrough, relayed and
         # accepted by Segment), counting a telemetry request (/v1/m) as one; and requests
         # refused by the per-write-key rate limit.
@@ -188,6 +192,9 @@ class IngestService:
                 return
             self.events_accepted += len(rows)
             answer.resolve(self.ok(cors))
+            watch = self.watch
+            if watch is not None:
+                watch(rows)
 
         try:
             self.queue.submit_then(rows, done)

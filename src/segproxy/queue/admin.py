@@ -68,6 +68,16 @@ def dead(path: str, limit: int) -> list[DeadRow]:
         db.close()
 
 
+def dead_body(path: str, dead_id: int) -> bytes | None:
+    """One dead letter's stored event (None: no such dead letter)."""
+    db = open_existing(path)
+    try:
+        row = db.execute("SELECT body FROM dead WHERE id = ?", (dead_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+    finally:
+        db.close()
+
+
 def masked_event(body: bytes) -> Any:
     """A dead letter's event for the operator's screen: a ``writeKey`` in it (a client may
     send the key in the body) is masked like every other write key shown."""
