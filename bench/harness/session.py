@@ -67,6 +67,11 @@ def run(
     build, queue_fs = announce(lineup, plan, args.connections, event)
     checks = sanity_checks(lineup, event)
     shapes = shapes_of(args.shape)
+    if args.only != "script":
+        print(
+            "request shapes: "
+            + ", ".join(f"{shape} ({len(h.heads[shape])} header lines)" for shape in shapes)
+        )
     benches = benchmarks(
         lineup, event, queue=args.queue, target_kind=args.target, only=args.only, shapes=shapes
     )
