@@ -8,8 +8,9 @@ What one run does (the method is explained in bench/README.md):
     core 0: the target under test, one at a time under load:
             segproxy ([queue] backend="none")  |  segproxy-sqlite (durable)  |  reference nginx
 
-1. passthrough ingest: POST a ~1.5 KB analytics.js track event to /v1/t (Basic auth);
-2. durable ingest: the same POST to segproxy-sqlite, which answers after the group commit;
+1. passthrough ingest: POST a ~1.5 KB analytics.js track event to /v1/t (Basic auth), once with
+   4 headers and once with the head Chromium sends (bench/fixtures/chromium-post-track.txt);
+2. durable ingest: the same POSTs to segproxy-sqlite, which answers after the group commit;
    plus upstream requests per 1,000 acknowledged events (from wrk's start until the queue is
    empty) and the drain time (wrk's end until `segproxy queue stats` shows 0 rows);
 3. cached script: GET /analytics.js/v1/<key>/analytics.min.js with Accept-Encoding: gzip, br;
@@ -58,6 +59,14 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="run one benchmark only: passthrough ingest, durable ingest (sqlite, ack after "
         "commit) or the cached script",
+    )
+    ap.add_argument(
+        "--shape",
+        choices=("4-header", "browser", "both"),
+        default="both",
+        help="request shape of the ingest rows: the 4-header POST, the browser-shaped one "
+        "(the 16 headers Chromium sends with analytics-next's POST, bench/fixtures/) or both "
+        "(default), each against nginx with the same request",
     )
     ap.add_argument(
         "--settle",

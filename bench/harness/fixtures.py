@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import random
 from pathlib import Path
 from typing import Any
 
-from harness.common import REPO, WRITE_KEY, BenchError
+from harness.common import BENCH, INGEST_PATH, REPO, WRITE_KEY, BenchError
 
 BUNDLE_MARKER = "segproxy-bench-bundle"
 REAL_BUNDLE = (
     REPO / "node_modules" / "@segment" / "analytics-next" / "dist" / "umd" / "standalone.js"
+)
+
+# The browser-shaped request head, captured once from Chromium (see the file's comment).
+BROWSER_HEAD = BENCH / "fixtures" / "chromium-post-track.txt"
+# What the bench sent before it had a browser-shaped request, kept as a shape of its own so
+# that ratios stay comparable across commits: 4 headers besides Host and Content-Length.
+FOUR_HEADER_UA = (
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/126.0.0.0 Safari/537.36"
 )
 
 # Vocabulary of the generated stand-in bundle.
@@ -164,3 +174,46 @@ def render(template: Path, dest: Path, values: dict[str, str]) -> None:
     if "@@" in text:
         raise BenchError(f"unrendered placeholder in {template}")
     dest.write_text(text)
+
+
+def basic_auth() -> str:
+    """The Authorization value analytics.js sends: Basic base64("<writeKey>:")."""
+    return "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+
+
+def browser_head(path: Path = BROWSER_HEAD) -> list[tuple[str, str]]:
+    """The captured head's headers in their order (comments and the request line left out),
+    with the bench's write key in Authorization instead of the captured one."""
+    lines = [x for x in path.read_text().splitlines() if x and not x.startswith("#")]
+    if not lines or lines[0] != f"POST {INGEST_PATH} HTTP/1.1":
+        raise BenchError(f"{path}: the first line must be POST {INGEST_PATH} HTTP/1.1")
+    head: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(": ")
+        if not sep:
+            raise BenchError(f"{path}: not a header line: {line!r}")
+        head.append((name, basic_auth() if name.lower() == "authorization" else value))
+    names = {name.lower() for name, _ in head}
+    if not {"host", "content-length"} <= names:
+        raise BenchError(f"{path}: the head needs Host and Content-Length lines")
+    return head
+
+
+def request_head(shape: str) -> list[tuple[str, str]]:
+    """The headers of the ingest POST for a request shape ("4-header" or "browser"); Host's
+    and Content-Length's values are filled in by wrk/post_track.lua."""
+    if shape == "browser":
+        return browser_head()
+    return [
+        ("Host", ""),
+        ("Content-Type", "text/plain"),
+        ("Authorization", basic_auth()),
+        ("Origin", "https://shop.example.com"),
+        ("User-Agent", FOUR_HEADER_UA),
+        ("Content-Length", ""),
+    ]
+
+
+def write_head(dest: Path, head: list[tuple[str, str]]) -> None:
+    """The head file wrk/post_track.lua reads: one "Name: value" line per header."""
+    dest.write_text("".join(f"{name}: {value}\n" for name, value in head))

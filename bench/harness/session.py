@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from harness.common import (
     QUEUE_POLL_S,
     REPO,
     SEGPROXY,
+    SHAPES,
     venv_python,
     version,
 )
+from harness.fixtures import BROWSER_HEAD
 from harness.machine import RssSampler, fs_type
 from harness.processes import Processes
 from harness.reporting import noisy_warning, rss_report, table
@@ -63,7 +66,15 @@ def run(
     pins = lineup.pins()
     build, queue_fs = announce(lineup, plan, args.connections, event)
     checks = sanity_checks(lineup, event)
-    benches = benchmarks(lineup, event, queue=args.queue, target_kind=args.target, only=args.only)
+    shapes = shapes_of(args.shape)
+    if args.only != "script":
+        print(
+            "request shapes: "
+            + ", ".join(f"{shape} ({len(h.heads[shape])} header lines)" for shape in shapes)
+        )
+    benches = benchmarks(
+        lineup, event, queue=args.queue, target_kind=args.target, only=args.only, shapes=shapes
+    )
     # RSS of each segproxy process, sampled while it is under load (and while it drains).
     samplers = {
         t.label: RssSampler(t.proc.pid) for t in lineup.targets if t.label in (SEGPROXY, DURABLE)
@@ -94,7 +105,8 @@ def run(
         "started_at": started.isoformat(),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
         "target": lineup.target.label,
-        "method": method_json(args, plan, lineup, queue_fs, runner.noisy_cpu_s, len(event)),
+        "method": method_json(args, plan, lineup, queue_fs, runner.noisy_cpu_s, len(event))
+        | {"request_shapes": shapes_json(lineup, shapes)},
         "machine": machine_json(build),
         "affinity": pins,
         "checks": checks,
@@ -149,6 +161,7 @@ def sanity_checks(lineup: Lineup, event: bytes) -> dict[str, Any]:
         (lineup.target, lineup.reference),
         event,
         lineup.harness.bundle,
+        lineup.harness.heads,
         ingest_only=[durable] if durable else [],
     )
     if durable is not None and durable.config is not None:
@@ -160,12 +173,33 @@ def sanity_checks(lineup: Lineup, event: bytes) -> dict[str, Any]:
         checks[DURABLE]["queue_stats"] = stats
     for name, entry in checks.items():
         line = f"check {name}: ingest {entry['ingest']}"
+        if "ingest_browser" in entry:
+            line += f" | browser-shaped ingest {entry['ingest_browser']}"
         if "script" in entry:
             line += f" | script {entry['script']}"
         if "queue_drained_s" in entry:
             line += f" | queue empty after {entry['queue_drained_s']} s"
         print(line)
     return checks
+
+
+def shapes_of(choice: str) -> tuple[str, ...]:
+    """--shape: one request shape, or both (4-header first, as the rows were before)."""
+    return SHAPES if choice == "both" else (choice,)
+
+
+def shapes_json(lineup: Lineup, shapes: Sequence[str]) -> dict[str, Any]:
+    """The request shapes measured: each one's header names in the order sent."""
+    h = lineup.harness
+    return {
+        shape: {
+            "headers": [name for name, _ in h.heads[shape]],
+            "source": str(BROWSER_HEAD.relative_to(REPO))
+            if shape == "browser"
+            else "bench/harness/fixtures.py (request_head)",
+        }
+        for shape in shapes
+    }
 
 
 def method_json(

@@ -3,7 +3,6 @@ segproxy (pass-through, and the durable segproxy-sqlite), each checked once befo
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
 import gzip
@@ -23,11 +22,19 @@ from harness.common import (
     INGEST_PATH,
     SCRIPT_PATH,
     SEGPROXY,
+    SHAPES,
     WRITE_KEY,
     BenchError,
     venv_python,
 )
-from harness.fixtures import load_bundle, render, settings_json, track_event_template
+from harness.fixtures import (
+    load_bundle,
+    render,
+    request_head,
+    settings_json,
+    track_event_template,
+    write_head,
+)
 from harness.processes import (
     Processes,
     affinity,
@@ -60,6 +67,9 @@ class Harness:
         self.user_line = "user root;" if os.geteuid() == 0 else ""
         self.upstream_port = 0
         self.event_file = tmp / "track-event.json"
+        # Per request shape: its headers, and the file wrk/post_track.lua reads them from.
+        self.heads = {shape: request_head(shape) for shape in SHAPES}
+        self.head_files = {shape: tmp / f"head-{shape}.txt" for shape in SHAPES}
         self.bundle, self.bundle_source = load_bundle()
         self.env = dict(os.environ)
 
@@ -70,6 +80,8 @@ class Harness:
         for d in ("tmp", "cache", "cdn", "logs"):
             (self.tmp / d).mkdir()
         self.event_file.write_bytes(track_event_template(now))
+        for shape, head in self.heads.items():
+            write_head(self.head_files[shape], head)
         cdn = self.tmp / "cdn"
         (cdn / "analytics.min.js").write_bytes(self.bundle)
         # Pre-compressed once, as a CDN does (gzip_static serves it to gzip-accepting clients).
@@ -194,27 +206,35 @@ def start_lineup(
     return Lineup(h, upstream, reference, measured, durable)
 
 
+def check_ingest(t: Target, body: bytes, head: list[tuple[str, str]]) -> dict[str, Any]:
+    """One POST with a request shape's headers (http.client adds Host and Content-Length)."""
+    headers = {k: v for k, v in head if k.lower() not in ("host", "content-length")}
+    try:
+        r = http_request(t.port, "POST", INGEST_PATH, body=body, headers=headers)
+    except (OSError, http.client.HTTPException) as exc:
+        return {"error": repr(exc)}
+    return {"status": r.status, "body": r.body[:200].decode(errors="replace")}
+
+
 def check_targets(
-    targets: Sequence[Target], event: bytes, bundle: bytes, *, ingest_only: Sequence[Target] = ()
+    targets: Sequence[Target],
+    event: bytes,
+    bundle: bytes,
+    heads: dict[str, list[tuple[str, str]]],
+    *,
+    ingest_only: Sequence[Target] = (),
 ) -> dict[str, Any]:
-    """One ingest POST per target, and a look at a script cache hit (except ingest_only ones:
-    the durable proxy is only measured on ingest, so its cache and RSS stay as they are)."""
-    basic = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-    body = event.replace(b"__MESSAGE_ID__", b"ajs-next-1700000000000-sanity-check")
+    """One ingest POST per target and request shape, and a look at a script cache hit (except
+    ingest_only ones: the durable proxy is only measured on ingest, so its cache and RSS stay
+    as they are)."""
     report: dict[str, Any] = {}
     for t in [*targets, *ingest_only]:
         entry: dict[str, Any] = {}
-        try:
-            r = http_request(
-                t.port,
-                "POST",
-                INGEST_PATH,
-                body=body,
-                headers={"Content-Type": "text/plain", "Authorization": f"Basic {basic}"},
+        for shape, head in heads.items():
+            body = event.replace(b"__MESSAGE_ID__", f"ajs-next-sanity-check-{shape}".encode())
+            entry["ingest" if shape == "4-header" else f"ingest_{shape}"] = check_ingest(
+                t, body, head
             )
-            entry["ingest"] = {"status": r.status, "body": r.body[:200].decode(errors="replace")}
-        except (OSError, http.client.HTTPException) as exc:
-            entry["ingest"] = {"error": repr(exc)}
         if t in ingest_only:
             report[t.label] = entry
             continue

@@ -3,11 +3,11 @@ drain (upstream requests per 1,000 acked events, seconds until the queue is empt
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,13 @@ from typing import Any
 from harness.common import (
     BENCH,
     BROWSER_ACCEPT_ENCODING,
-    DURABLE_TITLE,
+    GOAL_DURABLE_P99_MS,
     GOAL_DURABLE_RATIO,
     GOAL_PASSTHROUGH_RATIO,
     GOAL_SCRIPT_RATIO,
     INGEST_PATH,
     QUEUE_POLL_S,
     SCRIPT_PATH,
-    WRITE_KEY,
     BenchError,
     venv_python,
 )
@@ -117,53 +116,71 @@ class WrkRun:
 
 @dataclass
 class Benchmark:
-    name: str
+    name: str  # unique: also in file names and the JSON ("durable", "durable-browser"...)
+    kind: str  # "ingest", "durable" or "script" (what --only picks)
     title: str
     path: str
     script: str
     goal_ratio: float
     target: Target  # what is measured against the reference nginx
+    shape: str = ""  # ingest rows: the request shape (common.SHAPES)
+    goal_p99_ms: float | None = None  # durable rows: the proxy's median p99 must stay under it
     wrk_headers: list[str] = field(default_factory=list)
     script_args: list[str] = field(default_factory=list)
 
 
+def shape_note(shape: str, head_len: int) -> str:
+    """How a row names its request shape ("browser" counts every header line it sends)."""
+    return f"browser: {head_len} headers" if shape == "browser" else shape
+
+
 def benchmarks(
-    lineup: Lineup, event: bytes, *, queue: str, target_kind: str, only: str | None
+    lineup: Lineup,
+    event: bytes,
+    *,
+    queue: str,
+    target_kind: str,
+    only: str | None,
+    shapes: Sequence[str],
 ) -> list[Benchmark]:
-    """The benchmarks to run, in order: ingest, durable ingest (if measured), cached script."""
-    basic = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-    event_file = str(lineup.harness.event_file)
-    benches = [
-        Benchmark(
-            name="ingest",
-            title=(
-                "passthrough ingest"
-                if queue == "none" or target_kind != "segproxy"
-                else f"ingest (queue={queue})"
+    """The benchmarks to run, in order: passthrough ingest and durable ingest (if measured),
+    each once per request shape, then the cached script."""
+    h = lineup.harness
+    event_file = str(h.event_file)
+    passthrough = (
+        "passthrough ingest"
+        if queue == "none" or target_kind != "segproxy"
+        else f"ingest (queue={queue})"
+    )
+    benches: list[Benchmark] = []
+    for kind in ("ingest", "durable"):
+        target = lineup.target if kind == "ingest" else lineup.durable
+        if target is None:
+            continue
+        for shape in shapes:
+            note = shape_note(shape, len(h.heads[shape]))
+            benches.append(
+                Benchmark(
+                    name=kind if shape == "4-header" else f"{kind}-{shape}",
+                    kind=kind,
+                    title=(
+                        f"{passthrough} POST {INGEST_PATH} ({len(event) / 1024:.1f} KB, {note})"
+                        if kind == "ingest"
+                        else f"durable ingest POST {INGEST_PATH} (sqlite, ack after commit, {note})"
+                    ),
+                    path=INGEST_PATH,
+                    script="post_track.lua",
+                    goal_ratio=GOAL_PASSTHROUGH_RATIO if kind == "ingest" else GOAL_DURABLE_RATIO,
+                    target=target,
+                    shape=shape,
+                    goal_p99_ms=None if kind == "ingest" else GOAL_DURABLE_P99_MS,
+                    script_args=[event_file, str(h.head_files[shape])],
+                )
             )
-            + f" POST {INGEST_PATH} ({len(event) / 1024:.1f} KB)",
-            path=INGEST_PATH,
-            script="post_track.lua",
-            goal_ratio=GOAL_PASSTHROUGH_RATIO,
-            target=lineup.target,
-            script_args=[event_file, basic],
-        ),
-    ]
-    if lineup.durable is not None:
-        benches.append(
-            Benchmark(
-                name="durable",
-                title=DURABLE_TITLE,
-                path=INGEST_PATH,
-                script="post_track.lua",
-                goal_ratio=GOAL_DURABLE_RATIO,
-                target=lineup.durable,
-                script_args=[event_file, basic],
-            )
-        )
     benches.append(
         Benchmark(
             name="script",
+            kind="script",
             title="cached script GET analytics.min.js (gzip, br)",
             path=SCRIPT_PATH,
             script="get_script.lua",
@@ -173,7 +190,7 @@ def benchmarks(
         )
     )
     if only:
-        benches = [b for b in benches if b.name == only]
+        benches = [b for b in benches if b.kind == only]
     return benches
 
 
