@@ -128,19 +128,15 @@ def render_snippet(write_key: str, host: str, scheme: str = "http") -> str:
     return proc.stdout
 
 
-class BrowserRun:
-    """``js/browser.mjs`` as a subprocess: ``ready()`` once the page is done, ``finish()`` after.
+class NodeScript:
+    """A script of ``tests/e2e/js`` run by node: its options as JSON in argv, tagged JSON lines
+    on stdout (``TAG {...}``), commands on stdin. ``expect(tag)`` waits for a tag with a
+    deadline; a ``RESULT`` line before the awaited tag means the script failed."""
 
-    Between the two the browser stays open, so the test can wait for the events upstream
-    (batched delivery flushes on a timer) before the page goes away.
-    """
-
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
-        if not Path(CHROMIUM).exists():
-            pytest.fail(f"{CHROMIUM} is missing: run scripts/setup.sh")
-        options = {"url": url, "timeoutMs": int(timeout * 1000), "executablePath": CHROMIUM}
+    def __init__(self, script: str, options: dict[str, Any]) -> None:
+        self.script = script
         self.proc = subprocess.Popen(
-            [node_binary(), str(JS_DIR / "browser.mjs"), json.dumps(options)],
+            [node_binary(), str(JS_DIR / script), json.dumps(options)],
             cwd=REPO_ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -149,6 +145,7 @@ class BrowserRun:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []
+        self.seen: list[str] = []  # stdout lines read so far (shortened), for failure messages
         self._pumps = [
             threading.Thread(target=self._pump_stdout, daemon=True),
             threading.Thread(target=self._pump_stderr, daemon=True),
@@ -167,42 +164,38 @@ class BrowserRun:
         for line in self.proc.stderr:
             self._stderr.append(line)
 
-    def _expect(self, tag: str, timeout: float) -> dict[str, Any]:
+    def expect(self, tag: str, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
-        seen: list[str] = []
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(
-                    f"browser.mjs: no {tag} within {timeout}s; {self._debug(seen)}"
-                )
+                raise AssertionError(f"{self.script}: no {tag} within {timeout}s; {self._debug()}")
             try:
                 line = self._lines.get(timeout=min(left, 0.5))
             except queue.Empty:
                 continue
             if line is None:
-                raise AssertionError(f"browser.mjs ended before {tag}; {self._debug(seen)}")
+                raise AssertionError(f"{self.script} ended before {tag}; {self._debug()}")
+            self.seen.append(line[:2000])
+            if line.startswith("RESULT ") and tag != "RESULT":
+                raise AssertionError(f"{self.script} failed before {tag}: {line}")
             if line.startswith(tag + " "):
                 result: dict[str, Any] = json.loads(line[len(tag) + 1 :])
                 return result
-            seen.append(line)
 
-    def _debug(self, seen: list[str]) -> str:
-        return f"stdout: {''.join(seen)!r}\nstderr:\n{''.join(self._stderr)}"
+    def _debug(self) -> str:
+        return f"stdout: {''.join(self.seen)!r}\nstderr:\n{''.join(self._stderr)}"
 
-    def ready(self, timeout: float = 60.0) -> dict[str, Any]:
-        return self._expect("READY", timeout)
-
-    def finish(self, timeout: float = 30.0) -> dict[str, Any]:
+    def send(self, line: str, *, last: bool = False) -> None:
+        """One command line to the script (``last``: then its stdin closes)."""
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write("done\n")
-            self.proc.stdin.close()
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+            if last:
+                self.proc.stdin.close()
         except BrokenPipeError:
             pass
-        result = self._expect("RESULT", timeout)
-        self.proc.wait(timeout=timeout)
-        return result
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -226,6 +219,29 @@ class BrowserRun:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class BrowserRun(NodeScript):
+    """``js/browser.mjs``: ``ready()`` once the page is done, ``finish()`` after.
+
+    Between the two the browser stays open, so the test can wait for the events upstream
+    (batched delivery flushes on a timer) before the page goes away.
+    """
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        if not Path(CHROMIUM).exists():
+            pytest.fail(f"{CHROMIUM} is missing: run scripts/setup.sh")
+        options = {"url": url, "timeoutMs": int(timeout * 1000), "executablePath": CHROMIUM}
+        super().__init__("browser.mjs", options)
+
+    def ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        return self.expect("READY", timeout)
+
+    def finish(self, timeout: float = 30.0) -> dict[str, Any]:
+        self.send("done", last=True)
+        result = self.expect("RESULT", timeout)
+        self.proc.wait(timeout=timeout)
+        return result
 
 
 # --------------------------------------------------------------------------------------------

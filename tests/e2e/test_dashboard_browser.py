@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from typing import Any
 import pytest
 
 from segproxy.redact import mask
-from tests.e2e.conftest import CHROMIUM, JS_DIR, node_binary, proxy_config
+from tests.e2e.conftest import CHROMIUM, NodeScript, proxy_config
 from tests.support.fakes import REPO_ROOT, FakeSegment
 from tests.support.load import Client, iso_now, wait_for
 from tests.support.proxy import RunningProxy, running_proxy
@@ -94,61 +91,14 @@ class Traffic:
         self.thread.join(timeout=10)
 
 
-class DashboardRun:
-    """``js/dashboard.mjs`` as a subprocess, read line by line (tagged JSON)."""
+class DashboardRun(NodeScript):
+    """``js/dashboard.mjs``: tagged steps; ``go_on()`` lets it press Replay."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        self.proc = subprocess.Popen(
-            [node_binary(), str(JS_DIR / "dashboard.mjs"), json.dumps(options)],
-            cwd=REPO_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self.pump = threading.Thread(target=self._pump, daemon=True)
-        self.pump.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def expect(self, tag: str, timeout: float = 60.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"dashboard.mjs: no {tag} in {timeout}s; saw {self.seen}")
-            try:
-                line = self.lines.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"dashboard.mjs ended before {tag}; saw {self.seen}")
-            self.seen.append(line[:2000])
-            if line.startswith("RESULT ") and tag != "RESULT":
-                raise AssertionError(f"dashboard.mjs failed before {tag}: {line}")
-            if line.startswith(tag + " "):
-                found: dict[str, Any] = json.loads(line[len(tag) + 1 :])
-                return found
+        super().__init__("dashboard.mjs", options)
 
     def go_on(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.pump.join(timeout=10)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        self.send("go")
 
 
 @pytest.fixture
