@@ -63,6 +63,17 @@ Done = Callable[[UpstreamResponse | None, UpstreamError | None], None]
 
 _JOIN_MAX = 64 * 1024  # a request body up to this size is sent joined to its head
 
+# The most of an answer held: its headers, then its body. Segment's largest file is under a
+# megabyte and its API answers a few bytes; an origin that sends more (misconfigured, or a
+# chunked body that never ends) is cut off and the exchange fails, rather than growing memory
+# until the process dies (docs/threat-model.md, "Upstreams").
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_BODY = 32 * 1024 * 1024
+
+
+class _CutOff(Exception):
+    """Raised from a parser callback to stop reading an answer over its bound."""
+
 
 class _Exchange:
     """One request in flight: what to send, whom to tell (once), and whether it was retried."""
@@ -89,6 +100,8 @@ class _Conn(asyncio.Protocol):
         self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
         self.status = 0
+        self.size = 0  # bytes of the answer's headers, then of its body, read so far
+        self.cut: UpstreamError | None = None  # why the answer was cut off, if it was
         self.got_bytes = False
         self.headers_done = False
         self.keep_alive = True
@@ -129,7 +142,13 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"unparseable response: {exc}"))
+            self._fail(self.cut or UpstreamError("protocol", f"unparseable response: {exc}"))
+
+    def _cut_off(self, what: str, limit: int) -> None:
+        self.cut = UpstreamError(
+            "protocol", f"the answer's {what} passed {limit} bytes: cut off, not used"
+        )
+        raise _CutOff(what)
 
     def _fail(self, exc: UpstreamError) -> None:
         self.close()
@@ -141,6 +160,9 @@ class _Conn(asyncio.Protocol):
             self.pool._complete(self, exchange, resp, exc)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.size += len(name) + len(value)
+        if self.size > MAX_RESPONSE_HEAD:
+            self._cut_off("headers", MAX_RESPONSE_HEAD)
         key = name.lower()
         old = self.headers.get(key)
         self.headers[key] = value if old is None else old + b", " + value
@@ -148,8 +170,12 @@ class _Conn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.headers_done = True
+        self.size = 0
 
     def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > MAX_RESPONSE_BODY:
+            self._cut_off("body", MAX_RESPONSE_BODY)
         self.body.append(body)
 
     def on_message_complete(self) -> None:
@@ -157,6 +183,7 @@ class _Conn(asyncio.Protocol):
             self.headers = {}
             self.body = []
             self.headers_done = False
+            self.size = 0
             return
         self.keep_alive = bool(self.parser.should_keep_alive())
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
@@ -167,6 +194,8 @@ class _Conn(asyncio.Protocol):
         self.headers = {}
         self.body = []
         self.status = 0
+        self.size = 0
+        self.cut = None
         self.got_bytes = False
         self.headers_done = False
         assert self.transport is not None

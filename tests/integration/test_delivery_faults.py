@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from segproxy.upstream import MAX_RESPONSE_BODY
 from tests.integration.conftest import WRITE_KEY, LiveQueue, StartProxy, base_config
 from tests.support.fakes import FakeSegment, RecordedRequest
 from tests.support.load import Client, track, wait_for
@@ -108,6 +109,22 @@ def test_a_redirect_in_passthrough_mode_is_a_502_for_the_client_not_a_301(
     assert resp.status == 200
     client.close()
     assert set(delivered(fake)) == {"passthrough-2"}
+
+
+def test_an_api_answer_too_large_to_hold_is_cut_off_and_its_events_are_sent_again(
+    fake: FakeSegment, durable: LiveQueue
+) -> None:
+    # A 200 whose body goes on past anything Segment sends (a misbehaving gateway): the proxy
+    # stops reading at its bound instead of holding it all; with the answer unread, the
+    # batch's outcome is unknown, so its events stay queued and are sent again.
+    fake.api_status(200, body=b" " * (MAX_RESPONSE_BODY + 1), times=1)
+    client = durable.client()
+    assert client.post_json("/v1/t", track("huge-answer-1"), WRITE_KEY).status == 200
+    client.close()
+    wait_for(lambda: delivered(fake)["huge-answer-1"] == 2, timeout=20, what="a second send")
+    wait_for(lambda: durable.stats()["rows"] == 0, timeout=10, what="an empty queue")
+    assert durable.stats()["dead"] == 0
+    assert durable.proxy.logged(r"body passed \d+ bytes: cut off") is not None
 
 
 def poisoned(mid: str) -> dict[str, Any]:
