@@ -357,11 +357,7 @@ class HttpProtocol(asyncio.Protocol):
     def _answer(self, item: Request, response: Response) -> bool:
         """Write the response; True if the connection stays open for the next request.
         Counted (and logged, with an access log) even if the client has gone meanwhile."""
-        self.answered_at = now = monotonic()
-        seconds = now - item.start
-        self.counters.answered(item.route_class, response.status, seconds)
-        if self.on_answer is not None:
-            self.on_answer(item, response, seconds)
+        self._count(item, response)
         if self.transport is None:
             return False
         keep = item.keep_alive and not self.server.shutting_down
@@ -389,14 +385,19 @@ class HttpProtocol(asyncio.Protocol):
         if not keep_alive:
             self._close()
 
+    def _count(self, item: Request, response: Response) -> None:
+        """One answer for the counters and the access log; now is the request's end."""
+        self.answered_at = now = monotonic()
+        seconds = now - item.start
+        self.counters.answered(item.route_class, response.status, seconds)
+        if self.on_answer is not None:
+            self.on_answer(item, response, seconds)
+
     def _stream(self, item: Request, stream: Stream) -> None:
         """Write a Stream's head, then its body as its producer writes it (edge/stream.py);
         the body ends with the connection. Counted (and logged) as answered with its head: its
         duration is the time to its first byte, not how long an operator watched."""
-        self.answered_at = now = monotonic()
-        self.counters.answered(item.route_class, stream.status, now - item.start)
-        if self.on_answer is not None:
-            self.on_answer(item, Response(stream.status, stream.headers), now - item.start)
+        self._count(item, Response(stream.status, stream.headers))
         transport = self.transport
         if transport is None:
             return
