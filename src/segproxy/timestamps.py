@@ -10,6 +10,7 @@ read (bounded memos) and handles the rest with a few string operations.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 
@@ -102,8 +103,12 @@ def format_epoch(t: float) -> str:
     date part comes from a memo and only the milliseconds are formatted each time.
     """
     # Microseconds first (absorbs float error), then truncated to milliseconds, like
-    # datetime.isoformat(timespec="milliseconds").
-    second, ms = divmod(round(t * 1_000_000) // 1000, 1000)
+    # datetime.isoformat(timespec="milliseconds"). The fraction is taken apart from the whole
+    # seconds before it is scaled, as datetime does: t * 1e6 whole loses the last digit of a
+    # far timestamp (2107-01-01T00:00:00.099999 came out .100).
+    whole = math.floor(t)
+    us = round((t - whole) * 1_000_000)
+    second, ms = divmod(whole * 1000 + us // 1000, 1000)
     prefix = _SECONDS.get(second)
     if prefix is None:
         text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")

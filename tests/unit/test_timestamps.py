@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from segproxy import timestamps
@@ -117,6 +117,7 @@ def test_format_epoch_writes_analytics_js_form() -> None:
 
 
 @given(st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1)))
+@example(datetime(2107, 1, 1, 0, 0, 0, 99999))  # scaled whole, it came out .100
 def test_format_epoch_is_isoformat_in_milliseconds(when: datetime) -> None:
     t = when.replace(tzinfo=UTC).timestamp()
     expected = datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
