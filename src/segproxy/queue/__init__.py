@@ -17,6 +17,9 @@ same story in order). Where each is kept:
 - packs.py: a commit as one row (the pack codec and the book of what each pack holds).
 - ledger.py: the last fault per key and the dead letters' cap. files.py: file modes, the lock.
 - memory.py: the in-memory backend. admin.py: the CLI's ``segproxy queue`` commands.
+- journal.py (+ journal_format.py, journal_recovery.py): the append-only journal meant to
+  take the steady state's writes off SQLite (issue 13). Not used by the queue yet; its own
+  invariants, J1-J10, are at its top.
 
 Invariants of the SQLite queue, in the order things happen:
 
