@@ -457,3 +457,39 @@ def test_an_empty_or_zero_filled_segment_is_free_and_quiet(tmp_path: Path, size:
     j.close()
     assert seg(tmp_path, 5).stat().st_size == SEGMENT  # made a whole segment again
     assert decode_header(seg(tmp_path, 5).read_bytes()) is not None
+
+
+# The scan itself (journal_format.py): what J2 rejects besides damage
+
+
+def segment_image(generation: int, records: list[tuple[int, int, bytes]]) -> bytes:
+    """A segment of ``generation`` holding ``records`` (seq, record generation, payload)."""
+    from segproxy.queue.journal_format import COMMIT, SegmentHeader, encode_header, record_head
+
+    header = SegmentHeader(0, 77, generation, 0)
+    parts = [encode_header(header)]
+    for seq, gen, payload in records:
+        parts += [record_head(COMMIT, payload, 1, gen, seq, header.salt), payload]
+    return b"".join(parts).ljust(4096, b"\0")
+
+
+def test_a_record_with_a_lower_seq_after_a_higher_one_is_left_over_and_never_read() -> None:
+    """Bytes an earlier write left past the tail (an append that failed: its seqs are
+    spent) can line up with a record boundary; their lower seq gives them away."""
+    body = events(1, 10)
+    image = segment_image(3, [(5, 3, body), (9, 3, body), (7, 3, body)])
+    header = decode_header(image)
+    assert header is not None
+    scan = scan_segment(image, header)
+    assert [r.seq for r in scan.records] == [5, 9]
+    assert scan.tail == HEADER_SIZE + 2 * (RECORD_HEAD_SIZE + len(body))
+    assert scan.gaps == []
+
+
+def test_a_record_of_the_previous_generation_is_never_read() -> None:
+    body = events(1, 10)
+    image = segment_image(3, [(5, 3, body), (6, 2, body)])
+    header = decode_header(image)
+    assert header is not None
+    scan = scan_segment(image, header)
+    assert [r.seq for r in scan.records] == [5] and not scan.torn
