@@ -2,10 +2,10 @@
 releases, syncs, reclaims and crashes, seeded so a failure replays.
 
 A crash is the journal closed without a sync, then either nothing more (kill -9: the page
-cache survives) or a power cut: each file keeps what its last sync made durable and only a
-prefix of what was written since, cut at a random byte; a header rewritten since (a freed
-segment) is kept or lost independently in each file (separate files reach the disk in any
-order). After each restart:
+cache survives) or a power cut: each file keeps what its last sync made durable and, of what
+was written since, a prefix cut at a random byte or a random set of its 4 KiB pages; a header
+rewritten since (a freed segment) is kept or lost independently in each file (separate files
+reach the disk in any order). After each restart:
 
 - every commit appended before the last sync and not fully released is pending (never lost);
 - every pending commit was appended and is not one whose release was synced (a delivered
@@ -26,6 +26,7 @@ from segproxy.queue.journal_format import HEADER_SIZE
 from segproxy.queue.packs import pack_rows
 
 SEGMENT = RESERVE + (48 << 10)
+PAGE = 4096
 
 
 class Model:
@@ -102,9 +103,23 @@ def power_cut(rng: random.Random, directory: Path, synced: dict[str, bytes]) -> 
             image = before if rng.random() < 0.5 else now
         else:
             before = now[:HEADER_SIZE] + before[HEADER_SIZE:]
-            cut = rng.randint(HEADER_SIZE, len(now))
-            image = now[:cut] + before[cut:]
+            image = prefix(rng, now, before) if rng.random() < 0.5 else pages(rng, now, before)
         (directory / name).write_bytes(image)
+
+
+def prefix(rng: random.Random, now: bytes, before: bytes) -> bytes:
+    """What was written since the sync, up to a random byte."""
+    cut = rng.randint(HEADER_SIZE, len(now))
+    return now[:cut] + before[cut:]
+
+
+def pages(rng: random.Random, now: bytes, before: bytes) -> bytes:
+    """Each 4 KiB page written since the sync reached the disk, or not, in any order."""
+    image = bytearray(before)
+    for at in range(0, len(now), PAGE):
+        if rng.random() < 0.5:
+            image[at : at + PAGE] = now[at : at + PAGE]
+    return bytes(image)
 
 
 def check(m: Model, pending: list[PendingCommit], killed: bool) -> None:
@@ -130,7 +145,7 @@ def restarted(pending: list[PendingCommit]) -> Model:
     return m
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(8))
 def test_random_rounds_and_crashes_never_lose_a_durable_commit_nor_revive_a_synced_release(
     tmp_path: Path, seed: int
 ) -> None:

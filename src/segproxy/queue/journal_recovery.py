@@ -54,7 +54,7 @@ class RecoveryReport:
     unreadable: list[int] = field(default_factory=list)  # segments whose header is damaged
     unreadable_bytes: int = 0  # non-zero bytes behind those headers, discarded
     duplicate_seqs: int = 0  # a seq found twice (a copied file): the first one kept
-    unknown_releases: int = 0  # RELEASE entries naming no pending commit (ignored)
+    unknown_releases: int = 0  # RELEASE entries naming no commit at or above the floor (ignored)
     missing_segments: list[int] = field(default_factory=list)  # numbers absent below the highest
     open_modes: list[str] = field(default_factory=list)  # files others may read (left as they are)
 
@@ -194,7 +194,8 @@ def replay(found: list[Found], report: RecoveryReport) -> Replayed:
         for seq, indexes in decode_release(rec.payload, rec.items):
             p = pending.get(seq)
             if p is None:
-                report.unknown_releases += 1
+                # below the floor: a commit of a freed segment, released long ago (normal)
+                report.unknown_releases += seq >= floor
             elif indexes is None:
                 del pending[seq]
             else:
