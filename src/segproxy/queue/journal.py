@@ -64,10 +64,10 @@ J7. **Reuse oldest-first, once released and synced.** Segments in use form a rin
     generation is invalid from then on (J2), whatever remains of its bytes. A freed segment
     is written again only once that header is durable (synced by the syncer, or here if it
     has not run since): its new records never overwrite old ones under an old header that a
-    power cut could bring back with them. A long-pending
-    commit in the oldest segment (Segment down) holds the ring: the journal grows up to
-    ``max_segments`` and then refuses commits (:class:`JournalFull`); :meth:`Journal.stats`
-    says what the queue needs to spill in time (oldest pending seq and age, segments in use).
+    power cut could bring back with them. A long-pending commit in the oldest segment
+    (Segment down) holds the ring: the journal grows up to ``max_segments`` and then refuses
+    commits (:class:`JournalFull`; releases still fit, J4); :meth:`Journal.stats` says what
+    the queue needs to spill in time (oldest pending seq and age, segments in use).
 
 J8. **The floor.** A header's floor is the first seq of the oldest segment still in use when
     it was written (or the next seq, if none): every commit below it was fully released.
