@@ -19,6 +19,7 @@ from segproxy.queue.base import NewRow
 from segproxy.queue.journal import (
     RESERVE,
     Journal,
+    JournalError,
     JournalFull,
     JournalSyncer,
     PendingCommit,
@@ -232,6 +233,52 @@ def test_the_syncer_makes_releases_durable_so_segments_can_be_reused(tmp_path: P
     finally:
         syncer.stop()
     assert freed == 1 and syncer.failures == 0
+    j.close()
+
+
+def descriptor_of(path: Path) -> int:
+    """The descriptor this process holds on ``path`` (the journal's, found from outside)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == str(path):
+                return int(name)
+        except OSError:  # the listing's own descriptor, gone already
+            continue
+    raise AssertionError(f"{path} is not open")
+
+
+def test_a_failed_write_changes_nothing_but_spends_its_seqs(tmp_path: Path) -> None:
+    j, _, _ = reopen(tmp_path)
+    [a] = j.append([(1, events(1, 10, "a"))], [])
+    fd = descriptor_of(seg(tmp_path, 0))
+    writable = os.dup(fd)
+    read_only = os.open(seg(tmp_path, 0), os.O_RDONLY)
+    os.dup2(read_only, fd)  # the disk refuses the next write (EBADF here; EIO in life)
+    try:
+        with pytest.raises(JournalError):
+            j.append([(1, events(1, 10, "x"))], [(a, None)])
+        assert j.stats().pending_commits == 1  # the release was not remembered
+    finally:
+        os.dup2(writable, fd)
+        os.close(writable)
+        os.close(read_only)
+    [b] = j.append([(1, events(1, 10, "b"))], [])
+    assert b == a + 3  # the failed round's commit and release spent two seqs
+    j.close()
+    j, pending, report = reopen(tmp_path)
+    j.close()
+    assert seqs(pending) == [a, b] and report.missing_seqs == 2
+
+
+def test_a_commit_larger_than_a_segment_takes_is_refused_and_nothing_changes(
+    tmp_path: Path,
+) -> None:
+    j, _, _ = reopen(tmp_path)
+    too_big = b"x" * (j.max_payload + 1)
+    with pytest.raises(JournalError):
+        j.append([(1, too_big)], [])
+    [a] = j.append([(1, events(1))], [])
+    assert a == 1 and j.stats().segments == 1
     j.close()
 
 
