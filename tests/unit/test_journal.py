@@ -297,7 +297,7 @@ def test_a_torn_last_record_is_cut_at_every_byte_and_what_came_before_survives(
     j.close()
     after = seg(tmp_path, 0).read_bytes()
     last = records(seg(tmp_path, 0))[-1]
-    end = last.offset + RECORD_HEAD_SIZE + len(last.payload)
+    end = last.end
     for cut in range(last.offset, end):
         seg(tmp_path, 0).write_bytes(after[:cut] + before[cut:])
         j, pending, report = reopen(tmp_path)
@@ -321,7 +321,7 @@ def test_a_torn_release_leaves_its_commit_pending(tmp_path: Path) -> None:
     j.close()
     image = seg(tmp_path, 0).read_bytes()
     release = records(seg(tmp_path, 0))[-1]
-    end = release.offset + RECORD_HEAD_SIZE + len(release.payload)
+    end = release.end
     for cut in (release.offset + 1, release.offset + RECORD_HEAD_SIZE, end - 1):
         seg(tmp_path, 0).write_bytes(image[:cut] + bytes(len(image) - cut))
         j, pending, report = reopen(tmp_path)
@@ -340,7 +340,7 @@ def test_a_bad_crc_in_the_middle_is_reported_and_the_records_after_it_are_kept(
     image[damaged.offset + RECORD_HEAD_SIZE + 5] ^= 0x01
     seg(tmp_path, 0).write_bytes(bytes(image))
     j, pending, report = reopen(tmp_path)
-    size = RECORD_HEAD_SIZE + len(damaged.payload)
+    size = damaged.end - damaged.offset
     assert seqs(pending) == [a, c]
     assert report.gaps == [Gap(0, damaged.offset, size)] and report.missing_seqs == 1
     assert report.damaged

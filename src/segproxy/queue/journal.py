@@ -141,6 +141,7 @@ from segproxy.queue.journal_recovery import (
     RecoveryReport,
     Replayed,
     log_report,
+    read_at,
     read_segments,
     replay,
     segment_name,
@@ -293,7 +294,8 @@ class Journal:
             c.released = set(p.released) if p.released else None
             self._live[p.seq] = c
             seg.open_commits += 1
-            out.append(PendingCommit(p.seq, p.events, p.body, frozenset(p.released)))
+            body = read_at(seg.fd, p.start, p.end)  # checked by the scan; not changed since
+            out.append(PendingCommit(p.seq, p.events, body, frozenset(p.released)))
         for number in sorted(self._segments):
             if number not in in_use:
                 self._initialise(self._segments[number])
@@ -567,6 +569,14 @@ def _records(items: list[tuple[int, int, bytes]], seg: _Segment, seq: int) -> li
     return buffers
 
 
+def _sync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def open_journal(
     queue_path: str, segment_size: int = SEGMENT_SIZE, max_segments: int = MAX_SEGMENTS
 ) -> tuple[Journal, list[PendingCommit], RecoveryReport]:
@@ -574,6 +584,7 @@ def open_journal(
     journal, its pending commits in seq order, and what recovery found."""
     directory = queue_path + ".journal"
     private_dir(directory)
+    _sync_directory(os.path.dirname(os.path.abspath(directory)))  # its name, if just made
     report = RecoveryReport()
     found = read_segments(directory, report)
     try:

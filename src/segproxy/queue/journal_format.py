@@ -115,8 +115,9 @@ class Record(NamedTuple):
     kind: int
     seq: int
     items: int  # the head's count: a COMMIT's events, a RELEASE's entries
-    payload: bytes
+    payload: bytes  # a RELEASE's; b"" for a COMMIT (recovery reads back the pending ones only)
     offset: int  # in its segment
+    end: int  # the offset just past it
 
 
 class Gap(NamedTuple):
@@ -146,11 +147,12 @@ def read_record(buf: bytes, at: int, h: SegmentHeader, after: int) -> Record | N
     end = start + length
     if end > len(buf) or seq <= after:
         return None
-    crc = zlib.crc32(buf[at : start - _CRC.size], h.salt)
-    payload = buf[start:end]
-    if _CRC.unpack_from(buf, start - _CRC.size)[0] != zlib.crc32(payload, crc):
+    view = memoryview(buf)  # checked in place: a segment's commits are not copied
+    crc = zlib.crc32(view[at : start - _CRC.size], h.salt)
+    if _CRC.unpack_from(buf, start - _CRC.size)[0] != zlib.crc32(view[start:end], crc):
         return None
-    return Record(kind, seq, count, payload, at)
+    payload = bytes(view[start:end]) if kind == RELEASE else b""
+    return Record(kind, seq, count, payload, at, end)
 
 
 def _next_record(buf: bytes, at: int, h: SegmentHeader, after: int) -> Record | None:
@@ -184,7 +186,7 @@ def scan_segment(buf: bytes, h: SegmentHeader) -> SegmentScan:
             gaps.append(Gap(h.number, at, rec.offset - at))
         records.append(rec)
         last = rec.seq
-        at = tail = rec.offset + RECORD_HEAD_SIZE + len(rec.payload)
+        at = tail = rec.end
     return SegmentScan(records, gaps, tail, _looks_torn(buf, tail, h))
 
 

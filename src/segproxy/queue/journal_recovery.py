@@ -3,9 +3,11 @@ keep the valid records, and work out what is still pending, without writing anyt
 
 :func:`read_segments` reads and scans each file (journal_format.py says what a valid record
 is); :func:`replay` orders what was found by seq and applies the RELEASE records to the
-COMMIT records. The journal (journal.py) then builds its state from the result, rewrites the
-headers of the segments that are free, and syncs. Whatever is damaged is reported in a
-:class:`RecoveryReport`, never delivered, and never stops start-up.
+COMMIT records. The journal (journal.py) then builds its state from the result, reads back
+the bodies of the commits still pending (only those: a journal pinned by one old commit may
+hold hundreds of MB of released ones), rewrites the headers of the free segments, and syncs.
+Whatever is damaged is reported in a :class:`RecoveryReport`, never delivered, and never
+stops start-up.
 """
 
 from __future__ import annotations
@@ -87,11 +89,12 @@ def _check_mode(path: str, report: RecoveryReport) -> None:
         )
 
 
-def _read_all(fd: int, size: int) -> bytes:
+def read_at(fd: int, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` of a file (fewer if it is shorter)."""
     parts: list[bytes] = []
-    at = 0
-    while at < size:
-        chunk = os.pread(fd, size - at, at)
+    at = start
+    while at < end:
+        chunk = os.pread(fd, end - at, at)
         if not chunk:
             break
         parts.append(chunk)
@@ -112,7 +115,7 @@ def read_segments(directory: str, report: RecoveryReport) -> list[Found]:
         _check_mode(path, report)
         fd = os.open(path, os.O_RDWR)
         size = os.fstat(fd).st_size
-        buf = _read_all(fd, size)
+        buf = read_at(fd, 0, size)  # one segment at a time: only RELEASE payloads are kept
         number = int(match.group(1))
         header = decode_header(buf) if size >= MIN_SEGMENT_SIZE else None
         scan = None if header is None else scan_segment(buf, header)
@@ -137,7 +140,8 @@ class Pending(NamedTuple):
     seq: int
     segment: int
     events: int
-    body: bytes  # the pack body (packs.py) of all its events
+    start: int  # where its payload (the pack body of all its events) lies in the segment
+    end: int
     released: set[int]  # indexes of its events already released
 
 
@@ -189,7 +193,8 @@ def replay(found: list[Found], report: RecoveryReport) -> Replayed:
         first, _ = ranges.get(number, (rec.seq, 0))
         ranges[number] = (first, rec.seq)
         if rec.kind == COMMIT:
-            pending[rec.seq] = Pending(rec.seq, number, rec.items, rec.payload, set())
+            start = rec.offset + RECORD_HEAD_SIZE
+            pending[rec.seq] = Pending(rec.seq, number, rec.items, start, rec.end, set())
             continue
         for seq, indexes in decode_release(rec.payload, rec.items):
             p = pending.get(seq)
