@@ -63,6 +63,11 @@ COMPILED = (
     "queue/runner.py",
     "queue/checkpoint.py",
     "queue/handover.py",
+    "queue/files.py",
+    "queue/journal_format.py",
+    "queue/journal_recovery.py",
+    "queue/journal.py",
+    "queue/spill.py",
     "queue/sqlite.py",
     "forward/batcher.py",
     "forward/retry.py",
@@ -88,7 +93,6 @@ INTERPRETED: dict[str, str] = {
     "path reads its frozen dataclasses' attributes, as plain Python objects",
     "config/values.py": "start-up: the configuration is read and validated once",
     "queue/__init__.py": "start-up: opens the configured queue backend once",
-    "queue/files.py": "start-up: the data directory's and the queue file's modes, once",
     "queue/admin.py": "the operator's dashboard reads dead letters and stats with it, in a "
     "worker thread: never per request",
     "edge/stream.py": "a streamed answer's body (the dashboard's live updates): runs only "

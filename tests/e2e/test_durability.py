@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
+from segproxy.queue.journal_format import HEADER_SIZE, decode_header
 from segproxy.redact import mask
-from tests.support.fakes import FakeSegment, RecordedRequest, Response
+from tests.support.fakes import FakeSegment, Mode, RecordedRequest, Response
 from tests.support.load import (
     Client,
     Load,
@@ -187,15 +188,34 @@ def segproxy_cli(*args: str) -> subprocess.CompletedProcess[str]:
 # 1. Crash drill
 
 
+def journal_generations(queue_path: Path) -> tuple[int, int]:
+    """The journal's segment files, and the highest generation in their headers: each new
+    file and each reuse of a file takes the next generation (queue/journal.py, J7)."""
+    files = sorted(Path(str(queue_path) + ".journal").glob("seg-*"))
+    headers = [decode_header(f.read_bytes()[:HEADER_SIZE]) for f in files]
+    return len(files), max((h.generation for h in headers if h is not None), default=0)
+
+
+@pytest.mark.parametrize("moment", ["steady", "segment reuse", "spill"])
 def test_crash_drill_sigkill_under_load_loses_nothing(
-    scripted: ScriptedSegment, launcher: Launcher, tmp_path: Path
+    scripted: ScriptedSegment, launcher: Launcher, tmp_path: Path, moment: str
 ) -> None:
+    # "segment reuse": 1 MiB journal segments, freed and written again many times a second,
+    # so the kills land while segments are reused. "spill": one batch in three is refused
+    # with a 500, so events leave the journal for the file (retries, and the move when
+    # memory mode ends) all along, and the kills land while they do.
     seed = int(os.environ.get("DURABILITY_DRILL_SEED", str(random.randrange(1 << 30))))
     rng = random.Random(seed)
-    print(f"crash drill seed {seed} (DURABILITY_DRILL_SEED to repeat)")
+    print(f"crash drill ({moment}) seed {seed} (DURABILITY_DRILL_SEED to repeat)")
     scripted.latency = 0.05
     port = free_port()
-    config = durable_config(scripted, tmp_path, port=port)
+    queue_path = tmp_path / "data" / "queue.db"
+    extra: dict[str, Any] = {}
+    if moment == "segment reuse":
+        extra["queue"] = {"journal_segment_bytes": 1 << 20}
+    config = durable_config(scripted, tmp_path, port=port, **extra)
+    if moment == "spill":
+        scripted.api.set_cycle([Mode("status", 500, times=1), Mode(times=2)] * 2000)
     proxy = launcher.start(config)
 
     load = Load(
@@ -249,6 +269,13 @@ def test_crash_drill_sigkill_under_load_loses_nothing(
     print("\n".join(resumed))
     assert load.statuses["error"] > 0, "the kills never hit a client: the drill proved nothing"
     assert len(acked) >= 1000
+    files, generation = journal_generations(queue_path)
+    print(f"journal: {files} segment files, highest generation {generation}")
+    if moment == "segment reuse":
+        assert generation > files, "no journal segment was reused: the drill proved nothing"
+    if moment == "spill":
+        refused = sum(1 for r in scripted.api.requests() if r.status == 500)
+        assert refused > 20, "too few refused batches: nothing left the journal for the file"
     # Leases live in memory (queue/sqlite.py, invariant 7): a restart finds the rows that were
     # in flight at the kill in the file and sends them again.
     assert resumed, "no restart found events left by the killed process: recovery went untested"

@@ -295,7 +295,13 @@ def test_with_only_data_dir_set_the_queue_is_there_readable_by_its_owner_only(
     assert live.stats()["rows"] == 1  # the CLI runs from the test's directory, not the proxy's
     modes = {
         p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
-        for p in [tmp_path / "var", tmp_path / "var" / "lib", data, *data.iterdir()]
+        for p in [
+            tmp_path / "var",
+            tmp_path / "var" / "lib",
+            data,
+            *data.iterdir(),
+            *(data / "queue.db.journal").iterdir(),
+        ]
     }
     assert modes == {
         "var": 0o700,
@@ -305,4 +311,6 @@ def test_with_only_data_dir_set_the_queue_is_there_readable_by_its_owner_only(
         "var/lib/segproxy/queue.db-wal": 0o600,
         "var/lib/segproxy/queue.db-shm": 0o600,
         "var/lib/segproxy/queue.db.lock": 0o600,
+        "var/lib/segproxy/queue.db.journal": 0o700,
+        "var/lib/segproxy/queue.db.journal/seg-0000": 0o600,
     }

@@ -442,27 +442,27 @@ def test_group_commit_shares_transactions(db_path: Path) -> None:
     async def main() -> None:
         q = await open_sqlite(db_path)
         commits: list[str] = []  # the thread of each transaction the queue's connection ran
-        inserts = 0
 
         def trace(statement: str) -> None:  # what the queue's own connection runs, and where
-            nonlocal inserts
-            if statement.startswith(("INSERT INTO events", "INSERT INTO packs")):
-                inserts += 1
-            elif statement == "COMMIT":
+            if statement == "COMMIT":
                 commits.append(threading.current_thread().name)
 
-        assert q._db is not None
+        assert q._db is not None and q._hot is not None
         q._db.set_trace_callback(trace)
+        records = q._hot.journal.stats().pending_commits
         try:
             await asyncio.gather(*(q.put([new(f"wk_{i % 3}", i)]) for i in range(200)))
-            assert inserts > 0
-            assert len(commits) <= 10, commits
             assert (await q.stats()).rows == 200
-            # Invariant 9: with NORMAL, commits run on the loop (they never fsync); with FULL,
-            # each commit fsyncs, on the writer thread.
-            loop_mode = SYNCHRONOUS[0] == "NORMAL"
-            expected = threading.main_thread().name if loop_mode else "segproxy-sqlite"
-            assert set(commits) == {expected}
+            if SYNCHRONOUS[0] == "NORMAL":
+                # Invariants 9 and 12: with NORMAL, a group commit is one journal record,
+                # written on the loop (never fsynced there); the file is not written at all.
+                journal_commits = q._hot.journal.stats().pending_commits - records
+                assert 0 < journal_commits <= 10
+                assert commits == []
+            else:
+                # With FULL, each commit fsyncs, on the writer thread.
+                assert 0 < len(commits) <= 10, commits
+                assert set(commits) == {"segproxy-sqlite"}
         finally:
             await q.close()
         q = await open_sqlite(db_path)
@@ -475,12 +475,14 @@ def test_group_commit_shares_transactions(db_path: Path) -> None:
 
 
 def test_put_returns_only_after_commit(db_path: Path) -> None:
-    # Another connection holds the write lock (the CLI replaying, say): the put waits for it,
-    # the event loop goes on meanwhile, and the 200's promise holds once it returns.
+    # Another connection holds the write lock (the CLI replaying, say): a put to the file
+    # waits for it, the event loop goes on meanwhile, and the 200's promise holds once it
+    # returns. (In memory mode with NORMAL, puts go to the journal: see the next test.)
     async def main() -> None:
         q = await open_sqlite(db_path)
         other = sqlite3.connect(db_path, isolation_level=None)
         try:
+            await to_database_mode(q)
             other.execute("BEGIN IMMEDIATE")
             put = asyncio.ensure_future(q.put([new("wk_a", 0)]))
             for _ in range(10):
@@ -488,7 +490,30 @@ def test_put_returns_only_after_commit(db_path: Path) -> None:
             assert not put.done()
             other.execute("COMMIT")
             await asyncio.wait_for(put, 5)
-            assert admin.stats(str(db_path)).rows == 1  # visible to another connection
+            assert admin.stats(str(db_path)).rows == 2  # visible to another connection
+        finally:
+            other.close()
+            await q.close()
+
+    asyncio.run(main())
+
+
+def test_in_memory_mode_a_put_never_waits_for_the_file_s_lock(
+    db_path: Path, synchronous: str
+) -> None:
+    # Invariant 12: with NORMAL, memory mode's commits go to the journal; a long replay or
+    # purge holding the file's lock does not hold up a single 200.
+    if synchronous != "NORMAL":
+        pytest.skip("FULL commits every event to the file")
+
+    async def main() -> None:
+        q = await open_sqlite(db_path)
+        other = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            await asyncio.wait_for(q.put([new("wk_a", 0)]), 5)
+            other.execute("COMMIT")
+            assert admin.stats(str(db_path)).rows == 1  # the CLI sees it, in the journal
         finally:
             other.close()
             await q.close()
@@ -507,13 +532,14 @@ def test_a_file_locked_for_too_long_fails_the_put_and_keeps_nothing(
         q = await open_sqlite(db_path)
         other = sqlite3.connect(db_path, isolation_level=None)
         try:
+            await to_database_mode(q)  # commits go to the file
             other.execute("BEGIN IMMEDIATE")
             with pytest.raises(QueueError, match="locked"):
                 await asyncio.wait_for(q.put([new("wk_a", 0)]), 5)
             other.execute("COMMIT")
-            assert q.rows == 0  # refused: not counted, so not held against the caps
+            assert q.rows == 1  # refused: not counted, so not held against the caps
             await q.put([new("wk_a", 1)])  # the lock is gone: back to normal
-            assert admin.stats(str(db_path)).rows == 1
+            assert admin.stats(str(db_path)).rows == 2
         finally:
             other.close()
             await q.close()
@@ -609,6 +635,7 @@ def test_sqlite_disk_full_is_queue_full_and_rolled_back(db_path: Path) -> None:
     async def main() -> None:
         q = await open_sqlite(db_path)
         try:
+            await to_database_mode(q)  # commits go to the file (its wk_z row stays queued)
             await q.put([new("wk_a", 0)])
             db = q._db
             assert db is not None
@@ -617,7 +644,7 @@ def test_sqlite_disk_full_is_queue_full_and_rolled_back(db_path: Path) -> None:
             with pytest.raises(QueueFull, match="full"):
                 await q.put([new("wk_a", 1, size=200_000)])
             s = await q.stats()
-            assert (s.rows, q.rows, q.bytes) == (1, 1, s.bytes)
+            assert (s.rows, q.rows, q.bytes) == (2, 2, s.bytes)
             assert not q.has_room()  # remembered for a moment: fast 503s meanwhile
         finally:
             await q.close()
@@ -1258,6 +1285,26 @@ def test_a_failed_retry_write_never_loses_the_events_of_its_commit(db_path: Path
     asyncio.run(main())
 
 
+def break_journal(q: SqliteQueue) -> list[tuple[int, int]]:
+    """From now on every write to the queue's journal fails (EBADF): each segment's descriptor
+    now names the file opened read-only. Returns what mend_journal puts back."""
+    assert q._hot is not None
+    journal = q._hot.journal
+    saved: list[tuple[int, int]] = []
+    for number, seg in journal._segments.items():
+        read_only = os.open(os.path.join(journal.directory, f"seg-{number:04d}"), os.O_RDONLY)
+        saved.append((seg.fd, os.dup(seg.fd)))
+        os.dup2(read_only, seg.fd)
+        os.close(read_only)
+    return saved
+
+
+def mend_journal(saved: list[tuple[int, int]]) -> None:
+    for fd, original in saved:
+        os.dup2(original, fd)
+        os.close(original)
+
+
 async def to_database_mode(q: SqliteQueue) -> None:
     """A retried row puts the queue in database mode (invariant 7)."""
     await q.put([new("wk_z", 999)])
@@ -1272,11 +1319,14 @@ def test_a_failed_put_stores_nothing_and_keeps_the_counters_and_what_was_stored(
         q = await open_sqlite(db_path)
         try:
             await q.put([new("wk_a", 0)])
-            for table in ("packs", "events"):  # memory mode writes a pack, FULL rows
-                await inject(q, "INSERT", table)
+            # Memory mode writes to the journal, and to the file when the journal fails;
+            # FULL writes rows.
+            broken = break_journal(q)
+            await inject(q, "INSERT", "events")
             with pytest.raises(QueueError, match="injected"):
                 await q.put([new("wk_a", 1), new("wk_a", 2)])
             assert (q.rows, q.bytes) == (1, cost(new("wk_a", 0)))
+            mend_journal(broken)
             await healed(q)
             await q.put([new("wk_a", 3)])
             assert bodies(await q.lease(T0, 10)) == [new("wk_a", 0).body, new("wk_a", 3).body]
@@ -1323,10 +1373,11 @@ def test_a_failed_ack_write_keeps_the_events_and_never_resurrects_the_others(
                 await to_database_mode(q)
             rows = [r for r in await q.lease(T0, 10) if r.write_key == "wk_a"]
             await q.ack([rows[0].id])
-            for op, table in (("DELETE", "events"), ("UPDATE", "packs"), ("DELETE", "packs")):
-                await inject(q, op, table)
-            with pytest.raises(sqlite3.Error, match="injected"):
+            await inject(q, "DELETE", "events")  # database mode: rows deleted
+            broken = break_journal(q)  # memory mode: a RELEASE in the journal
+            with pytest.raises((sqlite3.Error, QueueError), match=r"injected|the journal"):
                 await q.ack([rows[1].id, rows[2].id])
+            mend_journal(broken)
             await healed(q)
             await q.ack([rows[3].id])  # the same commit, delivered after the failure
         finally:

@@ -13,6 +13,7 @@ from typing import Any, Literal, cast
 
 from segproxy.config.schema import (
     KNOWN_KEYS,
+    MIN_JOURNAL_SEGMENT,
     QUEUE_FILE,
     REGION_PRESETS,
     AdminConfig,
@@ -143,6 +144,11 @@ def _queue(flat: Mapping[str, object]) -> QueueConfig:
         _choice("queue.backend", flat.get("queue.backend", "sqlite"), ("sqlite", "none", "memory")),
     )
     sync = _choice("queue.synchronous", flat.get("queue.synchronous", "normal"), ("full", "normal"))
+    segment = flat.get("queue.journal_segment_bytes", MIN_JOURNAL_SEGMENT)
+    if isinstance(segment, int) and not isinstance(segment, bool) and segment < MIN_JOURNAL_SEGMENT:
+        raise ConfigError(
+            "queue.journal_segment_bytes", segment, f"an integer >= {MIN_JOURNAL_SEGMENT}"
+        )
     return QueueConfig(
         backend=backend,
         path=queue_path(

@@ -43,6 +43,7 @@ class SourcesConfig:
 
 
 QUEUE_FILE = "queue.db"  # queue.path's default, under data_dir
+MIN_JOURNAL_SEGMENT = 1024**2  # room for a full request's commit besides the release reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class QueueConfig:
     max_dead_bytes: int = 64 * 1024**2  # dead letters, apart; the oldest go past it
     min_free_disk_bytes: int = 64 * 1024**2
     synchronous: Literal["full", "normal"] = "normal"
+    journal_segment_bytes: int = 8 * 1024**2  # each preallocated file of the journal
 
 
 @dataclass(frozen=True, slots=True)

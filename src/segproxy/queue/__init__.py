@@ -10,11 +10,15 @@ same story in order). Where each is kept:
 - schema.py: the file's tables and migrations, the connection's settings, the one
   transaction helper (``Transaction``) and the SQL shared with admin.py (the CLI).
 - bookkeeping.py: the forwarder's side in the file: leasing in database mode, deleting,
-  retrying, dead letters, the move out of packs.
+  retrying, dead letters, the move out of the journal.
 - runner.py: where the jobs run, in order: the event loop (loop mode) or the writer thread.
 - checkpoint.py: the checkpointer thread (the WAL bounded and synced).
 - handover.py: memory mode's hand-over, a state machine without I/O.
-- packs.py: a commit as one row (the pack codec and the book of what each pack holds).
+- packs.py: a commit's events as one pack (the codec, the ids, the book of what each
+  journal commit still holds).
+- journal.py (with journal_format.py, journal_recovery.py): the append-only journal of memory
+  mode's commits, with its own invariants J1-J10. spill.py: the journal and the file
+  together (invariant 12).
 - ledger.py: the last fault per key and the dead letters' cap. files.py: file modes, the lock.
 - memory.py: the in-memory backend. admin.py: the CLI's ``segproxy queue`` commands.
 - journal.py (+ journal_format.py, journal_recovery.py): the append-only journal meant to
@@ -34,10 +38,10 @@ Invariants of the SQLite queue, in the order things happen:
    - ``full``: every commit is fsynced before the 200, so it survives a power cut as well, at
      the price of one fsync per group commit (0.2 ms on the bench machine, more on many cloud
      disks), which bounds throughput.
-2. **Delete only on delivery.** A row leaves ``events`` (or an event its pack, invariant 10)
+2. **Delete only on delivery.** A row leaves ``events`` (or an event the journal, invariant 12)
    only through ``ack`` (Segment accepted it) or ``dead_letter`` (moved, in the same
-   transaction, to ``dead`` with the status and body); an event leaves its pack also by
-   becoming a row of ``events``, in the transaction that shrinks the pack.
+   transaction, to ``dead`` with the status and body); an event leaves the journal also by
+   becoming a row of ``events`` (a spill, made durable before its release).
 3. **Leases die with their process.** A leased row carries ``lease_until > 0``. One process owns
    a queue file at a time (an exclusive ``flock`` on ``<path>.lock``), so at open, every lease
    left in the file belongs to a process that is gone: they are all cleared, and those rows are
@@ -97,22 +101,20 @@ Invariants of the SQLite queue, in the order things happen:
    waiting on SQLite's busy timeout would. Opening and closing (a VACUUM, a checkpoint) run on
    the writer thread, as every job does with ``full``, whose commits fsync.
 
-10. **In memory mode a group commit is one pack.** With ``normal``, a commit in memory mode
-    is one row of ``packs`` holding all its events (a fixed head per event, then its key,
-    sentAt and body), not one row of ``events`` each: the per-row work of an INSERT and its
-    DELETE is most of what SQLite costs per event, and the forwarder reads the events from
-    the hand-over list anyway. A packed event's id is PACK_BASE + pack id * PACK_SPAN +
-    index, above any id of ``events``. A pack always holds exactly its events that are still
-    queued: when some leave (delivered, retried, dead) and others remain, it is rewritten
-    with those (one per batch boundary, in the same job as the ack); when none remain, it
-    is deleted. Leaving memory mode, the packed events in the hand-over list become rows of
-    ``events`` (with new ids, if their pack is still in the file: ``segproxy queue purge``
-    may have deleted it); those in flight stay packed until their outcome. A retry or a
-    dead letter moves the event to ``events`` or ``dead`` from memory. Opening the file
-    turns every pack left into rows first, so everything else (database mode, the CLI's
-    replay) only knows rows; ``stats`` and the counters read both tables.
-
-11. **Write, then remember.** What this object holds about stored rows (the packs' events,
+10. **In memory mode a group commit is one journal record.** With ``normal``, a commit in
+    memory mode is one COMMIT record of the journal (invariant 12) holding all its events
+    as a *pack* (a fixed head per event, then its key, sentAt and body), not one row of
+    ``events`` each: the per-row work of an INSERT and its DELETE, and SQLite's page copies,
+    are most of what the file costs per event, and the forwarder reads the events from the
+    hand-over list anyway. A packed event's id is PACK_BASE + the record's seq * PACK_SPAN
+    + index, above any id of ``events``. The pack book holds exactly the events of each
+    record not yet released: a delivered event is released (a RELEASE record naming its
+    index, or the whole commit with its last events); a retried or dead one, or one moved
+    when memory mode ends, becomes a row of ``events`` or ``dead`` first (a spill). Files
+    from before the journal may hold a table ``packs`` of such bodies: opening the file
+    turns them into rows, so everything else (database mode, the CLI's replay) only knows
+    rows and the journal; ``stats`` and the counters read all three.
+11. **Write, then remember.** What this object holds about stored rows (the journal's events,
     the counters, the dead letters' bytes) changes only after the write that mirrors it has
     committed. A bookkeeping job (ack, retry, dead letter, the move to the file) works out
     what to write from memory when it runs (jobs run in order, so it sees every earlier
@@ -122,6 +124,24 @@ Invariants of the SQLite queue, in the order things happen:
     and acknowledging a sibling later rewrote the pack without them: lost for good. A row
     whose bookkeeping failed stays where it was in the file and is sent again at the latest
     after a restart (at-least-once).
+
+12. **The journal is the write path of memory mode; the file holds everything else.** A
+    journal event leaves the journal only by a RELEASE record (J6), appended only once what
+    replaces it is written: Segment's 2xx (delivered), or a *spill*: the event as a row of
+    ``events`` or ``dead`` together with its place in the journal in ``journal_spills``,
+    one transaction fsynced before the RELEASE is written (a power cut cannot keep the
+    release and lose the row). A crash between the two leaves the event in both; the next
+    open releases it from the journal without storing it again, since ``journal_spills``
+    names it: each event is queued once. Opening the queue recovers the journal (J9) and
+    spills everything still pending in it, so a new process starts with rows only. A commit
+    the journal cannot take (no segment left, a failed write) is written to the file as
+    rows instead, and a full journal ends memory mode, whose move empties it. ``segproxy
+    queue purge`` stamps its time in the file: journal events received before it are
+    dropped wherever they would be spilled, and ``stats`` does not count them. With
+    ``full``, commits go to the file (fsynced each) and the journal only holds what a
+    previous ``normal`` process left. Why: a journal write is one ``pwritev`` of bytes
+    already encoded, where a pack in SQLite cost its page copies, WAL frames and checksums,
+    the B-tree and the delete (docs/architecture.md, "The durable path").
 
 The SQLite calls of the proxy run serialised on one connection: on the loop (invariant 9) or
 the writer thread; only the checkpointer has its own.
@@ -163,5 +183,6 @@ async def open_queue(
         max_dead_bytes=q.max_dead_bytes,
         synchronous=q.synchronous.upper(),
         lease_seconds=max(120.0, config.upstream.timeout * 4),
+        journal_segment_bytes=q.journal_segment_bytes,
         on_commit=on_commit,
     ).open()

@@ -1,8 +1,10 @@
-"""Operating a queue file from the CLI, also while a proxy is running on it.
+"""Operating a queue from the CLI, also while a proxy is running on it.
 
 SQLite's WAL lets these read while the proxy writes; writes (replay, purge) take the database
 lock for one short transaction per chunk, so the proxy is never blocked for long. The proxy
-re-reads its counters every few seconds, so caps stay true after a purge or replay.
+re-reads its counters every few seconds, so caps stay true after a purge or replay. The
+journal (``<path>.journal``) is read without being owned, and never written here: a purge
+stamps its time in the file, which drops the journal's older events (spill.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from segproxy.queue.base import ROW_OVERHEAD, DeadRow, QueueStats
 from segproxy.queue.schema import Transaction, chunks, connect, dead_of, marks, stats_of
+from segproxy.queue.spill import mark_purge, read_journal
 from segproxy.redact import mask
 
 
@@ -30,9 +33,10 @@ def open_existing(path: str) -> sqlite3.Connection:
 
 
 def stats(path: str) -> QueueStats:
+    """Everything queued, in the file and in the journal."""
     db = open_existing(path)
     try:
-        return stats_of(db)
+        return stats_of(db, read_journal(path, db))
     finally:
         db.close()
 
@@ -129,16 +133,20 @@ def replay(
 
 
 def purge(path: str, dead_only: bool = False) -> tuple[int, int]:
-    """Delete queued events (unless ``dead_only``) and dead letters; returns both counts."""
+    """Delete queued events (unless ``dead_only``) and dead letters; returns both counts.
+    Events in the journal are dropped by the purge's time stamp (spill.py): those a running
+    proxy handed to its forwarder already still go out."""
     db = open_existing(path)
     try:
         events = 0
         with Transaction(db):
             if not dead_only:
+                journal = len(read_journal(path, db))
                 packed = db.execute("SELECT coalesce(sum(rows), 0) FROM packs").fetchone()[0]
-                events = db.execute("DELETE FROM events").rowcount + int(packed)
+                events = db.execute("DELETE FROM events").rowcount + int(packed) + journal
                 db.execute("DELETE FROM packs")
                 db.execute("DELETE FROM faults")  # about events no longer queued
+                mark_purge(db, time.time())
             dead_rows = db.execute("DELETE FROM dead").rowcount
         return events, dead_rows
     finally:

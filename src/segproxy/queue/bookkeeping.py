@@ -1,11 +1,13 @@
-"""The forwarder's side of the queue file: leasing in database mode, when the next row is
-ready, and what a delivery, a retry, a dead letter and the move out of packs write.
+"""The forwarder's side of the queue: leasing in database mode, when the next row is ready,
+and what a delivery, a retry, a dead letter and the move out of the journal write.
 
 :class:`Bookkeeper` holds the jobs (run by the queue's JobRunner, in order, on its one
-connection): each plans its write from memory (the pack book) when it runs, writes it in one
-bookkeeping transaction (invariant 5), and only then changes memory: write, then remember
-(invariant 11 in ``queue/__init__.py``). The functions below it are their SQL, each run
-inside the transaction; invariant 8 says why database mode reads through the two indexes.
+connection): each plans its write from memory (the pack book) when it runs, writes it (rows
+in one bookkeeping transaction, invariant 5; events of the journal as a RELEASE, after the
+spill that stores them elsewhere is durable, invariant 12), and only then changes memory:
+write, then remember (invariant 11 in ``queue/__init__.py``). The functions below it are
+their SQL, each run inside the transaction; invariant 8 says why database mode reads
+through the two indexes.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import sqlite3
 from typing import Any, cast
 
 from segproxy.queue.base import Row, RowKind, stored_size
+from segproxy.queue.journal import Journal
 from segproxy.queue.ledger import evict_dead, record_faults, record_faults_of_rows
-from segproxy.queue.packs import PackBook, apply_packs, pack_of
+from segproxy.queue.packs import Leaving, PackBook
 from segproxy.queue.schema import (
     DROP_FRESH_INDEX,
     FRESH_INDEX,
@@ -25,6 +28,7 @@ from segproxy.queue.schema import (
     event_values,
 )
 from segproxy.queue.schema import marks as marks_for
+from segproxy.queue.spill import forget_spills, purged_before, record_spills
 
 ROW_COLUMNS = "id, write_key, kind, received_at, attempts, body, sent_at"
 INSERT_DEAD = (
@@ -43,8 +47,10 @@ class Bookkeeper:
         packs: PackBook,
         lease_seconds: float,
         max_dead_bytes: int,
+        journal: Journal,
     ) -> None:
         self.db = db
+        self.journal = journal
         self.synchronous = synchronous  # the connection's: see schema.Transaction
         self.packs = packs  # shared with the queue, which adds each pack it commits
         self.lease_seconds = lease_seconds
@@ -52,9 +58,23 @@ class Bookkeeper:
         # Bytes of dead letters, read and set by the jobs only (stale after the CLI's replay
         # or purge until a recount; the file decides before anything is evicted).
         self.dead_bytes = 0
+        self.spills = 0  # entries in journal_spills, forgotten as the journal frees segments
 
-    def _transaction(self) -> Transaction:
-        return Transaction(self.db, self.synchronous)
+    def _transaction(self, leaving: Leaving | None = None) -> Transaction:
+        """A bookkeeping transaction; a spill's (it stores events of the journal) is durable
+        before their RELEASE is written (invariant 12)."""
+        durable = leaving is not None and bool(leaving.packed)
+        return Transaction(self.db, self.synchronous, durable)
+
+    def _release(self, leaving: Leaving) -> None:
+        """The RELEASE of the journal events in ``leaving`` (after what stored them elsewhere
+        is durable), then the oldest segments freed if they may be (J7)."""
+        if not leaving.releases:
+            return
+        journal = self.journal
+        journal.append([], leaving.releases)
+        if journal.reclaim() and self.spills:
+            self.spills = forget_spills(self.db, journal.floor)
 
     def lease(self, now: float, max_rows: int, exclude: frozenset[str]) -> tuple[list[Row], bool]:
         """Database mode (invariant 8): per key, the oldest ready rows, by index; and whether
@@ -66,19 +86,22 @@ class Bookkeeper:
         return next_ready_at(self.db, exclude)
 
     def ack(self, ids: list[int]) -> None:
-        """Delivered: rows deleted, packs shrunk or deleted (invariant 10), one transaction."""
+        """Delivered: rows deleted (one transaction), journal events released."""
         leaving = self.packs.plan(ids)
-        with self._transaction() as db:
-            apply_packs(db, leaving.changes)
-            delete_rows(db, leaving.rows)
+        if leaving.rows:
+            with self._transaction() as db:
+                delete_rows(db, leaving.rows)
+        self._release(leaving)
         self.packs.remember(leaving)
 
     def retry(self, ids: list[int], not_before: float, fault: str, now: float) -> None:
-        """Released for a retry: packed events become rows (invariant 10)."""
+        """Released for a retry: journal events become rows (invariant 12)."""
         leaving = self.packs.plan(ids)
-        with self._transaction() as db:
+        with self._transaction(leaving) as db:
             retry_rows(db, leaving.rows, leaving.packed, not_before, fault, now)
-            apply_packs(db, leaving.changes)
+            spills = record_spills(db, leaving.packed)
+        self.spills += spills
+        self._release(leaving)
         self.packs.remember(leaving)
 
     def bury(self, ids: list[int], status: int, reason: str, now: float) -> tuple[int, int]:
@@ -87,25 +110,32 @@ class Bookkeeper:
         their bytes. (The dead letters' byte counter is the jobs' own: each job reads it
         and, once its transaction committed, sets it.)"""
         leaving = self.packs.plan(ids)
-        with self._transaction() as db:
+        with self._transaction(leaving) as db:
             added = bury_rows(db, leaving.rows, leaving.packed, status, reason, now)
-            apply_packs(db, leaving.changes)
+            spills = record_spills(db, leaving.packed)
             # The counter says when to look (no scan per dead letter); the file decides (the
             # CLI may have replayed or purged meanwhile).
             evicted, freed, total = 0, 0, self.dead_bytes + added
             if total > self.max_dead_bytes:
                 evicted, freed, total = evict_dead(db, self.max_dead_bytes)
+        self.spills += spills
+        self._release(leaving)
         self.packs.remember(leaving)
         self.dead_bytes = total
         return evicted, freed
 
     def move(self, ids: list[int]) -> None:
-        """Leaving memory mode: packed events become rows of ``events`` (if the write fails
-        they stay in their pack, sent again after a restart)."""
+        """Leaving memory mode: journal events handed over become rows of ``events``, those
+        received since the last purge (if the write fails they stay in the journal, sent
+        again after a restart)."""
         leaving = self.packs.plan(ids)
-        with self._transaction() as db:
-            unpack_to_rows(db, leaving.packed)
-            apply_packs(db, leaving.changes)
+        with self._transaction(leaving) as db:
+            purged = purged_before(db)
+            kept = [r for r in leaving.packed if r.received_at >= purged]
+            db.executemany(INSERT_ROW, event_values(kept, 0.0, 0))
+            spills = record_spills(db, kept)
+        self.spills += spills
+        self._release(leaving)
         self.packs.remember(leaving)
 
     def mark_leased(self, ids: list[int]) -> None:
@@ -288,17 +318,3 @@ def _dead_values(row: Row, died_at: float, status: int, reason: str) -> tuple[ob
         row.sent_at,
         stored_size(row.write_key, row.body, row.sent_at) + len(reason),
     )
-
-
-def unpack_to_rows(db: sqlite3.Connection, packed: list[Row]) -> None:
-    """Leaving memory mode: packed events become rows of ``events``, those whose pack is
-    still in the file (``segproxy queue purge`` may have deleted it meanwhile)."""
-    there = {
-        int(r[0])
-        for chunk in chunks(sorted({pack_of(r.id) for r in packed}))
-        for r in db.execute(
-            f"SELECT id FROM packs WHERE id IN ({marks_for(chunk)})", chunk
-        ).fetchall()
-    }
-    keep = [r for r in packed if pack_of(r.id) in there]
-    db.executemany(INSERT_ROW, event_values(keep, 0.0, 0))

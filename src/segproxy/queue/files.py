@@ -15,7 +15,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import stat
+import time
 from pathlib import Path
 
 from segproxy.queue.base import QueueError
@@ -69,3 +71,31 @@ def lock_exclusively(path: str) -> int:
             "give each process its own [queue] path"
         ) from exc
     return fd
+
+
+class DiskRoom:
+    """Whether the queue's disk has ``min_free`` bytes free (invariant 4), looked at once a
+    second at most, and held as full for a second once SQLite found it full."""
+
+    __slots__ = ("checked", "directory", "min_free", "ok")
+
+    def __init__(self, path: str, min_free: int) -> None:
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.min_free = min_free
+        self.checked = 0.0
+        self.ok = True
+
+    def check(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self.checked > 1.0:
+            self.checked = now
+            try:
+                free = shutil.disk_usage(self.directory).free
+            except OSError:
+                free = 0
+            self.ok = free >= self.min_free
+        return self.ok
+
+    def found_full(self) -> None:
+        self.ok = False
+        self.checked = time.monotonic()

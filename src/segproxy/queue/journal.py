@@ -4,7 +4,8 @@ letters, a backlog. journal_format.py holds the bytes, journal_recovery.py the r
 Long because the invariants and the recovery argument stand here in full (the code is
 about 450 lines).
 
-Not wired into the queue yet. The invariants, cited as "J<n>":
+The queue (sqlite.py, bookkeeping.py, spill.py) uses it in memory mode with ``synchronous =
+"normal"``: invariant 12 in ``queue/__init__.py``. The invariants, cited as "J<n>":
 
 J1. **Files.** ``<queue path>.journal/`` (``0700`` when segproxy makes it) holds segment files
     ``seg-NNNN``, each created ``0600``, preallocated (``posix_fallocate``) to
@@ -426,6 +427,11 @@ class Journal:
             f"the journal's {self.max_segments} segments hold pending commits"
             f" (oldest seq {self.stats().oldest_pending_seq})"
         )
+
+    @property
+    def floor(self) -> int:
+        """Every commit under this seq was fully released and its segment freed (J8)."""
+        return self._floor()
 
     def _floor(self) -> int:
         for seg in self._in_use:

@@ -102,9 +102,9 @@ def read_at(fd: int, start: int, end: int) -> bytes:
     return b"".join(parts)
 
 
-def read_segments(directory: str, report: RecoveryReport) -> list[Found]:
+def read_segments(directory: str, report: RecoveryReport, writable: bool = True) -> list[Found]:
     """Open, check and scan every ``seg-NNNN`` file of ``directory`` (other files are left
-    alone)."""
+    alone); ``writable=False``: opened read-only (the CLI, beside a running proxy)."""
     _check_mode(directory, report)
     found: list[Found] = []
     for name in sorted(os.listdir(directory)):
@@ -113,7 +113,7 @@ def read_segments(directory: str, report: RecoveryReport) -> list[Found]:
             continue
         path = os.path.join(directory, name)
         _check_mode(path, report)
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         size = os.fstat(fd).st_size
         buf = read_at(fd, 0, size)  # one segment at a time: only RELEASE payloads are kept
         number = int(match.group(1))

@@ -1,24 +1,24 @@
-"""Packs (invariant 10 in ``queue/__init__.py``): in memory mode a group commit is one row
-of ``packs``.
+"""Packs (invariant 10 in ``queue/__init__.py``): in memory mode a group commit is one
+record of the journal (journal.py), its events laid out as one *pack*.
 
-This module is the pure part: how a pack's body is laid out, which ids name packed events,
-and :class:`PackBook`, the events each pack still holds in memory. What leaving events do
-to their packs is planned from the book without changing it (:meth:`PackBook.plan`); the
-queue writes that, and only once the write has committed tells the book
-(:meth:`PackBook.remember`): write, then remember (invariant 11).
+This module is the pure part: how a pack's body is laid out, which ids name the events of a
+journal commit, and :class:`PackBook`, the events each commit still holds in memory. What
+leaving events do to the journal (a RELEASE) is planned from the book without changing it
+(:meth:`PackBook.plan`); the queue writes that, and only once the write has succeeded tells
+the book (:meth:`PackBook.remember`): write, then remember (invariant 11). (Files from
+before the journal may hold a table ``packs`` with the same bodies: read once at open.)
 """
 
 from __future__ import annotations
 
-import sqlite3
 import struct
 from collections.abc import Iterable
 from typing import NamedTuple
 
 from segproxy.queue.base import NewRow, Row, RowKind, stored_size
 
-# A pack's events get ids PACK_BASE + pack id * PACK_SPAN + index, above any id SQLite gives
-# ``events`` (max + 1).
+# A journal commit's events get ids PACK_BASE + its seq * PACK_SPAN + index, above any id
+# SQLite gives ``events`` (max + 1).
 PACK_BASE = 1 << 60
 PACK_SPAN = 1 << 24  # events per pack at most (a bigger commit is written as rows)
 _PACK_HEAD = struct.Struct("<dIIIB")  # received_at, len(key), len(body), len(sent_at), kind
@@ -28,7 +28,7 @@ _NO_SENT_AT = 0xFFFFFFFF
 
 
 def pack_of(row_id: int) -> int:
-    """The pack holding a packed event (``row_id >= PACK_BASE``)."""
+    """The journal commit (its seq) holding a packed event (``row_id >= PACK_BASE``)."""
     return (row_id - PACK_BASE) // PACK_SPAN
 
 
@@ -63,40 +63,27 @@ def unpack_rows(blob: bytes) -> list[NewRow]:
     return rows
 
 
-def _as_new(row: Row) -> NewRow:
-    return NewRow(row.write_key, row.kind, row.received_at, row.body, row.sent_at)
-
-
-# What leaving rows do to their packs: packs now empty (deleted) and packs rewritten with
-# the events they still hold (id, rows, size, body).
-PackChanges = tuple[list[int], list[tuple[int, int, int, bytes]]]
-NO_PACK_CHANGES: PackChanges = ([], [])
+# What leaving events do to the journal: per commit (its seq), the indexes of its events that
+# leave it, or None when every event it still held leaves (a RELEASE entry, journal.py J6).
+Releases = list[tuple[int, list[int] | None]]
 
 
 class Leaving(NamedTuple):
     """Events leaving the queue, as planned by the job that writes it (write, then remember)."""
 
     rows: list[int]  # ids of rows of ``events``
-    packed: list[Row]  # packed events
-    changes: PackChanges  # what their leaving does to their packs in the file
-    gone: dict[int, set[int]]  # pack id -> its events leaving, to forget once committed
-
-
-def apply_packs(db: sqlite3.Connection, changes: PackChanges) -> None:
-    """Inside a transaction: delete emptied packs, rewrite the others."""
-    deleted, rewritten = changes
-    if deleted:
-        db.executemany("DELETE FROM packs WHERE id = ?", [(i,) for i in deleted])
-    if rewritten:
-        db.executemany("UPDATE packs SET rows = ?2, size = ?3, body = ?4 WHERE id = ?1", rewritten)
+    packed: list[Row]  # events of journal commits
+    releases: Releases  # the RELEASE that says they left the journal
+    gone: dict[int, set[int]]  # commit seq -> its events leaving, to forget once written
 
 
 class PackBook:
-    """The events each pack still holds (handed over or leased), by pack id and event id.
+    """The events each journal commit still holds (handed over or leased), by its seq and
+    event id.
 
-    A pack in the file always holds exactly these: the queue changes the book only after
-    the write that changed the file committed. (Used on the event loop only: packs are made
-    in loop mode; in FULL mode, on the writer thread, the book stays empty.)
+    The journal holds exactly these as not released: the queue changes the book only after
+    the write that changed the journal succeeded. (Used on the event loop only: journal
+    commits are made in loop mode; in FULL mode, on the writer thread, the book stays empty.)
     """
 
     __slots__ = ("held",)
@@ -111,11 +98,10 @@ class PackBook:
     def plan(self, ids: list[int]) -> Leaving:
         """What ``ids`` leaving the queue (delivered, retried, dead or moved) do, changing
         nothing: the ids of rows of ``events`` among them, the packed events among them, and
-        what that does to their packs (emptied ones deleted, the others rewritten with what
-        they still hold)."""
+        the RELEASE entries that say so (a whole commit when its last events leave)."""
         packs = self.held
         if not packs:
-            return Leaving(ids, [], NO_PACK_CHANGES, {})
+            return Leaving(ids, [], [], {})
         rows: list[int] = []
         packed: list[Row] = []
         gone: dict[int, set[int]] = {}
@@ -129,23 +115,18 @@ class PackBook:
             if row is not None and i not in gone.get(pack, ()):
                 packed.append(row)
                 gone.setdefault(pack, set()).add(i)
-        if not gone:
-            return Leaving(rows, packed, NO_PACK_CHANGES, gone)
-        deleted: list[int] = []
-        rewritten: list[tuple[int, int, int, bytes]] = []
+        releases: Releases = []
         for pack in sorted(gone):
-            held = packs[pack]
             leaving = gone[pack]
-            if len(leaving) == len(held):
-                deleted.append(pack)
+            if len(leaving) == len(packs[pack]):
+                releases.append((pack, None))
             else:
-                left = [_as_new(r) for i, r in held.items() if i not in leaving]
-                size = sum(stored_size(r.write_key, r.body, r.sent_at) for r in left)
-                rewritten.append((pack, len(left), size, pack_rows(left)))
-        return Leaving(rows, packed, (deleted, rewritten), gone)
+                base = PACK_BASE + pack * PACK_SPAN
+                releases.append((pack, sorted(i - base for i in leaving)))
+        return Leaving(rows, packed, releases, gone)
 
     def remember(self, leaving: Leaving) -> None:
-        """After the write that mirrors it committed: the events left their packs."""
+        """After the write that mirrors it succeeded: the events left their commits."""
         for pack, ids in leaving.gone.items():
             held = self.held.get(pack)
             if held is None:
@@ -154,3 +135,17 @@ class PackBook:
                 held.pop(i, None)
             if not held:
                 del self.held[pack]
+
+    def rows(self) -> list[Row]:
+        """Every event held, oldest commit first (stats and counters; never per request)."""
+        return [r for held in self.held.values() for r in held.values()]
+
+    def size(self) -> tuple[int, int]:
+        """The events held and the bytes they count for (base.stored_size)."""
+        rows = self.rows()
+        return len(rows), sum(stored_size(r.write_key, r.body, r.sent_at) for r in rows)
+
+    def oldest(self) -> float | None:
+        """When the oldest event held arrived (its commit is the oldest: seqs grow)."""
+        held = next(iter(self.held.values()), None)
+        return None if not held else min(r.received_at for r in held.values())

@@ -5,6 +5,7 @@ share. Invariants: see the package's docstring (``queue/__init__.py``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ from segproxy.queue.base import (
     stored_size,
 )
 from segproxy.queue.ledger import LEDGER_SCHEMA, dead_evicted, faults
-from segproxy.queue.packs import PACK_BASE, PACK_SPAN, pack_rows, unpack_rows
+from segproxy.queue.packs import unpack_rows
 
 # events.id: max(id) + 1 (no AUTOINCREMENT: a sqlite_sequence write per commit costs more than
 # it is worth). An id can come back after its row was deleted; nothing refers to a deleted row
@@ -50,6 +51,11 @@ CREATE TABLE IF NOT EXISTS packs (
     size INTEGER NOT NULL,
     body BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS journal_spills (
+    seq INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (seq, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     write_key TEXT NOT NULL,
@@ -95,7 +101,6 @@ INSERT_ROW = (
     "INSERT INTO events (write_key, kind, received_at, not_before, attempts, size, body, sent_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-INSERT_PACK = "INSERT INTO packs (rows, size, body) VALUES (?, ?, ?)"
 
 
 class Transaction:
@@ -105,6 +110,8 @@ class Transaction:
     ``Transaction(db, synchronous)`` is a bookkeeping transaction (invariant 5): atomic, not
     fsynced. The connection, set to ``synchronous`` (FULL), runs it with ``synchronous = OFF``
     and is set back after; NORMAL needs nothing (a WAL commit is not fsynced then anyway).
+    ``Transaction(db, synchronous, durable=True)`` is a spill (invariant 12): its commit is
+    fsynced whatever the connection's setting.
 
     A class, not a ``contextlib.contextmanager``: compiled, entering and leaving it are two
     native calls, where a generator-based one runs contextlib's interpreted frames on each
@@ -112,16 +119,22 @@ class Transaction:
     the same").
     """
 
-    __slots__ = ("db", "restore")
+    __slots__ = ("db", "during", "restore")
 
-    def __init__(self, db: sqlite3.Connection, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, db: sqlite3.Connection, synchronous: str = "NORMAL", durable: bool = False
+    ) -> None:
         self.db = db
-        self.restore = "" if synchronous == "NORMAL" else synchronous  # "": left alone
+        if durable:
+            self.during = "" if synchronous == "FULL" else "FULL"
+        else:
+            self.during = "" if synchronous == "NORMAL" else "OFF"
+        self.restore = synchronous if self.during else ""  # "": left alone
 
     def __enter__(self) -> sqlite3.Connection:
         db = self.db
-        if self.restore:
-            db.execute("PRAGMA synchronous = OFF")
+        if self.during:
+            db.execute(f"PRAGMA synchronous = {self.during}")
         try:
             db.execute("BEGIN IMMEDIATE")
         except BaseException:
@@ -225,14 +238,6 @@ def insert_rows(db: sqlite3.Connection, rows: list[NewRow]) -> int:
     return int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
 
 
-def insert_pack(db: sqlite3.Connection, rows: list[NewRow], size: int) -> int:
-    """Inside a transaction: a commit as one pack of ``size`` bytes (invariant 10); returns
-    its last event's id."""
-    pack = db.execute(INSERT_PACK, (len(rows), size, pack_rows(rows))).lastrowid
-    assert pack is not None
-    return PACK_BASE + pack * PACK_SPAN + len(rows) - 1
-
-
 def turn_packs_into_rows(db: sqlite3.Connection) -> int:
     """At open, inside a transaction: the events of the packs a previous process left become
     rows of ``events`` (invariant 10), and the packs are deleted; returns how many events."""
@@ -267,8 +272,9 @@ def oldest_of(db: sqlite3.Connection) -> float | None:
     return min(found) if found else None
 
 
-def stats_of(db: sqlite3.Connection) -> QueueStats:
-    """What ``segproxy queue stats`` shows, rows and packs together (invariant 10)."""
+def stats_of(db: sqlite3.Connection, journal: Iterable[NewRow | Row] = ()) -> QueueStats:
+    """What ``segproxy queue stats`` shows: rows, packs (a file from before the journal) and
+    ``journal``, the events the journal holds (invariant 12), together."""
     out = QueueStats()
     for key, rows, size, oldest in db.execute(
         "SELECT write_key, count(*), sum(size), min(received_at) FROM events GROUP BY write_key"
@@ -277,14 +283,14 @@ def stats_of(db: sqlite3.Connection) -> QueueStats:
         out.rows += int(rows)
         out.bytes += int(size)
         out.oldest = float(oldest) if out.oldest is None else min(out.oldest, float(oldest))
-    for (body,) in db.execute("SELECT body FROM packs").fetchall():
-        for row in unpack_rows(body):
-            size = stored_size(row.write_key, row.body, row.sent_at)
-            for tally in (out.per_key.setdefault(row.write_key, KeyStats()), out):
-                tally.rows += 1
-                tally.bytes += size
-                if tally.oldest is None or row.received_at < tally.oldest:
-                    tally.oldest = row.received_at
+    packed = [r for (body,) in db.execute("SELECT body FROM packs") for r in unpack_rows(body)]
+    for row in itertools.chain(packed, journal):
+        size = stored_size(row.write_key, row.body, row.sent_at)
+        for tally in (out.per_key.setdefault(row.write_key, KeyStats()), out):
+            tally.rows += 1
+            tally.bytes += size
+            if tally.oldest is None or row.received_at < tally.oldest:
+                tally.oldest = row.received_at
     for key, (fault, at) in faults(db).items():  # shown for the keys still queued
         if key in out.per_key:
             out.per_key[key].last_fault, out.per_key[key].last_fault_at = fault, at

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -31,8 +30,9 @@ from segproxy.queue.base import (
 )
 from segproxy.queue.bookkeeping import Bookkeeper
 from segproxy.queue.checkpoint import Checkpointer
-from segproxy.queue.files import lock_exclusively, private_dir, private_file
+from segproxy.queue.files import DiskRoom, lock_exclusively, private_dir, private_file
 from segproxy.queue.handover import Handover, Switch, handed_rows
+from segproxy.queue.journal import MAX_SEGMENTS, SEGMENT_SIZE
 from segproxy.queue.ledger import dead_bytes, fill_dead_sizes
 from segproxy.queue.packs import PACK_BASE, PACK_SPAN, PackBook
 from segproxy.queue.runner import JobRunner, Locked, is_busy
@@ -43,13 +43,13 @@ from segproxy.queue.schema import (
     connect,
     counts,
     dead_of,
-    insert_pack,
     insert_rows,
     oldest_of,
     stats_of,
     turn_packs_into_rows,
     use_page_size,
 )
+from segproxy.queue.spill import HotTier
 
 log = logging.getLogger("segproxy.queue")
 
@@ -84,6 +84,8 @@ class SqliteQueue:
         synchronous: str = "NORMAL",
         lease_seconds: float = 120.0,
         max_dead_bytes: int = 64 * 1024**2,
+        journal_segment_bytes: int = SEGMENT_SIZE,
+        journal_segments: int = MAX_SEGMENTS,
         on_commit: Callable[[int], None] | None = None,
     ) -> None:
         """``on_commit(rows)``: called once per commit that stored rows, before its callers
@@ -95,13 +97,15 @@ class SqliteQueue:
         self.synchronous = synchronous
         self.lease_seconds = lease_seconds
         self.max_dead_bytes = max_dead_bytes
+        self.journal_size = (journal_segment_bytes, journal_segments)
         self._on_commit = on_commit
         self.rows = 0  # queued (committed or being committed) rows and bytes
         self.bytes = 0
         self._sizes: dict[int, int] = {}  # leased id -> size, to keep the counters exact
         self._handover = Handover(HANDOVER_MAX_ROWS, HANDOVER_MAX_BYTES)  # invariant 7
-        # Invariant 10: the events of each pack still queued (handed over or leased), by id.
+        # Invariants 10, 12: the events of each journal commit still queued, by id.
         self._packs = PackBook()
+        self._hot: HotTier | None = None  # the journal, once the file is open
         self._data_version = 0  # PRAGMA data_version: changes when another process writes
         self._pending: list[Pending] = []
         self._committing = False
@@ -112,8 +116,7 @@ class SqliteQueue:
         self._book: Bookkeeper | None = None  # the forwarder's side, once the file is open
         self._lock_fd: int | None = None
         self._checkpointer: Checkpointer | None = None
-        self._disk_checked = 0.0
-        self._disk_ok = True
+        self._disk = DiskRoom(path, min_free_disk_bytes)
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -136,11 +139,12 @@ class SqliteQueue:
         db = connect(self.path, self.synchronous)
         page = use_page_size(db, self.path)
         self._db = db
-        self._book = Bookkeeper(
-            db, self.synchronous, self._packs, self.lease_seconds, self.max_dead_bytes
-        )
         self._checkpointer = Checkpointer(self.path, self.synchronous, page, self._jobs)
         self._checkpointer.start()
+        self._hot = hot = HotTier.open(db, self.path, self.synchronous, *self.journal_size)
+        self._book = Bookkeeper(
+            db, self.synchronous, self._packs, self.lease_seconds, self.max_dead_bytes, hot.journal
+        )
         cleared = db.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0").rowcount
         if cleared:
             log.info("re-queued %d events leased by a previous process", cleared)
@@ -150,7 +154,7 @@ class SqliteQueue:
         if unpacked:
             log.info("unpacked %d events a previous process committed in packs", unpacked)
         self._recount_sync()
-        self._check_disk(force=True)
+        self._disk.check(force=True)
         self._data_version = self._data_version_sync()
         if self.rows:
             log.info("%d queued events left by a previous process will be sent", self.rows)
@@ -164,7 +168,9 @@ class SqliteQueue:
 
     def _recount_sync(self) -> None:
         assert self._db is not None
-        self.rows, self.bytes = counts(self._db)
+        rows, size = counts(self._db)
+        held, held_size = self._packs.size()  # the journal's, in this process's memory
+        self.rows, self.bytes = rows + held, size + held_size
         self._bookkeeper().dead_bytes = dead_bytes(self._db)
 
     async def recount(self) -> None:
@@ -207,6 +213,9 @@ class SqliteQueue:
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
+        if self._hot is not None:
+            self._hot.close()
+            self._hot = None
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -226,19 +235,8 @@ class SqliteQueue:
 
     # -- room -------------------------------------------------------------------------------
 
-    def _check_disk(self, force: bool = False) -> bool:
-        now = time.monotonic()
-        if force or now - self._disk_checked > 1.0:
-            self._disk_checked = now
-            try:
-                free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
-            except OSError:
-                free = 0
-            self._disk_ok = free >= self.min_free_disk
-        return self._disk_ok
-
     def has_room(self) -> bool:
-        return self.rows < self.max_rows and self.bytes < self.max_bytes and self._check_disk()
+        return self.rows < self.max_rows and self.bytes < self.max_bytes and self._disk.check()
 
     # -- put: group commit (invariants 1, 4, 9, 10) -------------------------------------------
 
@@ -267,7 +265,7 @@ class SqliteQueue:
         )
         if self.rows + len(rows) > self.max_rows or self.bytes + size > self.max_bytes:
             raise QueueFull(f"the queue is full ({self.rows} events, {self.bytes} bytes queued)")
-        if not self._check_disk():
+        if not self._disk.check():
             raise QueueFull("the disk holding the queue is nearly full")
         self.rows += len(rows)
         self.bytes += size
@@ -293,13 +291,15 @@ class SqliteQueue:
 
     def _commit_pending(self) -> None:
         """Loop mode: commit what is pending now. Locked: it stays pending (and grows).
-        In memory mode the commit is one pack (invariant 10)."""
+        In memory mode the commit is one record of the journal (invariants 10, 12)."""
         batch = self._pending
         rows = [r for group, _, _ in batch for r in group]
         try:
-            if self._handover.memory and len(rows) < PACK_SPAN:
-                last_id = self._commit_rows(rows, sum(size for _, size, _ in batch))
-            else:
+            last_id = -1
+            hot = self._hot
+            if hot is not None and self._handover.memory and len(rows) < PACK_SPAN:
+                last_id = -1 if hot.full else hot.append(rows)
+            if last_id < 0:
                 last_id = self._commit_rows(rows)
             error = None
         except BaseException as exc:
@@ -315,23 +315,21 @@ class SqliteQueue:
             batch, self._pending = self._pending, []
             self._commit_done(batch, [r for group, _, _ in batch for r in group], None, error)
 
-    def _commit_rows(self, rows: list[NewRow], size: int = -1) -> int:
-        """Insert and commit ``rows``, as one pack if ``size`` (their bytes) is given (memory
-        mode, invariant 10); returns the last id (the rows' ids run on)."""
+    def _commit_rows(self, rows: list[NewRow]) -> int:
+        """Insert and commit ``rows``; returns the last id (the rows' ids run on)."""
         db = self._db
         if db is None:
             raise QueueError("the queue is closed")
         try:
             with Transaction(db):
-                return insert_rows(db, rows) if size < 0 else insert_pack(db, rows, size)
+                return insert_rows(db, rows)
         except sqlite3.Error as exc:
             raise self._not_stored(exc) from exc
 
     def _not_stored(self, exc: sqlite3.Error) -> QueueError:
         """A commit failed (rolled back): the error to raise (full, locked, or other)."""
         if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
-            self._disk_ok = False
-            self._disk_checked = time.monotonic()
+            self._disk.found_full()
             return QueueFull(f"the disk holding the queue is full: {exc}")
         if is_busy(exc):
             return Locked(f"could not store events: {exc}")
@@ -348,6 +346,9 @@ class SqliteQueue:
         if exc is None and last_id is not None:
             if self._handover.memory:
                 self._hand_over(committed, last_id)
+            if self._hot is not None and self._hot.full:
+                self._hot.full = False  # the move out of the journal makes room
+                self._to_database_mode()
             if self._on_commit is not None:
                 self._on_commit(len(committed))
         for rows, size, done in batch:
@@ -478,13 +479,15 @@ class SqliteQueue:
         return await self._run(self._bookkeeper().next_ready, exclude_keys)
 
     async def stats(self) -> QueueStats:
-        return await self._run(stats_of, self._connection())
+        return await self._run(lambda: stats_of(self._connection(), self._packs.rows()))
 
     def depth(self) -> tuple[int, int]:
         return self.rows, self.bytes
 
     async def oldest(self) -> float | None:
-        return await self._run(oldest_of, self._connection())
+        in_file = await self._run(oldest_of, self._connection())
+        held = self._packs.oldest()
+        return min((t for t in (held, in_file) if t is not None), default=None)
 
     async def dead_rows(self, limit: int = 100) -> list[DeadRow]:
         return await self._run(dead_of, self._connection(), limit)

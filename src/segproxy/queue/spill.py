@@ -1,0 +1,188 @@
+"""The journal and the queue file (invariant 12 in ``queue/__init__.py``): what moves events
+out of the journal into SQLite (a *spill*), how a crash between the two is told apart from
+a second copy, what ``segproxy queue purge`` means for events in the journal, and how the CLI
+reads the journal without owning it.
+
+A spill writes the events as rows (of ``events`` or ``dead``) and, in the same transaction,
+their places in the journal (seq, index) into ``journal_spills``; that transaction is fsynced
+(a power cut cannot keep the RELEASE that follows and lose the rows, J6 in journal.py), and
+only then is the RELEASE appended. A crash between the two leaves the events in both: at the
+next open, the journal's pending events named in ``journal_spills`` are released without
+being stored again, so each event is queued once. Entries are forgotten once the journal
+has freed every segment that could still hold their commits (seqs under its floor, J8).
+
+A purge stamps ``purged_before`` (``meta``, microseconds): journal events received before it
+are dropped wherever they would be stored (the move to the file, the spill at open) and are
+not counted by ``stats``; events handed over to the forwarder already are still delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import struct
+from collections.abc import Iterable
+
+from segproxy.queue.base import NewRow, Row
+from segproxy.queue.journal import (
+    Journal,
+    JournalError,
+    JournalFull,
+    JournalSyncer,
+    PendingCommit,
+    open_journal,
+)
+from segproxy.queue.journal_recovery import RecoveryReport, read_at, read_segments, replay
+from segproxy.queue.packs import PACK_BASE, PACK_SPAN, pack_of, pack_rows, unpack_rows
+from segproxy.queue.schema import INSERT_NEW, Transaction
+
+log = logging.getLogger("segproxy.queue")
+
+SPILLED = "INSERT OR IGNORE INTO journal_spills (seq, idx) VALUES (?, ?)"
+PURGED_BEFORE = "purged_before"
+
+# An event of the journal: its commit's seq, its index in it, the event.
+JournalEvent = tuple[int, int, NewRow]
+
+
+def purged_before(db: sqlite3.Connection) -> float:
+    """When the last purge ran (0.0: never): journal events received before it are gone."""
+    row = db.execute("SELECT value FROM meta WHERE name = ?", (PURGED_BEFORE,)).fetchone()
+    return 0.0 if row is None else int(row[0]) / 1e6
+
+
+def mark_purge(db: sqlite3.Connection, now: float) -> None:
+    """Inside the purge's transaction: events the journal holds from before ``now`` go too."""
+    db.execute(
+        "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+        (PURGED_BEFORE, int(now * 1e6)),
+    )
+
+
+def spilled(db: sqlite3.Connection) -> set[tuple[int, int]]:
+    return {(int(s), int(i)) for s, i in db.execute("SELECT seq, idx FROM journal_spills")}
+
+
+def record_spills(db: sqlite3.Connection, packed: Iterable[Row]) -> int:
+    """Inside a spill's transaction: where ``packed`` lie in the journal; how many."""
+    places = [(pack_of(r.id), r.id - PACK_BASE - pack_of(r.id) * PACK_SPAN) for r in packed]
+    db.executemany(SPILLED, places)
+    return len(places)
+
+
+def forget_spills(db: sqlite3.Connection, floor: int) -> int:
+    """Entries of commits under the journal's floor go (their segments were freed, J8);
+    returns how many are left."""
+    with Transaction(db):
+        db.execute("DELETE FROM journal_spills WHERE seq < ?", (floor,))
+        return int(db.execute("SELECT count(*) FROM journal_spills").fetchone()[0])
+
+
+def still_queued(
+    pending: Iterable[PendingCommit], done: set[tuple[int, int]], purged: float
+) -> list[JournalEvent]:
+    """The pending events of the journal that are nowhere else: not spilled already, not
+    received before the last purge."""
+    return [
+        (p.seq, i, row)
+        for p in pending
+        for i, row in p.rows()
+        if (p.seq, i) not in done and row.received_at >= purged
+    ]
+
+
+def spill_at_open(
+    db: sqlite3.Connection, journal: Journal, pending: list[PendingCommit], synchronous: str
+) -> int:
+    """At open: what a previous process left pending in the journal becomes rows of
+    ``events`` (as packs did, invariant 10), then is released; returns how many events."""
+    if not pending:
+        with Transaction(db):
+            db.execute("DELETE FROM journal_spills")
+        return 0
+    with Transaction(db, synchronous, durable=True):
+        todo = still_queued(pending, spilled(db), purged_before(db))
+        db.executemany(INSERT_NEW, [row for _, _, row in todo])
+        db.executemany(SPILLED, [(seq, i) for seq, i, _ in todo])
+    journal.append([], [(p.seq, None) for p in pending])
+    journal.sync()
+    with Transaction(db):  # every commit they name is released, durably
+        db.execute("DELETE FROM journal_spills")
+    return len(todo)
+
+
+def journal_of(path: str) -> str:
+    return path + ".journal"
+
+
+def read_journal(path: str, db: sqlite3.Connection) -> list[NewRow]:
+    """For the CLI, without owning the journal (a proxy may be writing it): the events it
+    holds that are queued nowhere else. Reads every segment; writes nothing."""
+    directory = journal_of(path)
+    if not os.path.isdir(directory):
+        return []
+    report = RecoveryReport()
+    found = read_segments(directory, report, writable=False)
+    try:
+        fds = {f.number: f.fd for f in found}
+        pending: list[PendingCommit] = []
+        for p in replay(found, report).pending.values():
+            body = read_at(fds[p.segment], p.start, p.end)
+            try:
+                unpack_rows(body)
+            except (ValueError, IndexError, struct.error):
+                # The proxy reused the segment between the scan and this read: that happens
+                # only once every commit in it was released (J7): nothing of it is queued.
+                continue
+            pending.append(PendingCommit(p.seq, p.events, body, frozenset(p.released)))
+    finally:
+        for f in found:
+            os.close(f.fd)
+    return [row for _, _, row in still_queued(pending, spilled(db), purged_before(db))]
+
+
+class HotTier:
+    """The journal as the queue's write path in memory mode (invariant 12): recovered and
+    emptied into the file when the queue opens, synced every 0.2 s by its syncer with
+    ``normal``, closed (and synced) with the queue. Used by the queue's jobs only (J10)."""
+
+    __slots__ = ("full", "journal", "syncer")
+
+    def __init__(self, journal: Journal, syncer: JournalSyncer | None) -> None:
+        self.journal = journal
+        self.syncer = syncer
+        self.full = False  # a commit found no room: the queue leaves memory mode
+
+    @classmethod
+    def open(
+        cls, db: sqlite3.Connection, path: str, synchronous: str, segment_bytes: int, segments: int
+    ) -> HotTier:
+        journal, pending, _ = open_journal(path, segment_bytes, segments)
+        moved = spill_at_open(db, journal, pending, synchronous)
+        if moved:
+            log.info("moved %d events a previous process left in the journal to the file", moved)
+        syncer = JournalSyncer(journal) if synchronous == "NORMAL" else None
+        if syncer is not None:
+            syncer.start()
+        return cls(journal, syncer)
+
+    def append(self, rows: list[NewRow]) -> int:
+        """``rows`` as one commit; returns its last event's id, or -1 when the journal could
+        not take it (logged; the caller writes it to the file instead; ``full`` if no room
+        was left)."""
+        try:
+            (seq,) = self.journal.append([(len(rows), pack_rows(rows))], [])
+        except JournalError as exc:
+            log.warning("the journal could not take a commit (%s): writing it to the file", exc)
+            self.full = isinstance(exc, JournalFull)
+            return -1
+        return PACK_BASE + seq * PACK_SPAN + len(rows) - 1
+
+    def close(self) -> None:
+        if self.syncer is not None:
+            self.syncer.stop()
+        try:
+            self.journal.close()
+        except OSError as exc:
+            log.error("could not sync the journal at close: %s", exc)
