@@ -274,7 +274,7 @@ def test_crash_drill_sigkill_under_load_loses_nothing(
     if moment == "segment reuse":
         assert generation > files, "no journal segment was reused: the drill proved nothing"
     if moment == "spill":
-        refused = sum(1 for r in scripted.api.requests() if r.status == 500)
+        refused = sum(1 for r in scripted.api.requests if r.status == 500)
         assert refused > 20, "too few refused batches: nothing left the journal for the file"
     # Leases live in memory (queue/sqlite.py, invariant 7): a restart finds the rows that were
     # in flight at the kill in the file and sends them again.
