@@ -27,8 +27,17 @@ def new(n: int, key: str = "wk_a", size: int = 0) -> NewRow:
     return NewRow(key, "event", T0 + n, body)
 
 
-def open_queue(path: Path, **kw: int) -> SqliteQueue:
-    return SqliteQueue(str(path), max_rows=1 << 30, max_bytes=1 << 40, min_free_disk_bytes=0, **kw)
+def open_queue(
+    path: Path, journal_segment_bytes: int = 8 * MIB, journal_segments: int = 64
+) -> SqliteQueue:
+    return SqliteQueue(
+        str(path),
+        max_rows=1 << 30,
+        max_bytes=1 << 40,
+        min_free_disk_bytes=0,
+        journal_segment_bytes=journal_segment_bytes,
+        journal_segments=journal_segments,
+    )
 
 
 async def drain(path: Path) -> tuple[list[Row], list[bytes]]:
