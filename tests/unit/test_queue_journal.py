@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,11 @@ from pathlib import Path
 import pytest
 
 from segproxy.queue import admin
-from segproxy.queue.base import NewRow, Row
+from segproxy.queue.base import NewRow, Row, stored_size
+from segproxy.queue.packs import pack_rows
 from segproxy.queue.sqlite import SqliteQueue
+from segproxy.redact import mask
+from tests.support.proxy import run_cli
 
 T0 = 1_700_000_000.0
 WRITES = ("BEGIN", "INSERT", "UPDATE", "DELETE", "COMMIT")
@@ -259,4 +263,91 @@ def test_a_purge_drops_the_journal_s_events_also_those_of_a_killed_process(
     assert admin.stats(str(path)).rows == 5
     assert admin.purge(str(path)) == (5, 0)
     assert admin.stats(str(path)).rows == 0
+    assert asyncio.run(drain(path)) == ([], [])
+
+
+def old_release_pack(path: Path, rows: list[NewRow]) -> None:
+    """What a release before the journal left in its file: a commit as a row of ``packs``."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute(
+            "INSERT INTO packs (rows, size, body) VALUES (?, ?, ?)",
+            (
+                len(rows),
+                sum(stored_size(r.write_key, r.body, r.sent_at) for r in rows),
+                pack_rows(rows),
+            ),
+        )
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_the_queue_cli_sees_events_wherever_they_lie_and_each_once(
+    path: Path, tmp_path: Path
+) -> None:
+    # A killed proxy leaves events in every place they can lie: in flight in the journal,
+    # released from the journal by a spill whose RELEASE never came (so in both), retried
+    # and fresh as rows of the file, refused as a dead letter; and a file from the release
+    # before the journal holds a pack. The operator's commands count each event once.
+    killed_after(
+        path,
+        """
+        await q.put([new(i) for i in range(10)])
+        await q.put([new(i, key="wk_b") for i in range(5)])
+        rows = await q.lease(0.0, 100)
+        await q.ack([r.id for r in rows[:3]])
+        await q.dead_letter([rows[3].id], 400, "bad event", 0.0)
+        await q.retry_later([rows[4].id, rows[5].id], 0.0, "HTTP 500")  # file: database mode
+        await q.put([new(i, key="wk_b") for i in range(5, 7)])  # fresh rows of the file
+        break_journal(q)
+        try:
+            await q.retry_later([rows[6].id], 0.0, "HTTP 500")  # spilled, never released
+        except Exception:
+            pass
+        """,
+    )
+    old_release_pack(path, [new(i, key="wk_c") for i in range(2)])
+    config = tmp_path / "segproxy.toml"
+    config.write_text(f'[queue]\nbackend = "sqlite"\npath = "{path}"\n')
+
+    shown = run_cli("queue", "stats", "--json", "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    stats = json.loads(shown.stdout)
+    per_key = {k: v["rows"] for k, v in stats["per_key"].items()}
+    # wk_a: 10 - 3 delivered - 1 dead; wk_b: 5 in flight + 2 fresh; wk_c: the old pack
+    assert per_key == {mask("wk_a"): 6, mask("wk_b"): 7, mask("wk_c"): 2}
+    assert (stats["rows"], stats["dead"]) == (15, 1)
+    dead = run_cli("queue", "dead", "--json", "--config", str(config))
+    assert [d["event"]["messageId"] for d in json.loads(dead.stdout)] == ["wk_a-3"]
+
+    replayed = run_cli("queue", "replay", "--config", str(config))
+    assert replayed.returncode == 0, replayed.stderr
+    again, dead_left = asyncio.run(drain(path))
+    expected = [new(i).body for i in range(3, 10)]
+    expected += [new(i, key="wk_b").body for i in range(7)]
+    expected += [new(i, key="wk_c").body for i in range(2)]
+    assert (bodies(again), dead_left) == (sorted(expected), [])
+
+
+def test_purge_clears_events_wherever_they_lie(path: Path, tmp_path: Path) -> None:
+    killed_after(
+        path,
+        """
+        await q.put([new(i) for i in range(6)])
+        rows = await q.lease(0.0, 100)
+        await q.dead_letter([rows[0].id], 400, "bad event", 0.0)
+        await q.retry_later([rows[1].id], 0.0, "HTTP 500")
+        await q.put([new(9)])
+        """,
+    )
+    old_release_pack(path, [new(i, key="wk_c") for i in range(2)])
+    config = tmp_path / "segproxy.toml"
+    config.write_text(f'[queue]\nbackend = "sqlite"\npath = "{path}"\n')
+    purged = run_cli("queue", "purge", "--yes", "--config", str(config))
+    assert purged.returncode == 0, purged.stderr
+    # 4 in flight in the journal, 1 retried and 1 fresh row, 2 in the old pack
+    assert "purged 8 queued events and 1 dead letters" in purged.stdout
+    stats = json.loads(run_cli("queue", "stats", "--json", "--config", str(config)).stdout)
+    assert (stats["rows"], stats["dead"]) == (0, 0)
     assert asyncio.run(drain(path)) == ([], [])
