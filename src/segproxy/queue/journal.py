@@ -20,8 +20,8 @@ J2. **Records.** From the header on, records lie back to back: ``magic | kind | 
     commit's pack body (packs.py: per event its key, sentAt and body) and ``count`` its
     events; a RELEASE's payload lists (seq, event indexes) that left the journal, an entry
     for a whole commit being 12 bytes. A record is *valid* when its magic, kind and length
-    (within the segment) hold, its generation is its segment header's, its CRC (zlib's
-    CRC-32 started from the salt) holds, and its seq is above the previous valid record's of
+    (within the segment) hold, its generation is its segment header's, its CRC (CRC-32C
+    started from the salt) holds, and its seq is above the previous valid record's of
     the segment. Nothing else is ever read as a record.
 
 J3. **Seqs.** Each record gets the next seq: strictly increasing over the whole journal,

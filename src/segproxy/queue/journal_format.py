@@ -10,8 +10,9 @@ A segment file::
         magic u16 | kind u8 | flags u8 | length u32 | count u32 | generation u64 | seq u64
         | crc u32 | payload (length bytes)
 
-A record's ``crc`` is zlib's CRC-32 of its head (less the crc) then its payload, started
-from the segment's ``salt`` instead of 0. The salt is random, new at each (re)use of the
+A record's ``crc`` is the CRC-32C (Castagnoli, computed by the processor's own instruction
+through google-crc32c: an eighth of zlib's CRC-32's time, which was half of an append) of its
+head (less the crc) then its payload, started from the segment's ``salt`` instead of 0. The salt is random, new at each (re)use of the
 segment and never leaves the file: a record that an event body smuggles into the file (it is
 only bytes a client chose) cannot have a valid CRC without it, so the scan, which looks for
 records byte by byte past a damaged one, cannot be fooled into reading one (1 in 2**32).
@@ -24,8 +25,15 @@ encoded: nothing is copied to prefix it.
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import NamedTuple
+
+import google_crc32c
+
+
+def crc(data: bytes, start: int = 0) -> int:
+    """CRC-32C of ``data``, continuing from ``start``."""
+    return int(google_crc32c.extend(start, data))
+
 
 SEGMENT_MAGIC = b"SPJ1"
 FORMAT_VERSION = 1
@@ -58,7 +66,7 @@ def encode_header(h: SegmentHeader) -> bytes:
     head = _SEGMENT_HEAD.pack(
         SEGMENT_MAGIC, FORMAT_VERSION, 0, h.number, h.salt, h.generation, h.floor
     )
-    body = head + _CRC.pack(zlib.crc32(head))
+    body = head + _CRC.pack(crc(head))
     return body + bytes(HEADER_SIZE - len(body))
 
 
@@ -70,7 +78,7 @@ def decode_header(buf: bytes) -> SegmentHeader | None:
     magic, version, _, number, salt, generation, floor = _SEGMENT_HEAD.unpack_from(buf, 0)
     if magic != SEGMENT_MAGIC or version != FORMAT_VERSION:
         return None
-    if _CRC.unpack_from(buf, size)[0] != zlib.crc32(buf[:size]):
+    if _CRC.unpack_from(buf, size)[0] != crc(buf[:size]):
         return None
     return SegmentHeader(number, salt, generation, floor)
 
@@ -80,7 +88,7 @@ def record_head(
 ) -> bytes:
     """A record's head (RECORD_HEAD_SIZE bytes); the payload follows it, uncopied."""
     head = _RECORD_HEAD.pack(RECORD_MAGIC, kind, 0, len(payload), count, generation, seq)
-    return head + _CRC.pack(zlib.crc32(payload, zlib.crc32(head, salt)))
+    return head + _CRC.pack(crc(payload, crc(head, salt)))
 
 
 def encode_release(entries: list[tuple[int, list[int] | None]]) -> bytes:
@@ -147,11 +155,12 @@ def read_record(buf: bytes, at: int, h: SegmentHeader, after: int) -> Record | N
     end = start + length
     if end > len(buf) or seq <= after:
         return None
-    view = memoryview(buf)  # checked in place: a segment's commits are not copied
-    crc = zlib.crc32(view[at : start - _CRC.size], h.salt)
-    if _CRC.unpack_from(buf, start - _CRC.size)[0] != zlib.crc32(view[start:end], crc):
+    payload = buf[start:end]  # (a copy: the checksum takes bytes; recovery only)
+    expected = crc(payload, crc(buf[at : start - _CRC.size], h.salt))
+    if _CRC.unpack_from(buf, start - _CRC.size)[0] != expected:
         return None
-    payload = bytes(view[start:end]) if kind == RELEASE else b""
+    if kind != RELEASE:
+        payload = b""
     return Record(kind, seq, count, payload, at, end)
 
 

@@ -105,16 +105,22 @@ class PackBook:
         rows: list[int] = []
         packed: list[Row] = []
         gone: dict[int, set[int]] = {}
-        for i in ids:
+        for i in ids:  # (per event: one division, two lookups, no helper call)
             if i < PACK_BASE:
                 rows.append(i)
                 continue
-            pack = pack_of(i)
+            pack = (i - PACK_BASE) // PACK_SPAN
             held = packs.get(pack)
             row = None if held is None else held.get(i)
-            if row is not None and i not in gone.get(pack, ()):
-                packed.append(row)
-                gone.setdefault(pack, set()).add(i)
+            if row is None:
+                continue
+            leaving = gone.get(pack)
+            if leaving is None:
+                leaving = gone[pack] = set()
+            elif i in leaving:
+                continue
+            leaving.add(i)
+            packed.append(row)
         releases: Releases = []
         for pack in sorted(gone):
             leaving = gone[pack]
@@ -130,6 +136,9 @@ class PackBook:
         for pack, ids in leaving.gone.items():
             held = self.held.get(pack)
             if held is None:
+                continue
+            if len(ids) == len(held):  # the usual case: the whole commit left
+                del self.held[pack]
                 continue
             for i in ids:
                 held.pop(i, None)
