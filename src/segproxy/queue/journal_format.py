@@ -12,8 +12,8 @@ A segment file::
 
 A record's ``crc`` is the CRC-32C (Castagnoli, computed by the processor's own instruction
 through google-crc32c: an eighth of zlib's CRC-32's time, which was half of an append) of its
-head (less the crc) then its payload, started from the segment's ``salt`` instead of 0. The salt is random, new at each (re)use of the
-segment and never leaves the file: a record that an event body smuggles into the file (it is
+head (less the crc) then its payload, started from the segment's ``salt`` instead of 0. The
+salt is random, new at each (re)use of the segment and never leaves the file: a record that an event body smuggles into the file (it is
 only bytes a client chose) cannot have a valid CRC without it, so the scan, which looks for
 records byte by byte past a damaged one, cannot be fooled into reading one (1 in 2**32).
 
