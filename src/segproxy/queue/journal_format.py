@@ -13,9 +13,10 @@ A segment file::
 A record's ``crc`` is the CRC-32C (Castagnoli, computed by the processor's own instruction
 through google-crc32c: an eighth of zlib's CRC-32's time, which was half of an append) of its
 head (less the crc) then its payload, started from the segment's ``salt`` instead of 0. The
-salt is random, new at each (re)use of the segment and never leaves the file: a record that an event body smuggles into the file (it is
-only bytes a client chose) cannot have a valid CRC without it, so the scan, which looks for
-records byte by byte past a damaged one, cannot be fooled into reading one (1 in 2**32).
+salt is random, new at each (re)use of the segment and never leaves the file: a record that
+an event body smuggles into the file (it is only bytes a client chose) cannot have a valid
+CRC without it, so the scan, which looks for records byte by byte past a damaged one, cannot
+be fooled into reading one (1 in 2**32).
 
 ``count`` is the number of events of a COMMIT (its payload is a pack body, packs.py) and the
 number of entries of a RELEASE, so a COMMIT's payload is exactly the bytes the caller
