@@ -30,6 +30,9 @@ from segproxy.queue.schema import (
 from segproxy.queue.schema import marks as marks_for
 from segproxy.queue.spill import forget_spills, purged_before, record_spills
 
+# Journal events that left the queue: how many, and the bytes they counted for (base.stored_size).
+Freed = tuple[int, int]
+
 ROW_COLUMNS = "id, write_key, kind, received_at, attempts, body, sent_at"
 INSERT_DEAD = (
     "INSERT INTO dead (write_key, kind, received_at, died_at, attempts, status,"
@@ -85,14 +88,16 @@ class Bookkeeper:
     def next_ready(self, exclude: frozenset[str]) -> float | None:
         return next_ready_at(self.db, exclude)
 
-    def ack(self, ids: list[int]) -> None:
-        """Delivered: rows deleted (one transaction), journal events released."""
+    def ack(self, ids: list[int]) -> Freed:
+        """Delivered: rows deleted (one transaction), journal events released; returns what
+        left the journal."""
         leaving = self.packs.plan(ids)
         if leaving.rows:
             with self._transaction() as db:
                 delete_rows(db, leaving.rows)
         self._release(leaving)
         self.packs.remember(leaving)
+        return _freed(leaving.packed)
 
     def retry(self, ids: list[int], not_before: float, fault: str, now: float) -> None:
         """Released for a retry: journal events become rows (invariant 12)."""
@@ -104,10 +109,10 @@ class Bookkeeper:
         self._release(leaving)
         self.packs.remember(leaving)
 
-    def bury(self, ids: list[int], status: int, reason: str, now: float) -> tuple[int, int]:
+    def bury(self, ids: list[int], status: int, reason: str, now: float) -> tuple[int, int, Freed]:
         """Move rows (by id) and packed events (from memory) to ``dead``, in one transaction,
         evicting the oldest dead letters past their cap; returns how many were evicted, and
-        their bytes. (The dead letters' byte counter is the jobs' own: each job reads it
+        their bytes, and what left the journal. (The dead letters' byte counter is the jobs' own: each job reads it
         and, once its transaction committed, sets it.)"""
         leaving = self.packs.plan(ids)
         with self._transaction(leaving) as db:
@@ -122,7 +127,7 @@ class Bookkeeper:
         self._release(leaving)
         self.packs.remember(leaving)
         self.dead_bytes = total
-        return evicted, freed
+        return evicted, freed, _freed(leaving.packed)
 
     def move(self, ids: list[int]) -> None:
         """Leaving memory mode: journal events handed over become rows of ``events``, those
@@ -143,6 +148,10 @@ class Bookkeeper:
         database-mode lease does not hand them out again (invariant 7)."""
         with self._transaction() as db:
             mark_leased(db, ids)
+
+
+def _freed(packed: list[Row]) -> Freed:
+    return len(packed), sum(stored_size(r.write_key, r.body, r.sent_at) for r in packed)
 
 
 def keys_with_rows(db: sqlite3.Connection, exclude: frozenset[str]) -> list[str]:

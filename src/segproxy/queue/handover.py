@@ -67,7 +67,7 @@ class Handover:
         self.lines: dict[str, deque[Row]] = {}  # per write key, oldest first
         self.rows = 0  # rows in the lines,
         self.bytes = 0  # and their bodies' bytes
-        self.leased: set[int] = set()  # ids leased from the lines and not settled yet
+        self.leased: set[int] = set()  # rows of the file leased from the lines, not settled
 
     def opened(self, rows_in_file: int) -> None:
         """At open: rows left by a previous process are read from the file; none: memory mode."""
@@ -105,7 +105,8 @@ class Handover:
                 self._take(key, taken[key])
         self.rows -= len(rows)
         self.bytes -= sum(len(r.body) for r in rows)
-        self.leased.update(r.id for r in rows)
+        # Only rows of the file: a switch marks them leased there (journal events need not be)
+        self.leased.update(r.id for r in rows if r.id < PACK_BASE)
         return rows
 
     def _take(self, key: str, count: int) -> None:
@@ -120,7 +121,8 @@ class Handover:
     def settled(self, ids: list[int]) -> None:
         """Rows delivered, released or dead: no longer leased from memory (done before their
         write is queued, so a switch queued later does not mark them leased again)."""
-        self.leased.difference_update(ids)
+        if self.leased:
+            self.leased.difference_update(ids)
 
     def ready(self, exclude: frozenset[str]) -> bool:
         """Memory mode: a handed-over row of a key not in ``exclude`` is waiting."""

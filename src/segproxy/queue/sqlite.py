@@ -28,7 +28,7 @@ from segproxy.queue.base import (
     Row,
     stored_size,
 )
-from segproxy.queue.bookkeeping import Bookkeeper
+from segproxy.queue.bookkeeping import Bookkeeper, Freed
 from segproxy.queue.checkpoint import Checkpointer
 from segproxy.queue.files import DiskRoom, lock_exclusively, private_dir, private_file
 from segproxy.queue.handover import Handover, Switch, handed_rows
@@ -416,7 +416,10 @@ class SqliteQueue:
             rows, _ = await self._run(
                 self._bookkeeper().lease, now, max_rows, exclude_keys, then=self._caught_up
             )
-        self._sizes.update((r.id, stored_size(r.write_key, r.body, r.sent_at)) for r in rows)
+        # (rows of the file only: journal events' bytes are told by the job that lets them go)
+        self._sizes.update(
+            (r.id, stored_size(r.write_key, r.body, r.sent_at)) for r in rows if r.id < PACK_BASE
+        )
         return rows
 
     def _caught_up(self, leased: tuple[list[Row], bool]) -> None:
@@ -426,16 +429,22 @@ class SqliteQueue:
             # set here, not after the await, which a commit's result may come before).
             self._handover.caught_up()
 
-    def _forget(self, ids: list[int]) -> None:
-        for i in ids:
-            size = self._sizes.pop(i, None)
-            if size is not None:
-                self.rows -= 1
-                self.bytes -= size
+    def _forget(self, ids: list[int], journal: Freed) -> None:
+        """Events left the queue: rows of the file by their sizes noted at lease, and the
+        journal's events (how many, their bytes) as the job that let them go counted them."""
+        sizes = self._sizes
+        if sizes:
+            for i in ids:
+                size = sizes.pop(i, None)
+                if size is not None:
+                    self.rows -= 1
+                    self.bytes -= size
+        self.rows -= journal[0]
+        self.bytes -= journal[1]
 
     async def ack(self, ids: list[int]) -> None:
         self._handover.settled(ids)
-        await self._run(self._bookkeeper().ack, ids, then=lambda _: self._forget(ids))
+        await self._run(self._bookkeeper().ack, ids, then=lambda gone: self._forget(ids, gone))
 
     async def retry_later(self, ids: list[int], not_before: float, fault: str = "") -> None:
         # Taken out of the memory leases before the job is queued, so a switch to database
@@ -453,9 +462,9 @@ class SqliteQueue:
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         self._handover.settled(ids)
 
-        def moved(result: tuple[int, int]) -> None:
-            evicted, freed = result
-            self._forget(ids)
+        def moved(result: tuple[int, int, Freed]) -> None:
+            evicted, freed, gone = result
+            self._forget(ids, gone)
             if evicted:
                 log.warning(
                     "dead letters over queue.max_dead_bytes (%d): evicted the %d oldest"
