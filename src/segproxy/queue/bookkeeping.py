@@ -112,8 +112,8 @@ class Bookkeeper:
     def bury(self, ids: list[int], status: int, reason: str, now: float) -> tuple[int, int, Freed]:
         """Move rows (by id) and packed events (from memory) to ``dead``, in one transaction,
         evicting the oldest dead letters past their cap; returns how many were evicted, and
-        their bytes, and what left the journal. (The dead letters' byte counter is the jobs' own: each job reads it
-        and, once its transaction committed, sets it.)"""
+        their bytes, and what left the journal. (The dead letters' byte counter is the jobs'
+        own: each job reads it and, once its transaction committed, sets it.)"""
         leaving = self.packs.plan(ids)
         with self._transaction(leaving) as db:
             added = bury_rows(db, leaving.rows, leaving.packed, status, reason, now)
