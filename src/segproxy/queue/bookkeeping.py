@@ -12,6 +12,7 @@ through the two indexes.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from typing import Any, cast
 
@@ -29,6 +30,8 @@ from segproxy.queue.schema import (
 )
 from segproxy.queue.schema import marks as marks_for
 from segproxy.queue.spill import forget_spills, purged_before, record_spills
+
+log = logging.getLogger("segproxy.queue")
 
 # Journal events that left the queue: how many, and the bytes they counted for (base.stored_size).
 Freed = tuple[int, int]
@@ -109,11 +112,11 @@ class Bookkeeper:
         self._release(leaving)
         self.packs.remember(leaving)
 
-    def bury(self, ids: list[int], status: int, reason: str, now: float) -> tuple[int, int, Freed]:
+    def bury(self, ids: list[int], status: int, reason: str, now: float) -> Freed:
         """Move rows (by id) and packed events (from memory) to ``dead``, in one transaction,
-        evicting the oldest dead letters past their cap; returns how many were evicted, and
-        their bytes, and what left the journal. (The dead letters' byte counter is the jobs'
-        own: each job reads it and, once its transaction committed, sets it.)"""
+        evicting the oldest dead letters past their cap (logged); returns what left the
+        journal. (The dead letters' byte counter is the jobs' own: each job reads it and,
+        once its transaction committed, sets it.)"""
         leaving = self.packs.plan(ids)
         with self._transaction(leaving) as db:
             added = bury_rows(db, leaving.rows, leaving.packed, status, reason, now)
@@ -127,7 +130,15 @@ class Bookkeeper:
         self._release(leaving)
         self.packs.remember(leaving)
         self.dead_bytes = total
-        return evicted, freed, _freed(leaving.packed)
+        if evicted:
+            log.warning(
+                "dead letters over queue.max_dead_bytes (%d): evicted the %d oldest (%d bytes);"
+                " see segproxy queue stats",
+                self.max_dead_bytes,
+                evicted,
+                freed,
+            )
+        return _freed(leaving.packed)
 
     def move(self, ids: list[int]) -> None:
         """Leaving memory mode: journal events handed over become rows of ``events``, those

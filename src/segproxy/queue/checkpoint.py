@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 
 from segproxy.queue import schema
-from segproxy.queue.runner import JobRunner
+from segproxy.queue.runner import JobRunner, Worker
 
 log = logging.getLogger("segproxy.queue")
 
@@ -24,23 +23,15 @@ RESTART_WAIT = 0.05  # a RESTART checkpoint holds commits back at most this long
 RESTART_BACKOFF = 2.0  # and is not tried again for this long if it could not finish
 
 
-class Checkpointer:
+class Checkpointer(Worker):
     """Started once the queue's file is open, stopped (and joined) when it closes."""
 
     def __init__(self, path: str, synchronous: str, page_size: int, jobs: JobRunner) -> None:
+        super().__init__("segproxy-checkpoint")
         self.path = path
         self.synchronous = synchronous
         self.page_size = page_size
         self.jobs = jobs  # told while a RESTART runs: its loop-mode jobs wait meanwhile
-        self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._serve, name="segproxy-checkpoint", daemon=True)
-
-    def start(self) -> None:
-        self._worker.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._worker.join(timeout=10)
 
     def _serve(self) -> None:
         db = schema.connect(self.path, self.synchronous)

@@ -148,6 +148,7 @@ from segproxy.queue.journal_recovery import (
     segment_name,
 )
 from segproxy.queue.packs import unpack_rows
+from segproxy.queue.runner import Worker
 
 log = logging.getLogger("segproxy.queue")
 
@@ -604,24 +605,16 @@ def open_journal(
     return journal, pending, report
 
 
-class JournalSyncer:
+class JournalSyncer(Worker):
     """With ``synchronous = "normal"``: a thread that syncs the journal every SYNC_EVERY
     seconds when something was written (J5). Started once the journal is open, stopped
     (and joined) before it closes."""
 
     def __init__(self, journal: Journal, every: float = SYNC_EVERY) -> None:
+        super().__init__("segproxy-journal")
         self.journal = journal
         self.every = every
         self.failures = 0  # syncs that failed (logged; retried next round)
-        self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._serve, name="segproxy-journal", daemon=True)
-
-    def start(self) -> None:
-        self._worker.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._worker.join(timeout=10)
 
     def _serve(self) -> None:
         while not self._stop.wait(self.every):

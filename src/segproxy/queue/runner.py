@@ -178,3 +178,23 @@ class JobRunner:
         self._scheduled = True
         self.loop.call_later(self._busy_delay, self._run_queued)
         return True
+
+
+class Worker:
+    """A daemon thread that runs ``_serve`` until :meth:`stop` (the checkpointer, the
+    journal's syncer): started once the queue's files are open, stopped and joined before
+    they close. ``_serve`` waits on ``_stop`` between its rounds."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._worker.join(timeout=10)
+
+    def _serve(self) -> None:
+        raise NotImplementedError

@@ -461,20 +461,8 @@ class SqliteQueue:
 
     async def dead_letter(self, ids: list[int], status: int, reason: str, now: float) -> None:
         self._handover.settled(ids)
-
-        def moved(result: tuple[int, int, Freed]) -> None:
-            evicted, freed, gone = result
-            self._forget(ids, gone)
-            if evicted:
-                log.warning(
-                    "dead letters over queue.max_dead_bytes (%d): evicted the %d oldest"
-                    " (%d bytes); see segproxy queue stats",
-                    self.max_dead_bytes,
-                    evicted,
-                    freed,
-                )
-
-        await self._run(self._bookkeeper().bury, ids, status, reason, now, then=moved)
+        bury = self._bookkeeper().bury
+        await self._run(bury, ids, status, reason, now, then=lambda gone: self._forget(ids, gone))
 
     async def next_ready(self, exclude_keys: frozenset[str] = frozenset()) -> float | None:
         handover = self._handover
