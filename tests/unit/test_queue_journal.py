@@ -44,10 +44,10 @@ def open_queue(
     )
 
 
-async def drain(path: Path) -> tuple[list[Row], list[bytes]]:
+async def drain(path: Path, **sizes: int) -> tuple[list[Row], list[bytes]]:
     """A new process's view: every event queued (leased and acknowledged, retries due at
     once), and the dead letters' bodies."""
-    q = await open_queue(path).open()
+    q = await open_queue(path, **sizes).open()
     try:
         out: list[Row] = []
         while batch := await q.lease(T0 + 1e9, 1000):
@@ -67,9 +67,10 @@ def journal_segments(path: Path) -> list[Path]:
     return sorted(Path(str(path) + ".journal").glob("seg-*"))
 
 
-def killed_after(path: Path, steps: str) -> None:
-    """Run ``steps`` (the body of an async function with ``q``, the queue on ``path``, and
-    ``new``) in another process, which then dies by SIGKILL: nothing is closed or synced."""
+def killed_after(path: Path, steps: str, **sizes: int) -> None:
+    """Run ``steps`` (the body of an async function with ``q``, the queue on ``path`` opened
+    with ``sizes``, and ``new``) in another process, which then dies by SIGKILL: nothing is
+    closed or synced."""
     script = textwrap.dedent(
         """
         import asyncio, os, signal, sys
@@ -78,7 +79,7 @@ def killed_after(path: Path, steps: str) -> None:
         from pathlib import Path
 
         async def main():
-            q = await open_queue(Path({path!r})).open()
+            q = await open_queue(Path({path!r}), **{sizes!r}).open()
         {steps}
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -87,6 +88,7 @@ def killed_after(path: Path, steps: str) -> None:
     ).format(
         tests=str(Path(__file__).parent.parent),
         path=str(path),
+        sizes=sizes,
         steps=textwrap.indent(textwrap.dedent(steps), "    "),
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
@@ -351,3 +353,25 @@ def test_purge_clears_events_wherever_they_lie(path: Path, tmp_path: Path) -> No
     stats = json.loads(run_cli("queue", "stats", "--json", "--config", str(config)).stdout)
     assert (stats["rows"], stats["dead"]) == (0, 0)
     assert asyncio.run(drain(path)) == ([], [])
+
+
+def test_a_journal_full_of_commits_in_flight_at_a_kill_is_emptied_at_the_next_start(
+    path: Path,
+) -> None:
+    # Thousands of one-event commits, all in flight (leased) when the process dies, fill the
+    # journal's two segments. Releasing them at the next start needs more room than a
+    # segment's reserve: the start releases them in synced pieces, freeing segments as it
+    # goes, and every event is queued once.
+    sizes = {"journal_segment_bytes": MIB, "journal_segments": 2}
+    killed_after(
+        path,
+        f"""
+        for i in range(19_000):
+            await q.put([new(i)])
+        assert q._hot.journal.stats().in_use == 2, q._hot.journal.stats()
+        assert len(await q.lease(0.0, 100_000)) == 19_000
+        """,
+        **sizes,
+    )
+    again, _ = asyncio.run(drain(path, **sizes))
+    assert bodies(again) == sorted(new(i).body for i in range(19_000))

@@ -41,6 +41,7 @@ log = logging.getLogger("segproxy.queue")
 
 SPILLED = "INSERT OR IGNORE INTO journal_spills (seq, idx) VALUES (?, ?)"
 PURGED_BEFORE = "purged_before"
+RELEASES_PER_RECORD = 4096  # 48 KiB of whole-commit entries: well within a segment's reserve
 
 # An event of the journal: its commit's seq, its index in it, the event.
 JournalEvent = tuple[int, int, NewRow]
@@ -105,8 +106,13 @@ def spill_at_open(
         todo = still_queued(pending, spilled(db), purged_before(db))
         db.executemany(INSERT_NEW, [row for _, _, row in todo])
         db.executemany(SPILLED, [(seq, i) for seq, i, _ in todo])
-    journal.append([], [(p.seq, None) for p in pending])
-    journal.sync()
+    releases: list[tuple[int, list[int] | None]] = [(p.seq, None) for p in pending]
+    for at in range(0, len(releases), RELEASES_PER_RECORD):
+        # In pieces, each synced and followed by the freeing of the segments it emptied: a
+        # journal full of pending commits has only its reserve (J4) for the first piece.
+        journal.append([], releases[at : at + RELEASES_PER_RECORD])
+        journal.sync()
+        journal.reclaim()
     with Transaction(db):  # every commit they name is released, durably
         db.execute("DELETE FROM journal_spills")
     return len(todo)
