@@ -365,7 +365,7 @@ def test_a_journal_full_of_commits_in_flight_at_a_kill_is_emptied_at_the_next_st
     sizes = {"journal_segment_bytes": MIB, "journal_segments": 2}
     killed_after(
         path,
-        f"""
+        """
         for i in range(19_000):
             await q.put([new(i)])
         assert q._hot.journal.stats().in_use == 2, q._hot.journal.stats()
