@@ -154,7 +154,10 @@ log = logging.getLogger("segproxy.queue")
 
 SEGMENT_SIZE = 8 << 20
 MAX_SEGMENTS = 64  # 512 MiB of 8 MiB segments before commits are refused (J7)
-RESERVE = 128 << 10  # bytes of each segment only releases may use (J4)
+# Bytes of each segment only releases may use (J4): enough to release at once everything
+# the queue's hand-over list may hold (20,000 commits at 12 bytes each), which is what
+# leaving memory mode writes when the journal is full.
+RESERVE = 512 << 10
 SYNC_EVERY = 0.2  # seconds between the syncer's rounds (J5)
 _IOV_MAX = 1024  # buffers per pwritev (Linux's limit)
 
