@@ -375,3 +375,23 @@ def test_a_journal_full_of_commits_in_flight_at_a_kill_is_emptied_at_the_next_st
     )
     again, _ = asyncio.run(drain(path, **sizes))
     assert bodies(again) == sorted(new(i).body for i in range(10_500))
+
+
+def test_leaving_memory_mode_on_a_full_journal_of_small_commits_empties_it(path: Path) -> None:
+    # Segment is slow and the commits are small: the journal fills with thousands of them.
+    # The commit that finds no room ends memory mode, whose move releases every one of them
+    # in one round, into the room each segment keeps for releases.
+    async def main() -> None:
+        q = await open_queue(path, journal_segment_bytes=MIB, journal_segments=2).open()
+        try:
+            for i in range(19_900):
+                await q.put([new(i)])
+            assert q._hot is not None
+            assert q._hot.journal.stats().pending_commits == 0  # all moved to the file
+            assert (await q.stats()).rows == 19_900
+        finally:
+            await q.close()
+        again, _ = await drain(path)
+        assert bodies(again) == sorted(new(i).body for i in range(19_900))
+
+    asyncio.run(main())
