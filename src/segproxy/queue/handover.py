@@ -27,7 +27,7 @@ from segproxy.queue.packs import PACK_BASE
 class Switch(NamedTuple):
     """Leaving memory mode: what the file must be told, in this order."""
 
-    moving: list[int]  # packed events handed over (not in flight), by id: they become rows
+    moving: list[int]  # journal events handed over (not in flight), by id: they become rows
     leased: list[int]  # rows of ``events`` leased from memory: marked leased in the file
 
 
@@ -38,7 +38,7 @@ def _row_id(row: Row) -> int:
 def handed_rows(rows: list[NewRow], last_id: int) -> list[Row]:
     """A commit's rows as the forwarder leases them: they got consecutive ids ending at
     ``last_id`` (one writer holds the lock: each row of ``events`` got max(id) + 1, and a
-    pack's events are numbered in it, invariant 10)."""
+    journal commit's events are numbered in it, invariant 10)."""
     row_id = last_id - len(rows)
     handed: list[Row] = []
     for key, kind, received_at, body, sent_at in rows:
@@ -129,9 +129,9 @@ class Handover:
         return any(key not in exclude for key in self.lines)
 
     def to_database_mode(self, committed: list[Row] | None = None) -> Switch | None:
-        """Leave memory mode (None if not in it): the list is dropped. Its packed events, and
-        those of ``committed`` (a commit not handed over), are to become rows (invariant 10);
-        packed events in flight stay packed until their outcome. Rows leased from memory are
+        """Leave memory mode (None if not in it): the list is dropped. Its journal events,
+        and those of ``committed`` (a commit not handed over), are to become rows (invariant
+        12); journal events in flight stay in the journal until their outcome. Rows leased from memory are
         to be marked leased in the file."""
         if not self.memory:
             return None

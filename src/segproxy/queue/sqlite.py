@@ -367,7 +367,7 @@ class SqliteQueue:
     def _hand_over(self, rows: list[NewRow], last_id: int) -> None:
         """Memory mode: the committed rows go to the forwarder without a read (invariant 7)."""
         handed = handed_rows(rows, last_id)
-        if last_id >= PACK_BASE:  # a pack (invariant 10): its events, until each leaves it
+        if last_id >= PACK_BASE:  # a journal commit (invariant 12): held until each leaves
             self._packs.add(last_id, handed)
         switch = self._handover.commit(handed)
         if switch is not None:
