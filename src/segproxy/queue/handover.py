@@ -131,8 +131,8 @@ class Handover:
     def to_database_mode(self, committed: list[Row] | None = None) -> Switch | None:
         """Leave memory mode (None if not in it): the list is dropped. Its journal events,
         and those of ``committed`` (a commit not handed over), are to become rows (invariant
-        12); journal events in flight stay in the journal until their outcome. Rows leased from memory are
-        to be marked leased in the file."""
+        12); journal events in flight stay in the journal until their outcome. Rows leased
+        from memory are to be marked leased in the file."""
         if not self.memory:
             return None
         self.memory = False
