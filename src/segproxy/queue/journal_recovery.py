@@ -17,6 +17,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import NamedTuple
 
 from segproxy.queue.journal_format import (
@@ -37,6 +38,8 @@ log = logging.getLogger("segproxy.queue")
 
 SEGMENT_NAME = re.compile(r"seg-(\d{4,})")
 MIN_SEGMENT_SIZE = HEADER_SIZE + 4 * RECORD_HEAD_SIZE
+MAX_NUMBER = 0xFFFFFFFF  # a segment header's number is a u32
+MAX_MISSING = 64  # missing segment numbers reported (the first ones)
 
 
 def segment_name(number: int) -> str:
@@ -111,6 +114,9 @@ def read_segments(directory: str, report: RecoveryReport, writable: bool = True)
         match = SEGMENT_NAME.fullmatch(name)
         if match is None:
             continue
+        if int(match.group(1)) > MAX_NUMBER:  # no header can say it: an operator's file
+            log.warning("%s is not a journal segment (its number is too large): left alone", name)
+            continue
         path = os.path.join(directory, name)
         _check_mode(path, report)
         fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
@@ -130,7 +136,10 @@ def read_segments(directory: str, report: RecoveryReport, writable: bool = True)
     report.segments = len(found)
     numbers = {f.number for f in found}
     if numbers:
-        report.missing_segments = [n for n in range(max(numbers)) if n not in numbers]
+        # at most MAX_MISSING: an operator's copy named by a date (seg-20261207) would
+        # otherwise list millions of numbers, and the proxy would not start
+        gaps = (n for n in range(max(numbers)) if n not in numbers)
+        report.missing_segments = list(islice(gaps, MAX_MISSING))
     return found
 
 
