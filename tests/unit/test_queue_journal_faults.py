@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,3 +241,51 @@ def test_a_full_disk_after_a_kill_does_not_stop_the_start_nor_lose_the_journal_s
     fill(small_disk)
     again, _ = asyncio.run(drain(path, **sizes))
     assert bodies(again) == sorted(new(i, size=2_000).body for i in range(40))
+
+
+def test_queue_stats_beside_a_proxy_reusing_segments_never_fails_nor_counts_delivered_events(
+    path: Path, tmp_path: Path
+) -> None:
+    # A process commits 10 events of 60 KB at a time and delivers them at once, on 1 MiB
+    # segments: a segment is reused every few commits. ``segproxy queue stats`` reads the
+    # journal meanwhile (read-only, without the lock): it must never fail and never count
+    # more than the one commit that can be in flight.
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        sys.path[:0] = [{tests!r}]
+        from pathlib import Path
+        from unit.test_queue_journal import new, open_queue
+
+        async def main():
+            q = await open_queue(Path({path!r}), journal_segment_bytes=1 << 20).open()
+            n = 0
+            while not Path({stop!r}).exists():
+                await q.put([new(i, size=60_000) for i in range(n, n + 10)])
+                await q.ack([r.id for r in await q.lease(0.0, 10)])
+                n += 10
+                if n == 200:
+                    Path({ready!r}).touch()
+            await q.close()
+            print(n)
+
+        asyncio.run(main())
+        """
+    ).format(
+        tests=str(Path(__file__).parent.parent), path=str(path), ready=str(ready), stop=str(stop)
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert writer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        counts = [admin.stats(str(path)).rows for _ in range(40)]
+    finally:
+        stop.touch()
+        out, _ = writer.communicate(timeout=60)
+    assert writer.returncode == 0
+    assert int(out) > 200
+    assert max(counts) <= 10, counts
+    assert admin.stats(str(path)).rows == 0
