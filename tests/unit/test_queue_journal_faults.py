@@ -75,12 +75,6 @@ def test_a_segment_copy_named_by_a_timestamp_neither_stops_the_proxy_nor_loses_e
     assert admin.stats(str(path)).rows == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: purge stamps wall-clock time; journal events whose received_at is"
-    " before the stamp (clock stepped back, or the purge ran while the clock was ahead)"
-    " are dropped at the next spill although they were acknowledged after the purge",
-)
 def test_events_acknowledged_after_a_purge_survive_a_clock_step_backwards(path: Path) -> None:
     # The purge runs at wall-clock "now"; then the clock steps back (NTP correcting a clock
     # that ran ahead), so the events the proxy acknowledges next carry received_at times
@@ -93,11 +87,6 @@ def test_events_acknowledged_after_a_purge_survive_a_clock_step_backwards(path: 
     assert bodies(again) == sorted(new(i).body for i in range(10))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: purge stamps wall-clock time; leaving memory mode drops the journal's"
-    " events received before the stamp (a clock behind it) instead of moving them to the file",
-)
 def test_leaving_memory_mode_after_a_purge_keeps_events_taken_with_a_clock_behind_it(
     path: Path,
 ) -> None:

@@ -136,8 +136,9 @@ Invariants of the SQLite queue, in the order things happen:
     spills everything still pending in it, so a new process starts with rows only. A commit
     the journal cannot take (no segment left, a failed write) is written to the file as
     rows instead, and a full journal ends memory mode, whose move empties it. ``segproxy
-    queue purge`` stamps its time in the file: journal events received before it are
-    dropped wherever they would be spilled, and ``stats`` does not count them. With
+    queue purge`` stamps the journal's next seq in the file: journal events committed
+    before it are dropped wherever they would be spilled, and ``stats`` does not count
+    them (a seq, not a time: a clock stepping back cannot make new events look old). With
     ``full``, commits go to the file (fsynced each) and the journal only holds what a
     previous ``normal`` process left. Why: a journal write is one ``pwritev`` of bytes
     already encoded, where a pack in SQLite cost its page copies, WAL frames and checksums,

@@ -4,7 +4,7 @@ SQLite's WAL lets these read while the proxy writes; writes (replay, purge) take
 lock for one short transaction per chunk, so the proxy is never blocked for long. The proxy
 re-reads its counters every few seconds, so caps stay true after a purge or replay. The
 journal (``<path>.journal``) is read without being owned, and never written here: a purge
-stamps its time in the file, which drops the journal's older events (spill.py).
+stamps the journal's next seq in the file, which drops the journal's older events (spill.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from segproxy.queue.base import ROW_OVERHEAD, DeadRow, QueueStats
 from segproxy.queue.schema import Transaction, chunks, connect, dead_of, marks, stats_of
-from segproxy.queue.spill import mark_purge, read_journal
+from segproxy.queue.spill import mark_purge, purged_below, read_journal
 from segproxy.redact import mask
 
 
@@ -36,7 +36,7 @@ def stats(path: str) -> QueueStats:
     """Everything queued, in the file and in the journal."""
     db = open_existing(path)
     try:
-        return stats_of(db, read_journal(path, db))
+        return stats_of(db, read_journal(path, db)[0])
     finally:
         db.close()
 
@@ -134,19 +134,19 @@ def replay(
 
 def purge(path: str, dead_only: bool = False) -> tuple[int, int]:
     """Delete queued events (unless ``dead_only``) and dead letters; returns both counts.
-    Events in the journal are dropped by the purge's time stamp (spill.py): those a running
-    proxy handed to its forwarder already still go out."""
+    Events in the journal are dropped by the purge's stamp (spill.py): those a running proxy
+    handed to its forwarder already still go out."""
     db = open_existing(path)
     try:
         events = 0
         with Transaction(db):
             if not dead_only:
-                journal = len(read_journal(path, db))
+                journal, next_seq = read_journal(path, db)
                 packed = db.execute("SELECT coalesce(sum(rows), 0) FROM packs").fetchone()[0]
-                events = db.execute("DELETE FROM events").rowcount + int(packed) + journal
+                events = db.execute("DELETE FROM events").rowcount + int(packed) + len(journal)
                 db.execute("DELETE FROM packs")
                 db.execute("DELETE FROM faults")  # about events no longer queued
-                mark_purge(db, time.time())
+                mark_purge(db, max(next_seq, purged_below(db)))
             dead_rows = db.execute("DELETE FROM dead").rowcount
         return events, dead_rows
     finally:

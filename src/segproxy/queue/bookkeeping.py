@@ -19,7 +19,7 @@ from typing import Any, cast
 from segproxy.queue.base import Row, RowKind, stored_size
 from segproxy.queue.journal import Journal
 from segproxy.queue.ledger import evict_dead, record_faults, record_faults_of_rows
-from segproxy.queue.packs import Leaving, PackBook
+from segproxy.queue.packs import Leaving, PackBook, pack_of
 from segproxy.queue.schema import (
     DROP_FRESH_INDEX,
     FRESH_INDEX,
@@ -29,7 +29,7 @@ from segproxy.queue.schema import (
     event_values,
 )
 from segproxy.queue.schema import marks as marks_for
-from segproxy.queue.spill import forget_spills, purged_before, record_spills
+from segproxy.queue.spill import forget_spills, purged_below, record_spills
 
 log = logging.getLogger("segproxy.queue")
 
@@ -142,12 +142,12 @@ class Bookkeeper:
 
     def move(self, ids: list[int]) -> None:
         """Leaving memory mode: journal events handed over become rows of ``events``, those
-        received since the last purge (if the write fails they stay in the journal, sent
+        committed since the last purge (if the write fails they stay in the journal, sent
         again after a restart)."""
         leaving = self.packs.plan(ids)
         with self._transaction(leaving) as db:
-            purged = purged_before(db)
-            kept = [r for r in leaving.packed if r.received_at >= purged]
+            purged = purged_below(db)
+            kept = [r for r in leaving.packed if pack_of(r.id) >= purged]
             db.executemany(INSERT_ROW, event_values(kept, 0.0, 0))
             spills = record_spills(db, kept)
         self.spills += spills

@@ -11,9 +11,12 @@ next open, the journal's pending events named in ``journal_spills`` are released
 being stored again, so each event is queued once. Entries are forgotten once the journal
 has freed every segment that could still hold their commits (seqs under its floor, J8).
 
-A purge stamps ``purged_before`` (``meta``, microseconds): journal events received before it
-are dropped wherever they would be stored (the move to the file, the spill at open) and are
-not counted by ``stats``; events handed over to the forwarder already are still delivered.
+A purge stamps ``purged_below`` (``meta``): the journal's next seq as the purge read it.
+Journal events of commits below it are dropped wherever they would be stored (the move to the
+file, the spill at open) and are not counted by ``stats``; events handed over to the forwarder
+already are still delivered. Seqs only grow (J3), so what the proxy acknowledges after the
+purge is never taken for what was there before, whatever the clock does; the stamp is
+forgotten once the next open has emptied the journal it was taken from.
 """
 
 from __future__ import annotations
@@ -40,25 +43,22 @@ from segproxy.queue.schema import INSERT_NEW, Transaction
 log = logging.getLogger("segproxy.queue")
 
 SPILLED = "INSERT OR IGNORE INTO journal_spills (seq, idx) VALUES (?, ?)"
-PURGED_BEFORE = "purged_before"
+PURGED_BELOW = "purged_below"
 RELEASES_PER_RECORD = 4096  # 48 KiB of whole-commit entries: well within a segment's reserve
 
 # An event of the journal: its commit's seq, its index in it, the event.
 JournalEvent = tuple[int, int, NewRow]
 
 
-def purged_before(db: sqlite3.Connection) -> float:
-    """When the last purge ran (0.0: never): journal events received before it are gone."""
-    row = db.execute("SELECT value FROM meta WHERE name = ?", (PURGED_BEFORE,)).fetchone()
-    return 0.0 if row is None else int(row[0]) / 1e6
+def purged_below(db: sqlite3.Connection) -> int:
+    """The journal's commits below this seq were purged (0: none)."""
+    row = db.execute("SELECT value FROM meta WHERE name = ?", (PURGED_BELOW,)).fetchone()
+    return 0 if row is None else int(row[0])
 
 
-def mark_purge(db: sqlite3.Connection, now: float) -> None:
-    """Inside the purge's transaction: events the journal holds from before ``now`` go too."""
-    db.execute(
-        "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
-        (PURGED_BEFORE, int(now * 1e6)),
-    )
+def mark_purge(db: sqlite3.Connection, next_seq: int) -> None:
+    """Inside the purge's transaction: the journal's commits below ``next_seq`` go too."""
+    db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (PURGED_BELOW, next_seq))
 
 
 def spilled(db: sqlite3.Connection) -> set[tuple[int, int]]:
@@ -81,15 +81,16 @@ def forget_spills(db: sqlite3.Connection, floor: int) -> int:
 
 
 def still_queued(
-    pending: Iterable[PendingCommit], done: set[tuple[int, int]], purged: float
+    pending: Iterable[PendingCommit], done: set[tuple[int, int]], purged: int
 ) -> list[JournalEvent]:
     """The pending events of the journal that are nowhere else: not spilled already, not
-    received before the last purge."""
+    committed before the last purge."""
     return [
         (p.seq, i, row)
         for p in pending
+        if p.seq >= purged
         for i, row in p.rows()
-        if (p.seq, i) not in done and row.received_at >= purged
+        if (p.seq, i) not in done
     ]
 
 
@@ -101,9 +102,10 @@ def spill_at_open(
     if not pending:
         with Transaction(db):
             db.execute("DELETE FROM journal_spills")
+            db.execute("DELETE FROM meta WHERE name = ?", (PURGED_BELOW,))
         return 0
     with Transaction(db, synchronous, durable=True):
-        todo = still_queued(pending, spilled(db), purged_before(db))
+        todo = still_queued(pending, spilled(db), purged_below(db))
         db.executemany(INSERT_NEW, [row for _, _, row in todo])
         db.executemany(SPILLED, [(seq, i) for seq, i, _ in todo])
     releases: list[tuple[int, list[int] | None]] = [(p.seq, None) for p in pending]
@@ -115,6 +117,7 @@ def spill_at_open(
         journal.reclaim()
     with Transaction(db):  # every commit they name is released, durably
         db.execute("DELETE FROM journal_spills")
+        db.execute("DELETE FROM meta WHERE name = ?", (PURGED_BELOW,))
     return len(todo)
 
 
@@ -122,18 +125,20 @@ def journal_of(path: str) -> str:
     return path + ".journal"
 
 
-def read_journal(path: str, db: sqlite3.Connection) -> list[NewRow]:
+def read_journal(path: str, db: sqlite3.Connection) -> tuple[list[NewRow], int]:
     """For the CLI, without owning the journal (a proxy may be writing it): the events it
-    holds that are queued nowhere else. Reads every segment; writes nothing."""
+    holds that are queued nowhere else, and the seq its next record will get (as far as
+    this read saw). Reads every segment; writes nothing."""
     directory = journal_of(path)
     if not os.path.isdir(directory):
-        return []
+        return [], 0
     report = RecoveryReport()
     found = read_segments(directory, report, writable=False)
     try:
         fds = {f.number: f.fd for f in found}
         pending: list[PendingCommit] = []
-        for p in replay(found, report).pending.values():
+        replayed = replay(found, report)
+        for p in replayed.pending.values():
             body = read_at(fds[p.segment], p.start, p.end)
             try:
                 unpack_rows(body)
@@ -145,7 +150,8 @@ def read_journal(path: str, db: sqlite3.Connection) -> list[NewRow]:
     finally:
         for f in found:
             os.close(f.fd)
-    return [row for _, _, row in still_queued(pending, spilled(db), purged_before(db))]
+    rows = [row for _, _, row in still_queued(pending, spilled(db), purged_below(db))]
+    return rows, replayed.next_seq
 
 
 class HotTier:
