@@ -307,12 +307,6 @@ def test_queue_stats_beside_a_proxy_reusing_segments_never_fails_nor_counts_deli
     assert admin.stats(str(path)).rows == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: opening the journal makes its first segment (posix_fallocate of"
-    " journal_segment_bytes) and a failure (ENOSPC) stops the queue from opening, although a"
-    " commit the journal cannot take is meant to go to the file (invariant 12)",
-)
 def test_a_disk_with_less_free_space_than_a_segment_still_starts_and_queues_in_the_file(
     small_disk: Path,
 ) -> None:

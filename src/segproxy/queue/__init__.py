@@ -135,7 +135,9 @@ Invariants of the SQLite queue, in the order things happen:
     names it: each event is queued once. Opening the queue recovers the journal (J9) and
     spills everything still pending in it, so a new process starts with rows only. A commit
     the journal cannot take (no segment left, a failed write) is written to the file as
-    rows instead, and a full journal ends memory mode, whose move empties it. ``segproxy
+    rows instead, and a full journal ends memory mode, whose move empties it. A journal
+    that cannot be opened at all (no room for its first segment) leaves every commit to the
+    file, logged as an error; what it holds waits in it for the next start. ``segproxy
     queue purge`` stamps the journal's next seq in the file: journal events committed
     before it are dropped wherever they would be spilled, and ``stats`` does not count
     them (a seq, not a time: a clock stepping back cannot make new events look old). With

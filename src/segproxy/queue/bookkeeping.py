@@ -53,10 +53,10 @@ class Bookkeeper:
         packs: PackBook,
         lease_seconds: float,
         max_dead_bytes: int,
-        journal: Journal,
+        journal: Journal | None,
     ) -> None:
         self.db = db
-        self.journal = journal
+        self.journal = journal  # None: it could not be opened, and nothing is in it
         self.synchronous = synchronous  # the connection's: see schema.Transaction
         self.packs = packs  # shared with the queue, which adds each pack it commits
         self.lease_seconds = lease_seconds
@@ -75,9 +75,9 @@ class Bookkeeper:
     def _release(self, leaving: Leaving) -> None:
         """The RELEASE of the journal events in ``leaving`` (after what stored them elsewhere
         is durable), then the oldest segments freed if they may be (J7)."""
-        if not leaving.releases:
-            return
         journal = self.journal
+        if not leaving.releases or journal is None:
+            return
         journal.append([], leaving.releases)
         if journal.reclaim() and self.spills:
             self.spills = forget_spills(self.db, journal.floor)

@@ -169,8 +169,20 @@ class HotTier:
     @classmethod
     def open(
         cls, db: sqlite3.Connection, path: str, synchronous: str, segment_bytes: int, segments: int
-    ) -> HotTier:
-        journal, pending, _ = open_journal(path, segment_bytes, segments)
+    ) -> HotTier | None:
+        """None when the journal cannot be opened (no room for its first segment, say): the
+        queue then commits to the file, and whatever the journal holds waits there, intact,
+        for a start that can open it."""
+        try:
+            journal, pending, _ = open_journal(path, segment_bytes, segments)
+        except (JournalError, OSError) as exc:
+            log.error(
+                "could not open the journal %s (%s): events are committed to the queue file"
+                " instead (more CPU per event); any it holds stay there for the next start",
+                journal_of(path),
+                exc,
+            )
+            return None
         moved = spill_at_open(db, journal, pending, synchronous)
         if moved:
             log.info("moved %d events a previous process left in the journal to the file", moved)

@@ -143,7 +143,12 @@ class SqliteQueue:
         self._checkpointer.start()
         self._hot = hot = HotTier.open(db, self.path, self.synchronous, *self.journal_size)
         self._book = Bookkeeper(
-            db, self.synchronous, self._packs, self.lease_seconds, self.max_dead_bytes, hot.journal
+            db,
+            self.synchronous,
+            self._packs,
+            self.lease_seconds,
+            self.max_dead_bytes,
+            None if hot is None else hot.journal,
         )
         cleared = db.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0").rowcount
         if cleared:
