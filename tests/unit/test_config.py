@@ -679,3 +679,15 @@ def test_a_size_check_names_the_variable_that_lowered_the_bound() -> None:
     message = str(info.value)
     assert "at most limits.max_decompressed_bytes (1000)" in message
     assert "SEGPROXY_LIMITS_MAX_DECOMPRESSED_BYTES in the environment" in message
+
+
+@pytest.mark.parametrize("size", [1024**2 - 1, 1024**3 + 1, 0])
+def test_a_journal_segment_size_out_of_its_bounds_is_refused_with_them(size: int) -> None:
+    error = error_of({"queue.journal_segment_bytes": size})
+    assert error.key == "queue.journal_segment_bytes"
+    assert "from 1048576 to 1073741824" in str(error)
+
+
+def test_the_journal_segment_size_bounds_are_accepted() -> None:
+    for size in (1024**2, 8 * 1024**2, 1024**3):
+        assert build({"queue.journal_segment_bytes": size}).queue.journal_segment_bytes == size

@@ -324,3 +324,35 @@ def test_a_disk_with_less_free_space_than_a_segment_still_starts_and_queues_in_t
             await q.close()
 
     assert asyncio.run(main()) == sorted(new(i).body for i in range(5))
+
+
+def test_a_directory_or_a_dangling_link_named_like_a_segment_is_left_alone(path: Path) -> None:
+    # A careless operator's leftovers in the journal's directory stop neither the start
+    # nor `segproxy queue stats`, and the real segments' events are all there.
+    killed_after(path, "await q.put([new(i) for i in range(4)])")
+    directory = Path(str(path) + ".journal")
+    (directory / "seg-0007").mkdir()
+    (directory / "seg-0008").symlink_to(directory / "no-such-file")
+    assert admin.stats(str(path)).rows == 4
+    again, _ = asyncio.run(drain(path))
+    assert bodies(again) == sorted(new(i).body for i in range(4))
+
+
+def test_a_commit_larger_than_a_segment_takes_goes_to_the_file_quietly(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> list[bytes]:
+        q = await open_queue(path, journal_segment_bytes=MIB).open()
+        try:
+            await q.put([new(0, size=700_000)])  # over 1 MiB less the 512 KiB reserve
+            await q.put([new(1)])  # the journal takes the next one
+            assert q._hot is not None and q._hot.journal.stats().pending_commits == 1
+            rows = await q.lease(0.0, 10)
+            await q.ack([r.id for r in rows])
+            return bodies(rows)
+        finally:
+            await q.close()
+
+    with caplog.at_level("WARNING", logger="segproxy.queue"):
+        assert asyncio.run(main()) == sorted([new(0, size=700_000).body, new(1).body])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

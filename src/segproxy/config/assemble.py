@@ -13,6 +13,7 @@ from typing import Any, Literal, cast
 
 from segproxy.config.schema import (
     KNOWN_KEYS,
+    MAX_JOURNAL_SEGMENT,
     MIN_JOURNAL_SEGMENT,
     QUEUE_FILE,
     REGION_PRESETS,
@@ -145,9 +146,12 @@ def _queue(flat: Mapping[str, object]) -> QueueConfig:
     )
     sync = _choice("queue.synchronous", flat.get("queue.synchronous", "normal"), ("full", "normal"))
     segment = flat.get("queue.journal_segment_bytes", MIN_JOURNAL_SEGMENT)
-    if isinstance(segment, int) and not isinstance(segment, bool) and segment < MIN_JOURNAL_SEGMENT:
+    # (another type: _numbers names the problem)
+    if type(segment) is int and not MIN_JOURNAL_SEGMENT <= segment <= MAX_JOURNAL_SEGMENT:
         raise ConfigError(
-            "queue.journal_segment_bytes", segment, f"an integer >= {MIN_JOURNAL_SEGMENT}"
+            "queue.journal_segment_bytes",
+            segment,
+            f"an integer from {MIN_JOURNAL_SEGMENT} to {MAX_JOURNAL_SEGMENT}",
         )
     return QueueConfig(
         backend=backend,

@@ -44,6 +44,7 @@ class SourcesConfig:
 
 QUEUE_FILE = "queue.db"  # queue.path's default, under data_dir
 MIN_JOURNAL_SEGMENT = 1024**2  # room for a full request's commit besides the release reserve
+MAX_JOURNAL_SEGMENT = 1024**3  # a start and `queue stats` read a whole segment at a time
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,9 +139,12 @@ def purge(path: str, dead_only: bool = False) -> tuple[int, int]:
     db = open_existing(path)
     try:
         events = 0
+        # Read before the transaction (reading a journal takes a while; the proxy's writes
+        # to the file wait for the transaction): what is committed meanwhile gets a seq at
+        # or above next_seq, and stays.
+        journal, next_seq = ([], 0) if dead_only else read_journal(path, db)
         with Transaction(db):
             if not dead_only:
-                journal, next_seq = read_journal(path, db)
                 packed = db.execute("SELECT coalesce(sum(rows), 0) FROM packs").fetchone()[0]
                 events = db.execute("DELETE FROM events").rowcount + int(packed) + len(journal)
                 db.execute("DELETE FROM packs")

@@ -118,6 +118,9 @@ def read_segments(directory: str, report: RecoveryReport, writable: bool = True)
             log.warning("%s is not a journal segment (its number is too large): left alone", name)
             continue
         path = os.path.join(directory, name)
+        if not os.path.isfile(path):  # a directory, a dangling link: not a segment
+            log.warning("%s is not a journal segment (not a file): left alone", path)
+            continue
         _check_mode(path, report)
         fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         size = os.fstat(fd).st_size

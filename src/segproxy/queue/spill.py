@@ -195,8 +195,11 @@ class HotTier:
         """``rows`` as one commit; returns its last event's id, or -1 when the journal could
         not take it (logged; the caller writes it to the file instead; ``full`` if no room
         was left)."""
+        body = pack_rows(rows)
+        if len(body) > self.journal.max_payload:
+            return -1  # larger than a segment takes: the file takes it (configuration.md)
         try:
-            (seq,) = self.journal.append([(len(rows), pack_rows(rows))], [])
+            (seq,) = self.journal.append([(len(rows), body)], [])
         except JournalError as exc:
             log.warning("the journal could not take a commit (%s): writing it to the file", exc)
             self.full = isinstance(exc, JournalFull)
