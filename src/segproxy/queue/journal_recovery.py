@@ -17,7 +17,6 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import NamedTuple
 
 from segproxy.queue.journal_format import (
@@ -140,9 +139,15 @@ def read_segments(directory: str, report: RecoveryReport, writable: bool = True)
     numbers = {f.number for f in found}
     if numbers:
         # at most MAX_MISSING: an operator's copy named by a date (seg-20261207) would
-        # otherwise list millions of numbers, and the proxy would not start
-        gaps = (n for n in range(max(numbers)) if n not in numbers)
-        report.missing_segments = list(islice(gaps, MAX_MISSING))
+        # otherwise list millions of numbers, and the proxy would not start. (A loop, not a
+        # generator given to islice: compiled, mypyc builds that generator as a whole list.)
+        missing = report.missing_segments
+        top = max(numbers)
+        n = 0
+        while n < top and len(missing) < MAX_MISSING:
+            if n not in numbers:
+                missing.append(n)
+            n += 1
     return found
 
 
