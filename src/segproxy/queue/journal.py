@@ -1,7 +1,7 @@
 """The journal: group commits appended to preallocated segment files, the cheap durable write
 of the steady state (issue 13). SQLite stays for what is not the steady state: retries, dead
 letters, a backlog. journal_format.py holds the bytes, journal_recovery.py the reading back.
-Over 500 lines on purpose: the invariants and the recovery argument stand here in full
+Long because the invariants and the recovery argument stand here in full
 (about 115 lines), and the code (about 515) is one class whose append, segment reuse and
 sync share the counters J10 reasons about; split, those counters would cross a module
 boundary that nothing else needs.
